@@ -1,0 +1,88 @@
+"""The one interface every mail platform implements.
+
+A platform adapter finds the copies of a message in a mailbox, quarantines and
+restores them, and lists what a mailbox sent. Adapters translate their client
+library's errors into `autopull.connectors.errors` classes at exactly this boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class MessageCopy:
+    """One copy of a message in one folder of one mailbox."""
+
+    mailbox: str
+    message_id: str
+    item_id: str
+    folder: str
+    read: bool
+    subject: str | None = None
+    received_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class QuarantineResult:
+    """What a quarantine or restore did for one mailbox and one Message-ID.
+
+    `copies` lists the originals as they were before they moved, so the caller can
+    record each copy's folder and read state. `already_done` is true when every copy
+    was already in quarantine (or, for a restore, already back in place).
+    """
+
+    mailbox: str
+    message_id: str
+    copies: tuple[MessageCopy, ...] = ()
+    already_done: bool = False
+    attempts: int = 1
+    evidence_location: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    """A message a mailbox sent, with the headers forward tracing matches on."""
+
+    mailbox: str
+    message_id: str
+    sent_at: datetime
+    recipients: tuple[str, ...]
+    subject: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class MailPlatform(abc.ABC):
+    """Async access to the mailboxes of one platform and tenant."""
+
+    name: str = "unknown"
+
+    @abc.abstractmethod
+    async def find(self, mailbox: str, message_id: str) -> list[MessageCopy]:
+        """Find every copy of `message_id` (bare form) in all folders of `mailbox`."""
+
+    @abc.abstractmethod
+    async def quarantine(
+        self, mailbox: str, message_id: str, incident_id: str
+    ) -> QuarantineResult:
+        """Take every copy out of the user's reach into quarantine, recording each.
+
+        Raises `NotFoundError` when the mailbox holds no copy, in or out of
+        quarantine, and `TransientError` or `PermanentError` on failures.
+        """
+
+    @abc.abstractmethod
+    async def restore(
+        self, mailbox: str, message_id: str, incident_id: str
+    ) -> QuarantineResult:
+        """Put every quarantined copy back in its original folder and read state."""
+
+    async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
+        """List the messages `mailbox` sent since `since`, for forward tracing."""
+        raise NotImplementedError(f"{self.name} does not list sent messages yet.")
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Release connections; the default has nothing to release."""
