@@ -1,0 +1,187 @@
+"""The Faust application: topics, tables and the agent chain.
+
+Every topic carries Avro values that the agents decode and encode themselves, so a
+value that cannot be decoded becomes a dead letter instead of crashing a stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+from faust.types import EventT, StreamT
+
+from autopull.schemas import AvroCodec, SchemaError
+from autopull.streams import pipeline, records
+from autopull.streams.settings import Settings
+from autopull.streams.topics import full_name, topic_specs
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[EventT, dict[str, Any]], Awaitable[None]]
+
+
+def broker_url(bootstrap: str) -> str:
+    """Turn `host:port,host:port` into Faust's `kafka://host:port;kafka://...` form."""
+    hosts = [host.strip() for host in bootstrap.split(",") if host.strip()]
+    return ";".join(f"kafka://{host}" for host in hosts)
+
+
+class AvroTable:
+    """A Faust table whose values are Avro records, stored as their encoded bytes.
+
+    Faust's own value serialization turns datetimes into strings, so the table keeps
+    the bytes the record codec writes and decodes them on every read.
+    """
+
+    def __init__(self, table: faust.Table, codec: AvroCodec) -> None:
+        self.table = table
+        self.codec = codec
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """Return the record stored under `key`, or None."""
+        data = self.table.get(key)
+        if data is None:
+            return None
+        record: dict[str, Any] = self.codec.loads(data)
+        return record
+
+    def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        self.table[key] = self.codec.dumps(value)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+class Pipeline:
+    """One worker's Faust app with its topics, codecs, tables and agents."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = self._create_app(settings)
+        self.codecs: dict[str, AvroCodec] = {}
+        self.topics: dict[str, faust.TopicT] = {}
+        for spec in topic_specs(settings):
+            name = full_name(settings, spec.name)
+            self.codecs[spec.name] = AvroCodec(
+                spec.record,
+                registry=settings.schema_registry_url,
+                subject=f"{name}-value",
+            )
+            self.topics[spec.name] = self.app.topic(
+                name,
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=settings.topic_partitions,
+            )
+        self.campaigns = self._table("campaigns", None)
+        self.incidents = AvroTable(
+            self._table("incidents", bytes),
+            AvroCodec("Incident", registry=settings.schema_registry_url),
+        )
+        self.ledger = self._table("ledger", None)
+        pipeline.register_agents(self)
+
+    def _table(self, name: str, value_type: type | None) -> faust.Table:
+        # Faust picks each table's serializers from these types: str keys and plain
+        # values go through JSON, bytes values are stored as they are.
+        return self.app.Table(name, default=None, key_type=str, value_type=value_type)
+
+    @staticmethod
+    def _create_app(settings: Settings) -> faust.App:
+        session = settings.session_timeout_seconds
+        return faust.App(
+            settings.faust_id,
+            broker=broker_url(settings.kafka_bootstrap),
+            store=settings.store,
+            datadir=str(settings.data_dir / settings.faust_id),
+            topic_partitions=settings.topic_partitions,
+            topic_replication_factor=settings.topic_replication,
+            topic_allow_declare=True,
+            table_standby_replicas=0 if settings.topic_replication == 1 else 1,
+            producer_acks=-1,
+            producer_max_request_size=settings.ingest_max_bytes * 4,
+            consumer_max_fetch_size=settings.ingest_max_bytes * 4,
+            broker_session_timeout=session,
+            broker_heartbeat_interval=max(session / 10, 1.0),
+            broker_rebalance_timeout=session,
+            web_enabled=settings.web_enabled,
+            web_bind=settings.web_host,
+            web_port=settings.web_port,
+            web_host=settings.web_host,
+            logging_config=None,
+        )
+
+    def decode(self, topic: str, data: bytes) -> dict[str, Any]:
+        """Decode a value of `topic` with its codec."""
+        return self.codecs[topic].loads(data)  # type: ignore[no-any-return]
+
+    async def send(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        """Encode `value` with the topic's codec and send it keyed by `key`."""
+        await self.topics[topic].send(
+            key=key.encode(), value=self.codecs[topic].dumps(value)
+        )
+
+    async def dead_letter(
+        self,
+        event: EventT | None,
+        *,
+        source: str,
+        stage: str,
+        reason: str,
+        body: bytes,
+        **extra: Any,
+    ) -> None:
+        """Send input that could not be used to alerts.dead with its bytes."""
+        origin = None
+        if event is not None:
+            message = event.message
+            origin = (message.topic, message.partition, message.offset)
+        letter = records.dead_letter(
+            source=source, stage=stage, reason=reason, body=body, origin=origin, **extra
+        )
+        log.warning(
+            "Dead letter stage=%s source=%s reason=%s origin=%s",
+            stage,
+            source,
+            reason,
+            origin,
+        )
+        await self.send("alerts.dead", source, letter)
+
+    async def run_each(
+        self, stream: StreamT, topic: str, stage: str, handle: Handler
+    ) -> None:
+        """Decode each event of `stream` and pass it to `handle`.
+
+        A value that does not decode, and an event whose handling fails, become a
+        dead letter with the original bytes, so one bad record never stops the stream
+        and nothing is lost.
+        """
+        async for event in stream.events():
+            try:
+                value = self.decode(topic, event.value)
+            except SchemaError as error:
+                await self.dead_letter(
+                    event,
+                    source=topic,
+                    stage=stage,
+                    reason=f"The value on {topic} is not a valid record: {error}",
+                    body=bytes(event.value),
+                )
+                continue
+            try:
+                await handle(event, value)
+            except Exception as error:
+                log.exception("Handling failed stage=%s topic=%s", stage, topic)
+                await self.dead_letter(
+                    event,
+                    source=topic,
+                    stage=stage,
+                    reason=f"Processing failed: {type(error).__name__}: {error}",
+                    body=bytes(event.value),
+                )

@@ -1,0 +1,106 @@
+"""The `autopull` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from autopull.streams.settings import Settings, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autopull",
+        description="Pull malicious email out of mailboxes after delivery.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser(
+        "worker", help="Run the pipeline against the configured broker."
+    )
+
+    ingest = commands.add_parser(
+        "ingest", help="Send alert files (or standard input) to the raw alerts topic."
+    )
+    ingest.add_argument("files", nargs="*", help="Alert files; - or none reads stdin.")
+    ingest.add_argument("--source", help="Source of the alerts (tap); default: detect.")
+
+    plan = commands.add_parser(
+        "plan",
+        help="Print what would be pulled from which mailbox and why, without Kafka.",
+    )
+    plan.add_argument("files", nargs="+", help="Alert files; - reads stdin.")
+    plan.add_argument("--source", help="Source of the alerts (tap); default: detect.")
+    plan.add_argument(
+        "--json", action="store_true", help="Print one JSON object per decision."
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="Run the pipeline on the bundled alerts and mail world, end to end.",
+    )
+    demo.add_argument(
+        "--reset",
+        action="store_true",
+        help="Start the broker, the simulator and the worker state over.",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="Seconds to wait for every planned copy to reach a final outcome.",
+    )
+    demo.add_argument(
+        "--stop", action="store_true", help="Stop the demo's broker and simulator."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `autopull` command and return its exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except (ValidationError, FileNotFoundError) as error:
+        print(f"error: invalid settings: {error}", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    return _dispatch(args, settings)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "worker":
+        from autopull.streams.worker import run_worker
+
+        return run_worker(settings)
+    if args.command == "ingest":
+        from autopull.streams.ingest import run_ingest
+
+        return run_ingest(args.files, settings, args.source)
+    if args.command == "plan":
+        from autopull.streams.plan import run_plan
+
+        return run_plan(
+            args.files,
+            args.json,
+            args.source,
+            settings.policy.policy_settings(),
+            max_bytes=settings.ingest_max_bytes,
+        )
+    if args.command == "demo":
+        from autopull.streams.demo import run_demo
+
+        return run_demo(reset=args.reset, stop=args.stop, timeout=args.timeout)
+    raise AssertionError(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The agents of the pipeline, in data-flow order.
+
+normalize: alerts.raw -> alerts.normalized (or alerts.dead)
+enrich:    alerts.normalized -> alerts.enriched, keyed by campaign
+group:     alerts.enriched -> incident.events, campaign table
+incident:  incident.events -> incidents table and topic, pull.commands
+pull:      pull.commands -> pull.outcomes (batches, no table writes)
+outcomes:  pull.outcomes -> quarantine ledger, incident.events
+
+Each table is written only by the agent whose input topic has the table's key, so
+a table's changelog partition is the partition that owns the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from faust.types import EventT, StreamT
+
+from autopull.connectors.mail.base import MailPlatform
+from autopull.connectors.sources.detect import format_names, parse_alert
+from autopull.connectors.sources.exceptions import InvalidAlertError
+from autopull.streams import records
+from autopull.streams.enrich import enrich
+from autopull.streams.incidents import (
+    DecisionLike,
+    apply_alert,
+    apply_outcome,
+    incident_id_for,
+    new_incident,
+)
+from autopull.streams.policy import decide
+from autopull.streams.pulls import RetryPolicy, Router, execute
+from autopull.streams.records import Record, ledger_key, utcnow
+from autopull.streams.routing import build_router
+
+if TYPE_CHECKING:
+    from autopull.streams.app import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def register_agents(pipe: Pipeline) -> None:
+    """Attach every agent of the chain to the pipeline's app."""
+    for agent in (
+        _normalize_agent,
+        _enrich_agent,
+        _group_agent,
+        _incident_agent,
+        _pull_agent,
+        _outcomes_agent,
+    ):
+        agent(pipe)
+
+
+def known_format(source: str) -> str | None:
+    """Return `source` when it names a registered alert format, else None (detect)."""
+    return source if source in format_names() else None
+
+
+def _normalize_agent(pipe: Pipeline) -> None:
+    async def handle(event: EventT, raw: Record) -> None:
+        try:
+            alerts = parse_alert(
+                raw["body"],
+                received_at=raw["received_at"],
+                format_name=known_format(raw["source"]),
+            )
+        except InvalidAlertError as error:
+            await pipe.dead_letter(
+                event,
+                source=raw["source"],
+                stage="normalize",
+                reason=str(error),
+                body=raw["body"],
+                received_at=raw["received_at"],
+                content_type=raw["content_type"],
+                transport=raw["transport"],
+            )
+            return
+
+        for alert in alerts:
+            await pipe.send("alerts.normalized", alert["alert_id"], dict(alert))
+        log.info(
+            "Normalized source=%s alerts=%d raw_id=%s",
+            raw["source"],
+            len(alerts),
+            raw["source_alert_id"],
+        )
+
+    @pipe.app.agent(pipe.topics["alerts.raw"], name="normalize")
+    async def normalize(stream: StreamT) -> None:
+        await pipe.run_each(stream, "alerts.raw", "normalize", handle)
+
+
+def _enrich_agent(pipe: Pipeline) -> None:
+    async def handle(event: EventT, alert: Record) -> None:
+        enriched = enrich(alert)
+        await pipe.send("alerts.enriched", enriched["campaign_key"], enriched)
+
+    @pipe.app.agent(pipe.topics["alerts.normalized"], name="enrich")
+    async def enrich_alerts(stream: StreamT) -> None:
+        await pipe.run_each(stream, "alerts.normalized", "enrich", handle)
+
+
+def _alert_time(alert: Record) -> datetime:
+    moment: datetime = alert.get("occurred_at") or alert["received_at"]
+    return moment
+
+
+def _group_agent(pipe: Pipeline) -> None:
+    window = pipe.settings.incident_window_hours * 3600
+
+    async def handle(event: EventT, enriched: Record) -> None:
+        key = enriched["campaign_key"]
+        at = _alert_time(enriched["alert"])
+        entry = pipe.campaigns.get(key)
+        if entry is None or at.timestamp() - entry["opened_at"] > window:
+            opened = at.replace(minute=0, second=0, microsecond=0)
+            entry = {
+                "incident_id": incident_id_for(key, opened),
+                "opened_at": opened.timestamp(),
+            }
+            pipe.campaigns[key] = entry
+
+        change = records.incident_event(
+            entry["incident_id"], "alert_joined", alert=enriched
+        )
+        await pipe.send("incident.events", entry["incident_id"], change)
+
+    @pipe.app.agent(pipe.topics["alerts.enriched"], name="group")
+    async def group(stream: StreamT) -> None:
+        await pipe.run_each(stream, "alerts.enriched", "group", handle)
+
+
+def _incident_agent(pipe: Pipeline) -> None:
+    policy = pipe.settings.policy.policy_settings()
+
+    def decide_for(alert: Record, recipients: list[Record]) -> Sequence[DecisionLike]:
+        mailboxes = [recipient["mailbox"] for recipient in recipients]
+        decisions: Sequence[DecisionLike] = decide(alert, mailboxes, policy)
+        return decisions
+
+    async def handle(event: EventT, change: Record) -> None:
+        incident_id = change["incident_id"]
+        incident = pipe.incidents.get(incident_id)
+        commands: list[Record] = []
+        if change["kind"] == "alert_joined" and change["alert"]:
+            if incident is None:
+                campaign = change["alert"]["campaign_key"]
+                incident = new_incident(incident_id, campaign, utcnow())
+            commands = apply_alert(incident, change["alert"], decide_for)
+        elif change["kind"] == "outcome" and change["outcome"] and incident:
+            if not apply_outcome(incident, change["outcome"]):
+                log.warning(
+                    "Outcome matches no planned pull incident_id=%s mailbox=%s",
+                    incident_id,
+                    change["outcome"]["mailbox"],
+                )
+        else:
+            await pipe.dead_letter(
+                event,
+                source="incident.events",
+                stage="incident",
+                reason=f"Event kind {change['kind']} for incident {incident_id} "
+                "cannot be applied: the incident or its payload is missing.",
+                body=bytes(event.value),
+            )
+            return
+
+        pipe.incidents[incident_id] = incident
+        await pipe.send("incidents", incident_id, incident)
+        for command in commands:
+            await pipe.send("pull.commands", command["mailbox"], command)
+        log.info(
+            "Incident updated incident_id=%s state=%s commands=%d",
+            incident_id,
+            incident["state"],
+            len(commands),
+        )
+
+    @pipe.app.agent(pipe.topics["incident.events"], name="incident")
+    async def incident_events(stream: StreamT) -> None:
+        await pipe.run_each(stream, "incident.events", "incident", handle)
+
+
+def _pull_agent(pipe: Pipeline) -> None:
+    settings = pipe.settings
+    retry = RetryPolicy(
+        max_attempts=settings.pull_max_attempts,
+        max_wait_seconds=settings.pull_max_wait_seconds,
+    )
+    platforms: dict[str, MailPlatform] = {}
+
+    # Concurrency 1: a second instance could commit past a command still in flight.
+    # Parallelism comes from partitions and from running a batch concurrently.
+    @pipe.app.agent(pipe.topics["pull.commands"], name="pull", concurrency=1)
+    async def pull(stream: StreamT) -> None:
+        route = build_router(settings, platforms)
+        async for batch in stream.take(
+            settings.pull_batch_size, within=settings.pull_batch_seconds
+        ):
+            await asyncio.gather(
+                *(_run_command(pipe, data, route, retry) for data in batch)
+            )
+
+
+async def _run_command(
+    pipe: Pipeline, data: bytes, route: Router, retry: RetryPolicy
+) -> None:
+    try:
+        command = pipe.decode("pull.commands", data)
+    except Exception as error:
+        await pipe.dead_letter(
+            None,
+            source="pull.commands",
+            stage="pull",
+            reason=f"The pull command is not a valid record: {error}",
+            body=bytes(data),
+        )
+        return
+
+    wait = _seconds_until(command.get("not_before"))
+    if wait > 0:
+        await asyncio.sleep(min(wait, pipe.settings.pull_max_wait_seconds))
+    entry = pipe.ledger.get(ledger_key(command["mailbox"], command["message_id"]))
+    result = await execute(command, route, retry, entry)
+    await pipe.send("pull.outcomes", command["mailbox"], result.outcome)
+    if result.parked is not None:
+        await pipe.send("pull.commands", command["mailbox"], result.parked)
+    log.info(
+        "Pull finished incident_id=%s mailbox=%s message_id=%s status=%s attempts=%d",
+        command["incident_id"],
+        command["mailbox"],
+        command["message_id"],
+        result.outcome["status"],
+        result.outcome["attempts"],
+    )
+
+
+def _seconds_until(moment: datetime | None) -> float:
+    if moment is None:
+        return 0.0
+    return (moment - utcnow()).total_seconds()
+
+
+def _outcomes_agent(pipe: Pipeline) -> None:
+    async def handle(event: EventT, outcome: Record) -> None:
+        if outcome["status"] in ("quarantined", "already_quarantined", "restored"):
+            pipe.ledger[ledger_key(outcome["mailbox"], outcome["message_id"])] = {
+                "status": outcome["status"],
+                "incident_id": outcome["incident_id"],
+                "original_folder": outcome["original_folder"],
+                "read": outcome["read"],
+                "at": outcome["finished_at"].timestamp(),
+            }
+        change = records.incident_event(
+            outcome["incident_id"], "outcome", outcome=outcome
+        )
+        await pipe.send("incident.events", outcome["incident_id"], change)
+
+    @pipe.app.agent(pipe.topics["pull.outcomes"], name="outcomes")
+    async def outcomes(stream: StreamT) -> None:
+        await pipe.run_each(stream, "pull.outcomes", "outcomes", handle)

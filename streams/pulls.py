@@ -1,0 +1,229 @@
+"""Carrying out one pull command on a mail platform, with retries.
+
+Runs inside the pull agent's batch, so it writes no table: it returns the outcome
+record (and, for a command still throttled after its attempts, the command to park
+on the topic) and the agent sends them on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from autopull.connectors.errors import (
+    AlreadyDoneError,
+    ConnectorError,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+)
+from autopull.connectors.mail.base import MailPlatform, QuarantineResult
+from autopull.streams.records import Record, utcnow
+
+log = logging.getLogger(__name__)
+
+Router = Callable[[str], MailPlatform | None]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long a pull is retried in process before it is parked."""
+
+    max_attempts: int = 5
+    max_wait_seconds: float = 60.0
+    base_wait_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """The outcome of one command, and the command to park when still throttled."""
+
+    outcome: Record
+    parked: Record | None = None
+
+
+def _wait_for(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
+    backoff = wait_random_exponential(
+        multiplier=policy.base_wait_seconds, max=policy.max_wait_seconds
+    )
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        requested = getattr(error, "retry_after", None)
+        if requested is not None:
+            return min(float(requested), policy.max_wait_seconds)
+        return float(backoff(state))
+
+    return wait
+
+
+async def execute(
+    command: Record, route: Router, policy: RetryPolicy, ledger_entry: Any = None
+) -> PullResult:
+    """Quarantine or restore the copies named by `command` and describe the outcome."""
+    started = utcnow()
+    mailbox, message_id = command["mailbox"], command["message_id"]
+    if command["kind"] not in ("quarantine", "restore"):
+        error = PermanentError(
+            f"Pull command {command['command_id']} has kind {command['kind']!r}, which "
+            "this worker does not know; upgrade the worker before replaying it.",
+            mailbox=mailbox,
+        )
+        return PullResult(_outcome(command, "none", started, error=error, attempts=0))
+
+    platform = route(mailbox)
+    if platform is None:
+        error = PermanentError(
+            f"No mail platform is configured for mailbox {mailbox}; add its domain "
+            "to the routing settings.",
+            mailbox=mailbox,
+        )
+        return PullResult(_outcome(command, "unrouted", started, error=error))
+
+    if (
+        command["kind"] == "quarantine"
+        and isinstance(ledger_entry, dict)
+        and ledger_entry.get("status") in ("quarantined", "already_quarantined")
+    ):
+        log.info(
+            "Ledger shows the copy already quarantined mailbox=%s message_id=%s",
+            mailbox,
+            message_id,
+        )
+        result = QuarantineResult(mailbox, message_id, already_done=True, attempts=0)
+        return PullResult(_outcome(command, platform.name, started, result=result))
+
+    attempts = 0
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            stop=stop_after_attempt(policy.max_attempts),
+            wait=_wait_for(policy),
+            reraise=True,
+        ):
+            with attempt:
+                attempts += 1
+                result = await _call(platform, command)
+    except TransientError as error:
+        return _parked(command, platform.name, started, error, attempts)
+    except ConnectorError as error:
+        return PullResult(
+            _outcome(command, platform.name, started, error=error, attempts=attempts)
+        )
+    except Exception as error:
+        log.exception(
+            "Pull failed unexpectedly mailbox=%s message_id=%s", mailbox, message_id
+        )
+        wrapped = PermanentError(f"Unexpected error: {type(error).__name__}: {error}")
+        return PullResult(
+            _outcome(command, platform.name, started, error=wrapped, attempts=attempts)
+        )
+
+    result = QuarantineResult(
+        result.mailbox,
+        result.message_id,
+        result.copies,
+        result.already_done,
+        attempts,
+        result.evidence_location,
+        result.notes,
+    )
+    return PullResult(_outcome(command, platform.name, started, result=result))
+
+
+async def _call(platform: MailPlatform, command: Record) -> QuarantineResult:
+    mailbox, message_id = command["mailbox"], command["message_id"]
+    if command["kind"] == "restore":
+        return await platform.restore(mailbox, message_id, command["incident_id"])
+    return await platform.quarantine(mailbox, message_id, command["incident_id"])
+
+
+def _parked(
+    command: Record,
+    platform: str,
+    started: Any,
+    error: TransientError,
+    attempts: int,
+) -> PullResult:
+    wait = error.retry_after if error.retry_after is not None else 60.0
+    retry_at = utcnow() + timedelta(seconds=wait)
+    log.warning(
+        "Pull still throttled after %d attempts, parked mailbox=%s message_id=%s "
+        "retry_at=%s",
+        attempts,
+        command["mailbox"],
+        command["message_id"],
+        retry_at.isoformat(),
+    )
+    outcome = _outcome(command, platform, started, error=error, attempts=attempts)
+    outcome["status"] = "throttled"
+    outcome["retry_at"] = retry_at
+    parked = dict(command, attempt=command["attempt"] + 1, not_before=retry_at)
+    return PullResult(outcome, parked)
+
+
+def _outcome(
+    command: Record,
+    platform: str,
+    started: Any,
+    *,
+    result: QuarantineResult | None = None,
+    error: ConnectorError | None = None,
+    attempts: int = 1,
+) -> Record:
+    finished = utcnow()
+    status, error_class = _classify(command["kind"], result, error)
+    copies = result.copies if result else ()
+    folders = ", ".join(dict.fromkeys(copy.folder for copy in copies))
+    seconds = (finished - command["alert_received_at"]).total_seconds()
+    return {
+        "command_id": command["command_id"],
+        "incident_id": command["incident_id"],
+        "kind": command["kind"],
+        "mailbox": command["mailbox"],
+        "message_id": command["message_id"],
+        "status": status,
+        "platform": platform,
+        "copies": len(copies),
+        "original_folder": folders or None,
+        "read": any(copy.read for copy in copies) if copies else None,
+        "attempts": result.attempts if result else attempts,
+        "started_at": started,
+        "finished_at": finished,
+        "seconds_from_alert": seconds,
+        "error_class": error_class,
+        "error": str(error) if error else None,
+        "recipient_type": command.get("recipient_type", "original"),
+        "alert_id": command.get("alert_id", ""),
+        "retry_at": None,
+    }
+
+
+def _classify(
+    kind: str, result: QuarantineResult | None, error: ConnectorError | None
+) -> tuple[str, str]:
+    if result is not None:
+        if kind == "restore":
+            return "restored", "already_done" if result.already_done else "none"
+        if result.already_done:
+            return "already_quarantined", "already_done"
+        return "quarantined", "none"
+    if isinstance(error, NotFoundError):
+        return "not_found", "not_found"
+    if isinstance(error, AlreadyDoneError):
+        done = "restored" if kind == "restore" else "already_quarantined"
+        return done, "already_done"
+    if isinstance(error, TransientError):
+        return "throttled", "transient"
+    return "failed", "permanent"

@@ -1,0 +1,174 @@
+"""One settings object for the whole worker: environment `AUTOPULL_*` and YAML.
+
+Values come, highest first, from keyword arguments, the environment (nested fields
+with `__`, e.g. `AUTOPULL_GRAPH__CLIENT_SECRET`), the YAML file named by
+`AUTOPULL_CONFIG`, and the defaults below. Secrets are `SecretStr` fields and are
+unwrapped only where a client library needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from autopull.connectors.mail.graph import GraphSettings
+from autopull.streams.policy import PolicySettings
+
+MIB = 1024 * 1024
+
+
+class PolicyConfig(BaseModel):
+    """Parameters of the default pull policy."""
+
+    quarantine_mailbox: str = Field(
+        default="",
+        description="Central quarantine mailbox; it is never the target of a pull.",
+    )
+    excluded_mailboxes: list[str] = Field(
+        default_factory=list,
+        description="Mailboxes never pulled from, such as service accounts.",
+    )
+    hold_above_mailboxes: int = Field(
+        default=50,
+        ge=1,
+        description="A message in more mailboxes than this waits for approval.",
+    )
+
+    @field_validator("quarantine_mailbox")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+    def policy_settings(self) -> PolicySettings:
+        """Return the parameters in the form the policy engine takes."""
+        return PolicySettings(
+            quarantine_mailbox=self.quarantine_mailbox,
+            excluded_mailboxes=frozenset(self.excluded_mailboxes),
+            hold_above_mailboxes=self.hold_above_mailboxes,
+        )
+
+
+class Settings(BaseSettings):
+    """Settings of an Autopull worker and of the command line tools."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOPULL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092",
+        description="Kafka bootstrap servers, host:port[,...].",
+    )
+    topic_prefix: str = Field(
+        default="autopull.", description="Prefix of every topic name."
+    )
+    app_id: str = Field(
+        default="",
+        description="Faust application id (consumer group and changelog names); "
+        "empty means the topic prefix without its trailing dot.",
+    )
+    topic_partitions: int = Field(
+        default=8, ge=1, description="Partitions of each topic Autopull creates."
+    )
+    topic_replication: int = Field(
+        default=1, ge=1, description="Replication factor of each topic."
+    )
+    raw_retention_days: int = Field(
+        default=14,
+        ge=1,
+        description="Retention of alerts.raw and alerts.dead, in days.",
+    )
+    schema_registry_url: str | None = Field(
+        default=None,
+        description="Confluent schema registry URL; without it topics use the Avro "
+        "single-object encoding.",
+    )
+    store: str = Field(
+        default="rocksdb://",
+        description="Faust table store: rocksdb:// in production, memory:// in tests.",
+    )
+    data_dir: Path = Field(
+        default=Path(".cache/worker"),
+        description="Folder for the worker's table stores.",
+    )
+    web_host: str = Field(
+        default="127.0.0.1", description="Address the web server binds."
+    )
+    web_port: int = Field(default=6066, ge=0, le=65535, description="Web server port.")
+    web_enabled: bool = Field(
+        default=True, description="Serve the REST API and metrics."
+    )
+    ingest_max_bytes: int = Field(
+        default=MIB, ge=1024, description="Largest alert body accepted, in bytes."
+    )
+    pull_batch_size: int = Field(
+        default=64, ge=1, description="Pull commands processed together by one agent."
+    )
+    pull_batch_seconds: float = Field(
+        default=0.5, gt=0, description="Longest wait to fill a pull batch, in seconds."
+    )
+    pull_max_attempts: int = Field(
+        default=5, ge=1, description="Attempts of a throttled pull before it is parked."
+    )
+    pull_max_wait_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest in-process wait for a throttled pull, in seconds; longer "
+        "waits park the command on its topic.",
+    )
+    incident_window_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="Alerts of one campaign within this many hours join one incident.",
+    )
+    session_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="Kafka consumer session timeout, in seconds."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    graph: GraphSettings | None = Field(
+        default=None, description="Microsoft 365 tenant reached through Graph."
+    )
+
+    @property
+    def faust_id(self) -> str:
+        """Return the Faust application id."""
+        return self.app_id or self.topic_prefix.rstrip(".") or "autopull"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("AUTOPULL_CONFIG")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(
+                    f"The settings file {config_file!r} named by AUTOPULL_CONFIG was "
+                    "not found; fix the path or unset the variable."
+                )
+            sources.append(YamlConfigSettingsSource(settings_cls, config_file))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment, the YAML file and `overrides`."""
+    return Settings(**overrides)

@@ -1,0 +1,115 @@
+"""Topic names and configurations, and their explicit creation at start.
+
+Topics are never auto-created: partition counts, compaction, retention and size
+limits are set here, and a worker creates what is missing before it consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from autopull.streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 24 * 3600 * 1000
+# Raw alerts and dead letters carry whole input bodies, framing included.
+LARGE_MESSAGE_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One Autopull topic: its short name, value record and broker configuration."""
+
+    name: str
+    record: str
+    config: dict[str, str] = field(default_factory=dict)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Return the specs of every topic of the pipeline."""
+    retention = str(settings.raw_retention_days * DAY_MS)
+    large = str(settings.ingest_max_bytes * LARGE_MESSAGE_FACTOR)
+    return [
+        TopicSpec(
+            "alerts.raw",
+            "RawAlert",
+            {"retention.ms": retention, "max.message.bytes": large},
+        ),
+        TopicSpec("alerts.normalized", "NormalizedAlert"),
+        TopicSpec("alerts.enriched", "EnrichedAlert"),
+        TopicSpec("incident.events", "IncidentEvent"),
+        TopicSpec(
+            "incidents",
+            "Incident",
+            {"cleanup.policy": "compact", "max.message.bytes": large},
+        ),
+        TopicSpec("pull.commands", "PullCommand"),
+        TopicSpec("pull.outcomes", "PullOutcome"),
+        TopicSpec("trace.findings", "ForwardFinding"),
+        TopicSpec(
+            "alerts.dead",
+            "DeadLetter",
+            {"retention.ms": retention, "max.message.bytes": large},
+        ),
+    ]
+
+
+def full_name(settings: Settings, name: str) -> str:
+    """Return the topic name with the configured prefix."""
+    return f"{settings.topic_prefix}{name}"
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    """Return an admin client for the configured cluster."""
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create the pipeline's missing topics and return the names created.
+
+    Raises `RuntimeError` naming the topic when the broker refuses one, for example
+    because a topic of that name exists with a different partition count.
+    """
+    admin = admin_client(settings)
+    existing = admin.list_topics(timeout=timeout).topics
+    wanted = [
+        NewTopic(
+            full_name(settings, spec.name),
+            num_partitions=settings.topic_partitions,
+            replication_factor=settings.topic_replication,
+            config=spec.config,
+        )
+        for spec in topic_specs(settings)
+        if full_name(settings, spec.name) not in existing
+    ]
+    for spec in topic_specs(settings):
+        name = full_name(settings, spec.name)
+        if (
+            name in existing
+            and len(existing[name].partitions) != settings.topic_partitions
+        ):
+            raise RuntimeError(
+                f"Topic {name} has {len(existing[name].partitions)} partitions but the "
+                f"settings ask for {settings.topic_partitions}; set "
+                "AUTOPULL_TOPIC_PARTITIONS to match, or use another topic prefix."
+            )
+    if not wanted:
+        return []
+
+    created = []
+    for name, future in admin.create_topics(wanted, request_timeout=timeout).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.name() == "TOPIC_ALREADY_EXISTS":
+                continue
+            raise RuntimeError(f"Creating topic {name} failed: {error.str()}") from exc
+        created.append(name)
+        log.info("Created topic topic=%s", name)
+    return created

@@ -1,0 +1,80 @@
+"""Reading the pipeline's published state from Kafka, for the demo and the tests."""
+
+from __future__ import annotations
+
+import uuid
+
+from confluent_kafka import Consumer, TopicPartition
+
+from autopull.schemas import AvroCodec
+from autopull.streams.records import Record
+from autopull.streams.settings import Settings
+from autopull.streams.topics import full_name
+
+
+class IncidentWatcher:
+    """Follows the incidents topic from its start and keeps the latest of each."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.codec = AvroCodec("Incident", registry=settings.schema_registry_url)
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap,
+                "group.id": f"autopull-watch-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            }
+        )
+        self.consumer.subscribe([full_name(settings, "incidents")])
+        self.incidents: dict[str, Record] = {}
+
+    def poll(self, timeout: float) -> int:
+        """Read what arrived within `timeout` seconds; return the number of records."""
+        messages = self.consumer.consume(num_messages=500, timeout=timeout)
+        count = 0
+        for message in messages:
+            if message.error() or message.value() is None:
+                continue
+            incident = self.codec.loads(message.value())
+            self.incidents[incident["incident_id"]] = incident
+            count += 1
+        return count
+
+    def pulls(self) -> dict[tuple[str, str], Record]:
+        """Return every pull entry of every incident by (mailbox, Message-ID)."""
+        entries: dict[tuple[str, str], Record] = {}
+        for incident in self.incidents.values():
+            for entry in incident["pulls"]:
+                entries[(entry["mailbox"], entry["message_id"])] = dict(
+                    entry, incident_id=incident["incident_id"]
+                )
+        return entries
+
+    def close(self) -> None:
+        """Leave the consumer group."""
+        self.consumer.close()
+
+
+def consumed_all(settings: Settings, topic: str = "alerts.raw") -> bool:
+    """Return True when the worker's group has committed every record of `topic`."""
+    name = full_name(settings, topic)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": settings.faust_id,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(name, timeout=10)
+        partitions = [
+            TopicPartition(name, number) for number in metadata.topics[name].partitions
+        ]
+        committed = consumer.committed(partitions, timeout=10)
+        for partition in committed:
+            _low, high = consumer.get_watermark_offsets(partition, timeout=10)
+            if high > 0 and partition.offset < high:
+                return False
+        return True
+    finally:
+        consumer.close()

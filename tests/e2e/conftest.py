@@ -1,0 +1,165 @@
+"""Fixtures for end-to-end runs: the Graph simulator and worker processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from autopull.streams.settings import Settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_WORLD = REPO_ROOT / "examples" / "worlds" / "demo.json"
+DEMO_CONFIG = REPO_ROOT / "examples" / "demo.yaml"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class GraphSim:
+    """A Graph simulator process over a copy of the demo world."""
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes]) -> None:
+        self.url = url
+        self.process = process
+
+    def messages(self, mailbox: str) -> list[dict[str, object]]:
+        """Return every message of `mailbox` with its folder, from the admin API."""
+        response = httpx.get(f"{self.url}/_sim/mailboxes/{mailbox}/messages")
+        response.raise_for_status()
+        result: list[dict[str, object]] = response.json()
+        return result
+
+
+@pytest.fixture
+def graph_sim(tmp_path: Path) -> Iterator[GraphSim]:
+    """Start the Graph simulator on a free port; fail when it does not come up."""
+    port = free_port()
+    log = (tmp_path / "graph-sim.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "autopull.sim",
+            "graph",
+            "--world",
+            str(DEMO_WORLD),
+            "--state",
+            str(tmp_path / "graph-state.json"),
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/_sim/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                "The Graph simulator did not start: "
+                + (tmp_path / "graph-sim.log").read_text(),
+                pytrace=False,
+            )
+        time.sleep(0.1)
+    yield GraphSim(url, process)
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture
+def pipeline_settings(
+    kafka_bootstrap: str, topic_prefix: str, graph_sim: GraphSim, tmp_path: Path
+) -> Settings:
+    """Settings of a test pipeline on its own topics, against the simulator."""
+    demo = yaml.safe_load(DEMO_CONFIG.read_text())
+    graph = dict(demo["graph"])
+    graph["graph_url"] = f"{graph_sim.url}/v1.0"
+    graph["authority_url"] = graph_sim.url
+    return Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        topic_partitions=4,
+        store="memory://",
+        data_dir=tmp_path / "worker",
+        web_enabled=False,
+        session_timeout_seconds=6,
+        pull_max_wait_seconds=5,
+        policy=demo["policy"],
+        graph=graph,
+    )
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """Return the AUTOPULL_* variables that reproduce `settings` in a worker."""
+    env = {}
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
+        if isinstance(value, dict):
+            for inner, inner_value in value.items():
+                key = f"AUTOPULL_{name.upper()}__{inner.upper()}"
+                env[key] = (
+                    json.dumps(inner_value)
+                    if isinstance(inner_value, list | dict)
+                    else str(inner_value)
+                )
+        else:
+            env[f"AUTOPULL_{name.upper()}"] = str(value)
+    if settings.graph is not None:
+        secret = settings.graph.client_secret.get_secret_value()
+        env["AUTOPULL_GRAPH__CLIENT_SECRET"] = secret
+    return env
+
+
+WorkerFactory = Callable[[], subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def start_worker(pipeline_settings: Settings, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Return a function that starts a worker process; all are stopped at the end."""
+    processes: list[subprocess.Popen[bytes]] = []
+    environment = os.environ | settings_environment(pipeline_settings)
+    environment.pop("AUTOPULL_CONFIG", None)
+
+    def start() -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(processes)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "autopull.streams.cli", "worker"],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,171 @@
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from autopull.streams.incidents import (
+    apply_alert,
+    apply_outcome,
+    incident_id_for,
+    new_incident,
+)
+
+RECEIVED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+
+
+@dataclass
+class Decision:
+    mailbox: str
+    message_id: str
+    action: str
+    reason: str = "because"
+    rule: str = "test.rule"
+
+
+def enriched(alert_id="tap:1", recipients=("alice@example.com", "bob@example.com")):
+    alert = {
+        "alert_id": alert_id,
+        "source": "tap",
+        "message_id": "m1@example.net",
+        "recipients": list(recipients),
+        "sender": "billing@example.net",
+        "sender_ip": "192.0.2.7",
+        "subject": "Invoice",
+        "classification": "phish",
+        "received_at": RECEIVED,
+    }
+    return {
+        "alert": alert,
+        "campaign_key": "campaign:c1",
+        "recipients": [{"mailbox": r} for r in recipients],
+    }
+
+
+def pull_all(alert, recipients):
+    return [Decision(r["mailbox"], alert["message_id"], "pull") for r in recipients]
+
+
+def outcome(mailbox, status, kind="quarantine"):
+    return {
+        "mailbox": mailbox,
+        "message_id": "m1@example.net",
+        "kind": kind,
+        "status": status,
+        "platform": "graph",
+        "attempts": 1,
+        "error": None,
+        "original_folder": "Inbox",
+        "read": False,
+        "started_at": RECEIVED,
+        "finished_at": RECEIVED,
+        "seconds_from_alert": 1.5,
+    }
+
+
+def test_incident_id_is_deterministic():
+    first = incident_id_for("campaign:c1", RECEIVED)
+    second = incident_id_for("campaign:c1", RECEIVED)
+    other = incident_id_for("campaign:c2", RECEIVED)
+    assert first == second
+    assert first != other
+    assert first.startswith("INC-")
+
+
+def test_alert_issues_one_command_per_mailbox():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    commands = apply_alert(incident, enriched(), pull_all)
+    assert [c["mailbox"] for c in commands] == ["alice@example.com", "bob@example.com"]
+    assert all(c["kind"] == "quarantine" for c in commands)
+    assert incident["state"] == "quarantining"
+    assert incident["targets"] == ["alice@example.com", "bob@example.com"]
+    assert incident["attackers"] == ["billing@example.net", "192.0.2.7"]
+
+
+def test_replayed_alert_issues_nothing():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    assert apply_alert(incident, enriched(), pull_all) == []
+    assert len(incident["pulls"]) == 2
+
+
+def test_second_alert_same_copy_issues_nothing():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    commands = apply_alert(incident, enriched("tap:2", ["bob@example.com"]), pull_all)
+    assert commands == []
+    assert incident["alert_ids"] == ["tap:1", "tap:2"]
+
+
+def test_command_ids_are_stable():
+    first = apply_alert(new_incident("INC-1", "k", RECEIVED), enriched(), pull_all)
+    second = apply_alert(new_incident("INC-1", "k", RECEIVED), enriched(), pull_all)
+    assert [c["command_id"] for c in first] == [c["command_id"] for c in second]
+
+
+def test_held_and_skipped_copies_issue_no_command():
+    def hold_alice(alert, recipients):
+        return [
+            Decision("alice@example.com", alert["message_id"], "hold"),
+            Decision("bob@example.com", alert["message_id"], "skip"),
+        ]
+
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    assert apply_alert(incident, enriched(), hold_alice) == []
+    assert [p["status"] for p in incident["pulls"]] == ["held", "skipped"]
+    assert incident["state"] == "open"
+
+
+def test_outcomes_contain_incident():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    assert apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    assert incident["state"] == "quarantining"
+    assert apply_outcome(incident, outcome("bob@example.com", "already_quarantined"))
+    assert incident["state"] == "contained"
+    alice = incident["pulls"][0]
+    assert alice["original_folder"] == "Inbox"
+    assert alice["read"] is False
+    assert alice["seconds_from_alert"] == 1.5
+
+
+def test_failed_outcome_leaves_incident_open():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    apply_outcome(incident, outcome("bob@example.com", "failed"))
+    assert incident["state"] == "open"
+
+
+def test_throttled_outcome_keeps_quarantining():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "throttled"))
+    assert incident["state"] == "quarantining"
+
+
+def test_outcome_for_unplanned_copy_is_rejected():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    assert not apply_outcome(incident, outcome("mallory@example.com", "quarantined"))
+
+
+def test_later_pull_upgrades_skipped_copy():
+    def skip_all(alert, recipients):
+        return [Decision(r["mailbox"], alert["message_id"], "skip") for r in recipients]
+
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched("tap:click", ["alice@example.com"]), skip_all)
+    commands = apply_alert(incident, enriched("tap:2", ["alice@example.com"]), pull_all)
+    assert [c["mailbox"] for c in commands] == ["alice@example.com"]
+    assert incident["pulls"][0]["action"] == "pull"
+    assert incident["pulls"][0]["status"] is None
+    assert incident["pulls"][0]["alert_id"] == "tap:2"
+
+
+def test_later_pull_leaves_held_copy_waiting():
+    def hold_all(alert, recipients):
+        return [Decision(r["mailbox"], alert["message_id"], "hold") for r in recipients]
+
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched("tap:1", ["alice@example.com"]), hold_all)
+    commands = apply_alert(incident, enriched("tap:2", ["alice@example.com"]), pull_all)
+    assert commands == []
+    assert incident["pulls"][0]["status"] == "held"

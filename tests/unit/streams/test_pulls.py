@@ -1,0 +1,136 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from autopull.connectors.errors import (
+    NotFoundError,
+    PermanentError,
+    ThrottledError,
+)
+from autopull.connectors.mail.base import MailPlatform, MessageCopy, QuarantineResult
+from autopull.streams.pulls import RetryPolicy, execute
+
+FAST = RetryPolicy(max_attempts=3, max_wait_seconds=0.05, base_wait_seconds=0.001)
+
+
+class ScriptedPlatform(MailPlatform):
+    """Answers each quarantine call with the next scripted result or error."""
+
+    name = "scripted"
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def find(self, mailbox, message_id):
+        return []
+
+    async def quarantine(self, mailbox, message_id, incident_id):
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def restore(self, mailbox, message_id, incident_id):
+        return await self.quarantine(mailbox, message_id, incident_id)
+
+
+def command(kind="quarantine"):
+    return {
+        "command_id": "cmd-1",
+        "incident_id": "INC-1",
+        "kind": kind,
+        "mailbox": "alice@example.com",
+        "message_id": "m1@example.net",
+        "alert_id": "tap:1",
+        "alert_received_at": datetime(2026, 12, 1, tzinfo=UTC),
+        "issued_at": datetime(2026, 12, 1, tzinfo=UTC),
+        "recipient_type": "original",
+        "reason": "",
+        "attempt": 1,
+        "not_before": None,
+    }
+
+
+def done(already=False):
+    copy = MessageCopy("alice@example.com", "m1@example.net", "id1", "Inbox", True)
+    return QuarantineResult(
+        "alice@example.com", "m1@example.net", (copy,), already_done=already
+    )
+
+
+async def test_quarantine_success_reports_copy_facts():
+    platform = ScriptedPlatform(done())
+    result = await execute(command(), lambda m: platform, FAST)
+    assert result.outcome["status"] == "quarantined"
+    assert result.outcome["original_folder"] == "Inbox"
+    assert result.outcome["read"] is True
+    assert result.outcome["copies"] == 1
+    assert result.outcome["error_class"] == "none"
+    assert result.parked is None
+
+
+async def test_throttling_is_retried_then_succeeds():
+    platform = ScriptedPlatform(ThrottledError("slow down", retry_after=0.01), done())
+    result = await execute(command(), lambda m: platform, FAST)
+    assert result.outcome["status"] == "quarantined"
+    assert result.outcome["attempts"] == 2
+    assert platform.calls == 2
+
+
+async def test_throttling_past_attempts_parks_command():
+    errors = [ThrottledError("slow down", retry_after=0.01) for _ in range(3)]
+    platform = ScriptedPlatform(*errors)
+    result = await execute(command(), lambda m: platform, FAST)
+    assert result.outcome["status"] == "throttled"
+    assert result.outcome["retry_at"] is not None
+    assert result.parked is not None
+    assert result.parked["attempt"] == 2
+    assert result.parked["not_before"] == result.outcome["retry_at"]
+
+
+async def test_permanent_error_fails_without_retry():
+    platform = ScriptedPlatform(PermanentError("no rights"))
+    result = await execute(command(), lambda m: platform, FAST)
+    assert result.outcome["status"] == "failed"
+    assert result.outcome["error_class"] == "permanent"
+    assert result.outcome["error"] == "no rights"
+    assert platform.calls == 1
+
+
+async def test_missing_message_is_not_found():
+    platform = ScriptedPlatform(NotFoundError("gone"))
+    result = await execute(command(), lambda m: platform, FAST)
+    assert result.outcome["status"] == "not_found"
+
+
+async def test_ledger_hit_skips_platform():
+    platform = ScriptedPlatform()
+    ledger = {"status": "quarantined"}
+    result = await execute(command(), lambda m: platform, FAST, ledger)
+    assert result.outcome["status"] == "already_quarantined"
+    assert platform.calls == 0
+
+
+async def test_unrouted_mailbox_fails_with_reason():
+    result = await execute(command(), lambda m: None, FAST)
+    assert result.outcome["status"] == "failed"
+    assert "alice@example.com" in result.outcome["error"]
+
+
+@pytest.mark.parametrize(
+    ("already", "status"), [(False, "restored"), (True, "restored")]
+)
+async def test_restore_reports_restored(already, status):
+    platform = ScriptedPlatform(done(already))
+    result = await execute(command("restore"), lambda m: platform, FAST)
+    assert result.outcome["status"] == status
+
+
+async def test_unknown_kind_touches_nothing():
+    platform = ScriptedPlatform(done())
+    result = await execute(command("unknown"), lambda m: platform, FAST)
+    assert result.outcome["status"] == "failed"
+    assert result.outcome["error_class"] == "permanent"
+    assert platform.calls == 0
