@@ -30,8 +30,8 @@ from autopull.streams.settings import Settings, load_settings
 from autopull.streams.topics import ensure_topics
 from autopull.streams.watch import IncidentWatcher, consumed_all
 
-DEMO_KAFKA_PORT = 9092
-DEMO_GRAPH_PORT = 8765
+DEMO_KAFKA_PORT = int(os.environ.get("AUTOPULL_DEMO_KAFKA_PORT", "9092"))
+DEMO_GRAPH_PORT = int(os.environ.get("AUTOPULL_DEMO_GRAPH_PORT", "8765"))
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,8 @@ def _demo_settings(paths: DemoPaths) -> Settings:
     os.environ.setdefault("AUTOPULL_CONFIG", str(paths.config))
     os.environ.setdefault("AUTOPULL_KAFKA_BOOTSTRAP", f"127.0.0.1:{DEMO_KAFKA_PORT}")
     os.environ.setdefault("AUTOPULL_DATA_DIR", str(paths.state / "worker"))
+    os.environ.setdefault("AUTOPULL_GRAPH__GRAPH_URL", f"{_graph_url()}/v1.0")
+    os.environ.setdefault("AUTOPULL_GRAPH__AUTHORITY_URL", _graph_url())
     return load_settings()
 
 
@@ -121,7 +123,9 @@ def _run(command: list[str], console: Console, **env: str) -> None:
 
 
 def _start_kafka(paths: DemoPaths, console: Console) -> None:
-    console.print("Starting or reusing the local Kafka broker on 127.0.0.1:9092 ...")
+    console.print(
+        f"Starting or reusing the local Kafka broker on 127.0.0.1:{DEMO_KAFKA_PORT} ..."
+    )
     _run(
         ["bash", str(paths.root / "dev" / "kafka.sh"), "start"],
         console,
