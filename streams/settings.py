@@ -20,8 +20,14 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from autopull.connectors.directory import DirectorySettings
+from autopull.connectors.intel import IntelSettings
+from autopull.connectors.mail.ews import EwsSettings
 from autopull.connectors.mail.graph import GraphSettings
+from autopull.connectors.mail.imap import ImapSettings
+from autopull.connectors.sources.tap_api import TapSettings
 from autopull.streams.policy import PolicySettings
+from autopull.streams.webhook import WebhookSettings
 
 MIB = 1024 * 1024
 
@@ -141,6 +147,23 @@ class Settings(BaseSettings):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     graph: GraphSettings | None = Field(
         default=None, description="Microsoft 365 tenant reached through Graph."
+    )
+    ews: EwsSettings | None = Field(
+        default=None, description="Exchange organisation reached through EWS."
+    )
+    imap: ImapSettings | None = Field(
+        default=None, description="IMAP server (Domino, Dovecot) for its mailboxes."
+    )
+    routing: dict[str, str] = Field(
+        default_factory=dict,
+        description="Platform of each mailbox or domain (graph, ews, gmail, imap); "
+        "an exact address wins over its domain.",
+    )
+    tap: TapSettings = Field(default_factory=TapSettings)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    intel: IntelSettings = Field(default_factory=IntelSettings)
+    directory: DirectorySettings | None = Field(
+        default=None, description="LDAP directory for recipients and lists."
     )
 
     @property

@@ -7,8 +7,8 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import fastavro
 import pytest
