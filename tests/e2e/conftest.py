@@ -136,7 +136,9 @@ WorkerFactory = Callable[[], subprocess.Popen[bytes]]
 
 
 @pytest.fixture
-def start_worker(pipeline_settings: Settings, tmp_path: Path) -> Iterator[WorkerFactory]:
+def start_worker(
+    pipeline_settings: Settings, tmp_path: Path
+) -> Iterator[WorkerFactory]:
     """Return a function that starts a worker process; all are stopped at the end."""
     processes: list[subprocess.Popen[bytes]] = []
     environment = os.environ | settings_environment(pipeline_settings)

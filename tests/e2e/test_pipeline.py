@@ -67,7 +67,8 @@ def decode_single_object(data: bytes, schema_file: Path) -> dict[str, object]:
 
     assert data[:2] == b"\xc3\x01"
     assert data[2:10] == fingerprint
-    record: dict[str, object] = fastavro.schemaless_reader(io.BytesIO(data[10:]), parsed)
+    body = io.BytesIO(data[10:])
+    record: dict[str, object] = fastavro.schemaless_reader(body, parsed)
     return record
 
 
