@@ -15,6 +15,8 @@ from faust.types import EventT, StreamT
 
 from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
+from autopull.streams.api import register_api
+from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
 from autopull.streams.topics import full_name, topic_specs
 
@@ -84,12 +86,47 @@ class Pipeline:
             AvroCodec("Incident", registry=settings.schema_registry_url),
         )
         self.ledger = self._table("ledger", None)
+        self.metrics = Metrics()
         pipeline.register_agents(self)
+        self._register_gauges()
+        if settings.web_enabled:
+            register_api(self)
 
     def _table(self, name: str, value_type: type | None) -> faust.Table:
         # Faust picks each table's serializers from these types: str keys and plain
         # values go through JSON, bytes values are stored as they are.
         return self.app.Table(name, default=None, key_type=str, value_type=value_type)
+
+    def _register_gauges(self) -> None:
+        tables = {"campaigns": self.campaigns, "incidents": self.incidents}
+        tables["ledger"] = self.ledger
+
+        def table_sizes() -> list[tuple[tuple[str, ...], float]]:
+            return [((name,), float(len(table))) for name, table in tables.items()]
+
+        def consumer_lag() -> list[tuple[tuple[str, ...], float]]:
+            consumer = self.app.consumer
+            # NOTE: Faust keeps committed offsets in a private mapping; this reads it.
+            committed = getattr(consumer, "_committed_offset", {})
+            samples: list[tuple[tuple[str, ...], float]] = []
+            for tp in consumer.assignment():
+                highwater = consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                done = committed.get(tp) or 0
+                labels = (tp.topic, str(tp.partition))
+                samples.append((labels, float(max(highwater - done, 0))))
+            return samples
+
+        self.metrics.gauge(
+            "autopull_table_keys", "Keys in each table.", ["table"], table_sizes
+        )
+        self.metrics.gauge(
+            "autopull_consumer_lag",
+            "Records not yet committed, by topic and partition.",
+            ["topic", "partition"],
+            consumer_lag,
+        )
 
     @staticmethod
     def _create_app(settings: Settings) -> faust.App:
@@ -151,6 +188,7 @@ class Pipeline:
             reason,
             origin,
         )
+        self.metrics.dead_letters.labels(stage).inc()
         await self.send("alerts.dead", source, letter)
 
     async def run_each(

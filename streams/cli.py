@@ -39,6 +39,37 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="Print one JSON object per decision."
     )
 
+    incidents = commands.add_parser("incidents", help="List incidents, newest first.")
+    incidents.add_argument("--state", help="Only incidents in this state.")
+    incidents.add_argument(
+        "--json", action="store_true", help="One JSON object per line."
+    )
+
+    incident = commands.add_parser("incident", help="Work with one incident.")
+    incident_commands = incident.add_subparsers(dest="incident_command", required=True)
+    show = incident_commands.add_parser(
+        "show", help="Show an incident and its results."
+    )
+    show.add_argument("incident_id")
+    show.add_argument("--json", action="store_true", help="Print JSON.")
+
+    for action, text in (
+        ("approve", "Approve the held pulls of an incident."),
+        ("reject", "Reject the held pulls of an incident."),
+        ("release", "Restore the quarantined copies of an incident."),
+        ("close", "Close an incident."),
+        ("comment", "Add a comment to an incident."),
+    ):
+        command = commands.add_parser(action, help=text)
+        command.add_argument("incident_id")
+        if action == "comment":
+            command.add_argument("text", help="The comment.")
+        else:
+            command.add_argument("--comment", dest="text", help="Why, for the history.")
+        if action in ("approve", "reject", "release"):
+            command.add_argument("--mailbox", help="Only this mailbox's copies.")
+        command.add_argument("--actor", help="Who gives the command; default: you.")
+
     demo = commands.add_parser(
         "demo",
         help="Run the pipeline on the bundled alerts and mail world, end to end.",
@@ -94,6 +125,23 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             args.source,
             settings.policy.policy_settings(),
             max_bytes=settings.ingest_max_bytes,
+        )
+    if args.command in ("incidents", "incident"):
+        from autopull.streams.operate import run_incidents, run_show
+
+        if args.command == "incidents":
+            return run_incidents(settings, state=args.state, as_json=args.json)
+        return run_show(settings, args.incident_id, as_json=args.json)
+    if args.command in ("approve", "reject", "release", "close", "comment"):
+        from autopull.streams.operate import run_command
+
+        return run_command(
+            settings,
+            args.incident_id,
+            args.command,
+            mailbox=getattr(args, "mailbox", None),
+            text=args.text,
+            actor=args.actor,
         )
     if args.command == "demo":
         from autopull.streams.demo import run_demo

@@ -21,6 +21,8 @@ from autopull.streams.records import (
 )
 
 SEVERITY = {"malware": 4, "phish": 3, "impostor": 2, "spam": 1, "unknown": 0}
+# Verdicts that take back an earlier one: the copies it caused to be pulled go back.
+WITHDRAWN_STATUSES = frozenset({"cleared", "false_positive"})
 
 
 class DecisionLike(Protocol):
@@ -80,6 +82,11 @@ def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Reco
 
     now = utcnow()
     _add_alert_facts(incident, alert)
+    if alert["threat_status"] in WITHDRAWN_STATUSES:
+        commands = _withdraw(incident, alert, now)
+        _update_state(incident, now)
+        return commands
+
     decisions = decide(alert, enriched["recipients"])
     commands = []
     for decision in decisions:
@@ -108,13 +115,16 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
     if entry is None:
         return False
 
-    entry["status"] = outcome["status"]
     entry["platform"] = outcome["platform"]
-    entry["attempts"] = outcome["attempts"]
     entry["error"] = outcome.get("error")
     if outcome["kind"] == "restore":
-        entry["undone"] = outcome["status"] == "restored"
+        # A restore that has not succeeded leaves the copy quarantined, as it was.
+        if outcome["status"] == "restored":
+            entry["status"] = "restored"
+            entry["undone"] = True
     else:
+        entry["status"] = outcome["status"]
+        entry["attempts"] = outcome["attempts"]
         entry["original_folder"] = outcome.get("original_folder")
         entry["read"] = outcome.get("read")
         entry["started_at"] = outcome["started_at"]
@@ -128,6 +138,97 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
     incident["history"].append(_history(now, f"{outcome['kind']} outcome", detail))
     _update_state(incident, now)
     return True
+
+
+def apply_command(incident: Record, command: Record) -> list[Record]:
+    """Apply a person's command (approve, reject, release, comment, close).
+
+    `command` is the Command record of an IncidentEvent; `mailbox`, when set,
+    limits approve, reject and release to that mailbox. Returns the pull commands
+    the change calls for.
+    """
+    now = utcnow()
+    action, actor = command["action"], command["actor"]
+    mailbox = (command.get("mailbox") or "").lower() or None
+    text = command.get("text") or ""
+    commands: list[Record] = []
+    if action == "approve":
+        for entry in _entries(incident, mailbox, {"held"}):
+            entry.update(action="pull", status=None, rule="approved")
+            entry["reason"] = f"Approved by {actor}." + (f" {text}" if text else "")
+            commands.append(_command_for(incident, entry, "quarantine", now))
+    elif action == "reject":
+        for entry in _entries(incident, mailbox, {"held"}):
+            entry.update(action="skip", status="skipped", rule="rejected")
+            entry["reason"] = f"Rejected by {actor}." + (f" {text}" if text else "")
+    elif action == "release":
+        for entry in _entries(incident, mailbox, set(PULLED_STATUSES)):
+            if not entry["undone"]:
+                commands.append(_command_for(incident, entry, "restore", now))
+    elif action == "close":
+        incident["state"] = "closed"
+    elif action != "comment":
+        raise ValueError(
+            f"Command {action!r} on incident {incident['incident_id']} is not known; "
+            "use approve, reject, release, comment or close."
+        )
+
+    detail = f"{len(commands)} pull commands" if commands else text
+    if mailbox:
+        detail = f"{mailbox}: {detail}"
+    incident["history"].append(_history(now, action, detail, actor))
+    _update_state(incident, now)
+    return commands
+
+
+def _withdraw(incident: Record, alert: Record, now: datetime) -> list[Record]:
+    """Restore the copies of a message whose verdict was withdrawn; drop its holds."""
+    commands = []
+    status = alert["threat_status"]
+    for entry in incident["pulls"]:
+        if entry["message_id"] != alert["message_id"]:
+            continue
+        if entry["status"] in PULLED_STATUSES and not entry["undone"]:
+            commands.append(_command_for(incident, entry, "restore", now))
+        elif entry["status"] == "held":
+            entry.update(action="skip", status="skipped", rule="verdict-withdrawn")
+            entry["reason"] = f"The verdict changed to {status}, so nothing is pulled."
+    incident["history"].append(
+        _history(
+            now,
+            "verdict withdrawn",
+            f"{alert['source']} marked {alert['message_id']} {status}; "
+            f"{len(commands)} copies are restored.",
+        )
+    )
+    return commands
+
+
+def _entries(incident: Record, mailbox: str | None, statuses: set[str]) -> list[Record]:
+    return [
+        entry
+        for entry in incident["pulls"]
+        if entry["status"] in statuses and mailbox in (None, entry["mailbox"])
+    ]
+
+
+def _command_for(incident: Record, entry: Record, kind: str, now: datetime) -> Record:
+    return {
+        "command_id": command_id(
+            incident["incident_id"], kind, entry["mailbox"], entry["message_id"]
+        ),
+        "incident_id": incident["incident_id"],
+        "kind": kind,
+        "mailbox": entry["mailbox"],
+        "message_id": entry["message_id"],
+        "alert_id": entry["alert_id"],
+        "alert_received_at": now,
+        "issued_at": now,
+        "recipient_type": entry["recipient_type"],
+        "reason": entry["reason"],
+        "attempt": 1,
+        "not_before": None,
+    }
 
 
 def _add_alert_facts(incident: Record, alert: Record) -> None:
@@ -204,10 +305,15 @@ def _update_state(incident: Record, now: datetime) -> None:
 
     pulls = [entry for entry in incident["pulls"] if entry["action"] == "pull"]
     pending = [entry for entry in pulls if entry["status"] not in FINAL_STATUSES]
+    pulled = [entry for entry in pulls if entry["status"] in PULLED_STATUSES]
+    undone = [entry for entry in pulls if entry["undone"]]
     if pending:
         incident["state"] = "quarantining"
+    elif undone and not pulled:
+        incident["state"] = "restored"
     elif pulls and all(
-        entry["status"] in PULLED_STATUSES | {"not_found"} for entry in pulls
+        entry["status"] in PULLED_STATUSES | {"not_found", "restored"}
+        for entry in pulls
     ):
         incident["state"] = "contained"
     else:
@@ -219,5 +325,5 @@ def _append_new(values: list[str], value: str) -> None:
         values.append(value)
 
 
-def _history(at: datetime, what: str, detail: str) -> Record:
-    return {"at": at, "what": what, "detail": detail, "actor": "autopull"}
+def _history(at: datetime, what: str, detail: str, actor: str = "autopull") -> Record:
+    return {"at": at, "what": what, "detail": detail, "actor": actor}

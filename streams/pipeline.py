@@ -29,6 +29,7 @@ from autopull.streams.enrich import enrich
 from autopull.streams.incidents import (
     DecisionLike,
     apply_alert,
+    apply_command,
     apply_outcome,
     incident_id_for,
     new_incident,
@@ -71,6 +72,7 @@ def _normalize_agent(pipe: Pipeline) -> None:
                 format_name=known_format(raw["source"]),
             )
         except InvalidAlertError as error:
+            pipe.metrics.alerts.labels(raw["source"], "dead").inc()
             await pipe.dead_letter(
                 event,
                 source=raw["source"],
@@ -83,6 +85,7 @@ def _normalize_agent(pipe: Pipeline) -> None:
             )
             return
 
+        pipe.metrics.alerts.labels(raw["source"], "normalized").inc()
         for alert in alerts:
             await pipe.send("alerts.normalized", alert["alert_id"], dict(alert))
         log.info(
@@ -161,6 +164,14 @@ def _incident_agent(pipe: Pipeline) -> None:
                     incident_id,
                     change["outcome"]["mailbox"],
                 )
+        elif change["kind"] == "command" and change["command"] and incident:
+            commands = apply_command(incident, change["command"])
+            log.info(
+                "Command applied incident_id=%s action=%s actor=%s",
+                incident_id,
+                change["command"]["action"],
+                change["command"]["actor"],
+            )
         else:
             await pipe.dead_letter(
                 event,
@@ -250,6 +261,7 @@ def _seconds_until(moment: datetime | None) -> float:
 
 def _outcomes_agent(pipe: Pipeline) -> None:
     async def handle(event: EventT, outcome: Record) -> None:
+        pipe.metrics.record_outcome(outcome)
         if outcome["status"] in ("quarantined", "already_quarantined", "restored"):
             pipe.ledger[ledger_key(outcome["mailbox"], outcome["message_id"])] = {
                 "status": outcome["status"],

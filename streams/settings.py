@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +30,17 @@ from autopull.streams.policy import PolicySettings
 from autopull.streams.webhook import WebhookSettings
 
 MIB = 1024 * 1024
+
+Role = Literal["read", "analyst", "admin"]
+
+
+class ApiKey(BaseModel):
+    """One REST API key, kept as the SHA-256 hex digest of the key, with its role."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key.")
+    role: Role = Field(description="read, analyst or admin.")
 
 
 class PolicyConfig(BaseModel):
@@ -158,6 +169,10 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="Platform of each mailbox or domain (graph, ews, gmail, imap); "
         "an exact address wins over its domain.",
+    )
+    api_keys: dict[str, ApiKey] = Field(
+        default_factory=dict,
+        description="REST API keys by name; the name is recorded as the actor.",
     )
     tap: TapSettings = Field(default_factory=TapSettings)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from confluent_kafka import Consumer, TopicPartition
@@ -39,6 +40,27 @@ class IncidentWatcher:
             self.incidents[incident["incident_id"]] = incident
             count += 1
         return count
+
+    def catch_up(self, timeout: float = 30.0) -> None:
+        """Read until every partition of the topic was read to its current end."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll(0.5)
+            assignment = self.consumer.assignment()
+            if not assignment:
+                continue
+            positions = self.consumer.position(assignment)
+            behind = False
+            for partition in positions:
+                low, high = self.consumer.get_watermark_offsets(partition, timeout=5)
+                if high > low and partition.offset < high:
+                    behind = True
+            if not behind:
+                return
+        raise TimeoutError(
+            f"Reading the incidents topic did not finish within {timeout} s; check "
+            "that the broker is reachable."
+        )
 
     def pulls(self) -> dict[tuple[str, str], Record]:
         """Return every pull entry of every incident by (mailbox, Message-ID)."""

@@ -1,8 +1,11 @@
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pytest
+
 from autopull.streams.incidents import (
     apply_alert,
+    apply_command,
     apply_outcome,
     incident_id_for,
     new_incident,
@@ -30,6 +33,7 @@ def enriched(alert_id="tap:1", recipients=("alice@example.com", "bob@example.com
         "sender_ip": "192.0.2.7",
         "subject": "Invoice",
         "classification": "phish",
+        "threat_status": "active",
         "received_at": RECEIVED,
     }
     return {
@@ -169,3 +173,110 @@ def test_later_pull_leaves_held_copy_waiting():
     commands = apply_alert(incident, enriched("tap:2", ["alice@example.com"]), pull_all)
     assert commands == []
     assert incident["pulls"][0]["status"] == "held"
+
+
+def contained_incident():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    apply_outcome(incident, outcome("bob@example.com", "quarantined"))
+    return incident
+
+
+def cleared(alert_id="tap:cleared"):
+    change = enriched(alert_id)
+    change["alert"]["threat_status"] = "cleared"
+    return change
+
+
+def test_cleared_verdict_restores_quarantined_copies():
+    incident = contained_incident()
+    commands = apply_alert(incident, cleared(), pull_all)
+    assert [c["kind"] for c in commands] == ["restore", "restore"]
+    assert [c["mailbox"] for c in commands] == ["alice@example.com", "bob@example.com"]
+
+
+def test_cleared_verdict_drops_held_copies():
+    def hold_all(alert, recipients):
+        return [Decision(r["mailbox"], alert["message_id"], "hold") for r in recipients]
+
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), hold_all)
+    assert apply_alert(incident, cleared(), pull_all) == []
+    assert {p["status"] for p in incident["pulls"]} == {"skipped"}
+
+
+def test_restore_outcomes_mark_incident_restored():
+    incident = contained_incident()
+    apply_alert(incident, cleared(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "restored", kind="restore"))
+    assert incident["state"] == "contained"
+    apply_outcome(incident, outcome("bob@example.com", "restored", kind="restore"))
+    assert incident["state"] == "restored"
+    assert all(p["undone"] for p in incident["pulls"])
+
+
+def test_failed_restore_keeps_copy_quarantined():
+    incident = contained_incident()
+    apply_outcome(incident, outcome("alice@example.com", "failed", kind="restore"))
+    assert incident["pulls"][0]["status"] == "quarantined"
+    assert incident["pulls"][0]["undone"] is False
+
+
+def command(action, mailbox=None, actor="analyst@example.com"):
+    return {"action": action, "actor": actor, "mailbox": mailbox, "text": None}
+
+
+def held_incident():
+    def hold_all(alert, recipients):
+        return [Decision(r["mailbox"], alert["message_id"], "hold") for r in recipients]
+
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), hold_all)
+    return incident
+
+
+def test_approve_issues_held_pulls():
+    incident = held_incident()
+    commands = apply_command(incident, command("approve"))
+    assert [c["mailbox"] for c in commands] == ["alice@example.com", "bob@example.com"]
+    assert all(c["kind"] == "quarantine" for c in commands)
+    assert incident["state"] == "quarantining"
+    assert incident["history"][-1]["actor"] == "analyst@example.com"
+
+
+def test_approve_one_mailbox_only():
+    incident = held_incident()
+    commands = apply_command(incident, command("approve", "BOB@example.com"))
+    assert [c["mailbox"] for c in commands] == ["bob@example.com"]
+    assert incident["pulls"][0]["status"] == "held"
+
+
+def test_reject_skips_held_pulls():
+    incident = held_incident()
+    assert apply_command(incident, command("reject")) == []
+    assert {p["status"] for p in incident["pulls"]} == {"skipped"}
+
+
+def test_release_restores_quarantined_copies_once():
+    incident = contained_incident()
+    commands = apply_command(incident, command("release", "alice@example.com"))
+    assert [(c["kind"], c["mailbox"]) for c in commands] == [
+        ("restore", "alice@example.com")
+    ]
+    apply_outcome(incident, outcome("alice@example.com", "restored", kind="restore"))
+    assert apply_command(incident, command("release", "alice@example.com")) == []
+
+
+def test_close_and_comment():
+    incident = contained_incident()
+    apply_command(incident, {**command("comment"), "text": "looked at it"})
+    apply_command(incident, command("close"))
+    assert incident["state"] == "closed"
+    assert incident["history"][-2]["detail"] == "looked at it"
+
+
+def test_unknown_command_raises():
+    incident = contained_incident()
+    with pytest.raises(ValueError, match="explode"):
+        apply_command(incident, command("explode"))

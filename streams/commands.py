@@ -1,0 +1,74 @@
+"""People's commands on incidents: approve, reject, release, comment, close.
+
+Commands go to incident.events keyed by incident id, like every other change, and
+the incident agent alone applies them. Both the CLI and the REST API send them here.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import Producer
+
+from autopull.schemas import AvroCodec
+from autopull.streams import records
+from autopull.streams.settings import Settings
+from autopull.streams.topics import full_name
+
+ACTIONS = ("approve", "reject", "release", "comment", "close")
+
+
+class CommandError(Exception):
+    """A command that cannot be sent."""
+
+
+def command_event(
+    incident_id: str,
+    action: str,
+    actor: str,
+    *,
+    mailbox: str | None = None,
+    text: str | None = None,
+) -> records.Record:
+    """Build the IncidentEvent that carries one command."""
+    if action not in ACTIONS:
+        raise CommandError(
+            f"Unknown command {action!r}; use one of {', '.join(ACTIONS)}."
+        )
+    if not actor.strip():
+        raise CommandError("A command needs the name of the person who gives it.")
+    command = {
+        "action": action,
+        "actor": actor.strip(),
+        "mailbox": mailbox.strip().lower() if mailbox else None,
+        "message_id": None,
+        "text": text,
+    }
+    return records.incident_event(incident_id, "command", command=command)
+
+
+def send_command(
+    settings: Settings, event: records.Record, timeout: float = 30
+) -> None:
+    """Send a command event to incident.events and wait for its acknowledgement."""
+    topic = full_name(settings, "incident.events")
+    codec = AvroCodec(
+        "IncidentEvent", registry=settings.schema_registry_url, subject=f"{topic}-value"
+    )
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
+    errors: list[str] = []
+
+    def done(error: object, _message: object) -> None:
+        if error is not None:
+            errors.append(str(error))
+
+    producer.produce(
+        topic,
+        key=event["incident_id"].encode(),
+        value=codec.dumps(event),
+        on_delivery=done,
+    )
+    if producer.flush(timeout) or errors:
+        raise CommandError(
+            f"Kafka did not acknowledge the command for incident "
+            f"{event['incident_id']}: {'; '.join(errors) or 'timed out'}. "
+            "Send it again."
+        )

@@ -1,0 +1,156 @@
+"""CLI commands for analysts: list and show incidents, approve, release, close.
+
+They read the compacted incidents topic, so they work from any machine that
+reaches the broker, whichever worker owns an incident.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from autopull.streams.commands import CommandError, command_event, send_command
+from autopull.streams.records import Record
+from autopull.streams.settings import Settings
+from autopull.streams.views import incident_detail, matches, result_rows, summary_row
+from autopull.streams.watch import IncidentWatcher
+
+
+def load_incidents(settings: Settings) -> dict[str, Record]:
+    """Return the latest state of every incident on the incidents topic."""
+    watcher = IncidentWatcher(settings)
+    try:
+        watcher.catch_up()
+        return dict(watcher.incidents)
+    finally:
+        watcher.close()
+
+
+def _console(out: TextIO) -> Console:
+    console = Console(file=out)
+    if not console.is_terminal:
+        console.width = 200
+    return console
+
+
+def run_incidents(
+    settings: Settings, *, state: str | None, as_json: bool, out: TextIO = sys.stdout
+) -> int:
+    """Print the incidents, newest first."""
+    incidents = [
+        i for i in load_incidents(settings).values() if matches(i, state=state)
+    ]
+    incidents.sort(key=lambda incident: incident["updated_at"], reverse=True)
+    rows = [summary_row(incident) for incident in incidents]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row), file=out)
+        return 0
+
+    table = Table(title=f"{len(rows)} incidents")
+    for column in (
+        "incident",
+        "state",
+        "class",
+        "title",
+        "targets",
+        "pulls",
+        "updated",
+    ):
+        table.add_column(column)
+    for row in rows:
+        pulls = ", ".join(f"{status} {count}" for status, count in row["pulls"].items())
+        table.add_row(
+            row["incident_id"],
+            row["state"],
+            row["classification"],
+            row["title"],
+            str(row["targets"]),
+            pulls,
+            row["updated_at"],
+        )
+    _console(out).print(table)
+    return 0
+
+
+def run_show(
+    settings: Settings, incident_id: str, *, as_json: bool, out: TextIO = sys.stdout
+) -> int:
+    """Print one incident with a result row per mailbox action."""
+    incident = load_incidents(settings).get(incident_id)
+    if incident is None:
+        print(
+            f"error: incident {incident_id} was not found; list them with "
+            "`autopull incidents`.",
+            file=sys.stderr,
+        )
+        return 1
+    if as_json:
+        print(json.dumps(incident_detail(incident)), file=out)
+        return 0
+
+    console = _console(out)
+    summary = summary_row(incident)
+    console.print(
+        f"[bold]{incident_id}[/bold] {summary['state']} {summary['classification']}: "
+        f"{summary['title']}"
+    )
+    table = Table(title="Results")
+    columns = ("mailbox", "Message-ID", "action", "status", "read", "folder", "undone")
+    for column in columns:
+        table.add_column(column)
+    for row in result_rows(incident):
+        table.add_row(*_result_cells(row))
+    console.print(table)
+    for item in incident["history"]:
+        console.print(f"{item['at']:%Y-%m-%d %H:%M:%S} {item['actor']}: {item['what']}")
+    return 0
+
+
+def _result_cells(row: dict[str, Any]) -> list[str]:
+    read = "-" if row["read"] is None else ("read" if row["read"] else "unread")
+    return [
+        row["mailbox"],
+        row["message_id"],
+        row["action"],
+        row["status"],
+        read,
+        row["original_folder"] or "-",
+        "yes" if row["undone"] else "no",
+    ]
+
+
+def run_command(
+    settings: Settings,
+    incident_id: str,
+    action: str,
+    *,
+    mailbox: str | None = None,
+    text: str | None = None,
+    actor: str | None = None,
+) -> int:
+    """Send one command and confirm it on standard error."""
+    incidents = load_incidents(settings)
+    if incident_id not in incidents:
+        print(
+            f"error: incident {incident_id} was not found; list them with "
+            "`autopull incidents`.",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        event = command_event(
+            incident_id, action, actor or getpass.getuser(), mailbox=mailbox, text=text
+        )
+        send_command(settings, event)
+    except CommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    target = f" for {mailbox}" if mailbox else ""
+    print(f"Sent {action}{target} on {incident_id}.", file=sys.stderr)
+    return 0
