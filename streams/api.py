@@ -52,32 +52,33 @@ class IncidentReadModel:
     async def run(self) -> None:
         """Follow the topic until cancelled; set `caught_up` once at its end."""
         topic = full_name(self.pipe.settings, "incidents")
+        # Without a group, aiokafka assigns every partition of the topic, and
+        # "earliest" starts each at its beginning.
         consumer = AIOKafkaConsumer(
+            topic,
             bootstrap_servers=self.pipe.settings.kafka_bootstrap,
             enable_auto_commit=False,
+            auto_offset_reset="earliest",
             group_id=None,
         )
         await consumer.start()
         try:
-            partitions = [
-                TopicPartition(topic, number)
-                for number in (consumer.partitions_for_topic(topic) or set())
-            ]
-            consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
-            ends = await consumer.end_offsets(partitions)
+            ends: dict[TopicPartition, int] | None = None
             while True:
                 batches = await consumer.getmany(timeout_ms=500)
                 for records in batches.values():
                     for record in records:
                         self._apply(record.value)
-                if not self.caught_up.is_set():
-                    positions = [await consumer.position(p) for p in partitions]
-                    if all(
-                        pos >= ends[p]
-                        for pos, p in zip(positions, partitions, strict=True)
-                    ):
-                        self.caught_up.set()
+                if self.caught_up.is_set() or not consumer.assignment():
+                    continue
+                partitions = sorted(consumer.assignment())
+                if ends is None:
+                    ends = await consumer.end_offsets(partitions)
+                positions = [await consumer.position(p) for p in partitions]
+                if all(
+                    pos >= ends[p] for pos, p in zip(positions, partitions, strict=True)
+                ):
+                    self.caught_up.set()
         finally:
             await consumer.stop()
 
@@ -116,7 +117,13 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
 
     @app.task
     async def follow_incidents() -> None:
-        await model.run()
+        try:
+            await model.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("The incident read model stopped; the API is not ready")
+            raise
 
     def authorize(
         view: View, request: Request, needed: Role

@@ -18,6 +18,7 @@ from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
 from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
+from autopull.streams.tap_poller import register_tap_poller
 from autopull.streams.topics import full_name, topic_specs
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Pipeline:
         self.ledger = self._table("ledger", None)
         self.metrics = Metrics()
         pipeline.register_agents(self)
+        register_tap_poller(self)
         self._register_gauges()
         if settings.web_enabled:
             register_api(self)

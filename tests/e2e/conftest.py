@@ -165,3 +165,31 @@ def start_worker(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def start_api_worker(tmp_path: Path) -> Iterator[Callable[[Settings], None]]:
+    """Return a function that starts a worker with `settings`; all stop at the end."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(settings: Settings) -> None:
+        environment = os.environ | settings_environment(settings)
+        environment.pop("AUTOPULL_CONFIG", None)
+        log = (tmp_path / f"api-worker-{len(processes)}.log").open("wb")
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "autopull.streams.cli", "worker"],
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+
+    yield start
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
