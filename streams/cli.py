@@ -104,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # One line per HTTP request would drown the pipeline's own lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return _dispatch(args, settings)
 
 

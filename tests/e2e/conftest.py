@@ -47,7 +47,21 @@ class GraphSim:
 
 
 @pytest.fixture
-def graph_sim(tmp_path: Path) -> Iterator[GraphSim]:
+def graph_world() -> Path:
+    """Return the scenario file of the mail world; a test module may override it."""
+    return DEMO_WORLD
+
+
+@pytest.fixture
+def graph_latency_ms() -> float:
+    """Return the latency the simulator adds to each request; 0 unless overridden."""
+    return 0.0
+
+
+@pytest.fixture
+def graph_sim(
+    tmp_path: Path, graph_world: Path, graph_latency_ms: float
+) -> Iterator[GraphSim]:
     """Start the Graph simulator on a free port; fail when it does not come up."""
     port = free_port()
     log = (tmp_path / "graph-sim.log").open("wb")
@@ -58,11 +72,13 @@ def graph_sim(tmp_path: Path) -> Iterator[GraphSim]:
             "autopull.sim",
             "graph",
             "--world",
-            str(DEMO_WORLD),
+            str(graph_world),
             "--state",
             str(tmp_path / "graph-state.json"),
             "--port",
             str(port),
+            "--latency-ms",
+            str(graph_latency_ms),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -132,7 +148,7 @@ def settings_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-WorkerFactory = Callable[[], subprocess.Popen[bytes]]
+WorkerFactory = Callable[..., subprocess.Popen[bytes]]
 
 
 @pytest.fixture
@@ -144,11 +160,15 @@ def start_worker(
     environment = os.environ | settings_environment(pipeline_settings)
     environment.pop("AUTOPULL_CONFIG", None)
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(settings: Settings | None = None) -> subprocess.Popen[bytes]:
+        env = environment
+        if settings is not None:
+            env = os.environ | settings_environment(settings)
+            env.pop("AUTOPULL_CONFIG", None)
         log = (tmp_path / f"worker-{len(processes)}.log").open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "autopull.streams.cli", "worker"],
-            env=environment,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
