@@ -22,6 +22,8 @@ demo: venv
 
 test: venv lint typecheck
 	bash dev/kafka.sh fetch
+	bash dev/helm.sh install
+	bash dev/dovecot.sh install
 	$(PY) -m pytest
 
 unit: venv

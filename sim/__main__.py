@@ -16,8 +16,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .ews import add_ews_arguments, run_ews
 from .graph import GraphSimSettings, GraphSimulator
 from .registry import start_registry
+from .tap import add_tap_arguments, run_tap
 from .world import ScenarioError, World
 
 logger = logging.getLogger(__name__)
@@ -136,6 +138,8 @@ async def _serve_registry_until_stopped(host: str, port: int) -> None:
 
 SIMULATORS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
     "graph": ("Microsoft Graph mail API", add_graph_arguments, run_graph),
+    "ews": ("Exchange Web Services (Exchange Server 2016)", add_ews_arguments, run_ews),
+    "tap": ("Proofpoint TAP SIEM API", add_tap_arguments, run_tap),
     "registry": (
         "Confluent schema registry (REST subset)",
         add_registry_arguments,

@@ -156,8 +156,10 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
     @app.page("/readyz")
     class Ready(View):
         async def get(self, request: Request) -> Response:
+            # A rebalance does not make a worker unready: every pod goes through the
+            # same rebalance, and taking them all out of service at once helps nobody.
             recovered = app.tables.recovery.completed.is_set()
-            ready = recovered and model.caught_up.is_set() and not app.rebalancing
+            ready = recovered and model.caught_up.is_set()
             body = {
                 "ready": ready,
                 "tables_recovered": recovered,

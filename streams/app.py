@@ -20,6 +20,7 @@ from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
 from autopull.streams.tap_poller import register_tap_poller
 from autopull.streams.topics import full_name, topic_specs
+from autopull.streams.webhook import register_webhook
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class Pipeline:
         self._register_gauges()
         if settings.web_enabled:
             register_api(self)
+            register_webhook(self)
 
     def _table(self, name: str, value_type: type | None) -> faust.Table:
         # Faust picks each table's serializers from these types: str keys and plain
@@ -203,15 +205,17 @@ class Pipeline:
         and nothing is lost.
         """
         async for event in stream.events():
+            body = bytes(event.value) if event.value is not None else b""
             try:
-                value = self.decode(topic, event.value)
-            except SchemaError as error:
+                value = self.decode(topic, body)
+            except (SchemaError, TypeError, ValueError) as error:
+                reason = (
+                    f"The record on {topic} has no value."
+                    if event.value is None
+                    else f"The value on {topic} is not a valid record: {error}"
+                )
                 await self.dead_letter(
-                    event,
-                    source=topic,
-                    stage=stage,
-                    reason=f"The value on {topic} is not a valid record: {error}",
-                    body=bytes(event.value),
+                    event, source=topic, stage=stage, reason=reason, body=body
                 )
                 continue
             try:
@@ -223,5 +227,5 @@ class Pipeline:
                     source=topic,
                     stage=stage,
                     reason=f"Processing failed: {type(error).__name__}: {error}",
-                    body=bytes(event.value),
+                    body=body,
                 )

@@ -15,12 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autopull.streams.ingest import RawSender, raw_alert, read_input
@@ -47,11 +48,7 @@ class DemoPaths:
     @property
     def alerts(self) -> list[Path]:
         folder = self.root / "examples" / "alerts"
-        return sorted(
-            path
-            for path in folder.glob("*.json")
-            if not path.name.endswith(".expected.json")
-        )
+        return sorted([*folder.glob("*.json"), *folder.glob("*.xml")])
 
     @property
     def world(self) -> Path:
@@ -144,10 +141,28 @@ def _graph_healthy() -> bool:
         return False
 
 
+def _simulator_pid(paths: DemoPaths) -> int | None:
+    """Return the pid of the simulator this demo started, if it still runs."""
+    pid_file = paths.state / "graph-sim.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
 def _start_graph(paths: DemoPaths, console: Console) -> None:
-    if _graph_healthy():
+    healthy = _graph_healthy()
+    if healthy and _simulator_pid(paths) is not None:
         console.print(f"Reusing the Microsoft 365 simulator on {_graph_url()}.")
         return
+    if healthy:
+        raise SystemExit(
+            f"error: a simulator that this demo did not start answers on "
+            f"{_graph_url()}; stop it, or set AUTOPULL_DEMO_GRAPH_PORT to a free port."
+        )
+
     paths.state.mkdir(parents=True, exist_ok=True)
     log = (paths.state / "graph-sim.log").open("ab")
     process = subprocess.Popen(
@@ -180,24 +195,31 @@ def _start_graph(paths: DemoPaths, console: Console) -> None:
 
 
 def _stop_services(paths: DemoPaths, console: Console, *, wipe: bool) -> None:
-    pid_file = paths.state / "graph-sim.pid"
-    if pid_file.is_file():
-        with suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-        pid_file.unlink()
+    pid = _simulator_pid(paths)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _simulator_pid(paths) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        console.print(f"Stopped the Microsoft 365 simulator (pid {pid}).")
+    elif _graph_healthy():
+        console.print(
+            f"[yellow]A simulator this demo did not start answers on {_graph_url()}; "
+            "it was left running.[/yellow]"
+        )
+    (paths.state / "graph-sim.pid").unlink(missing_ok=True)
+
     command = "reset" if wipe else "stop"
     _run(
         ["bash", str(paths.root / "dev" / "kafka.sh"), command],
         console,
         AUTOPULL_KAFKA_PORT=str(DEMO_KAFKA_PORT),
     )
+    console.print(f"Stopped the demo's Kafka broker on 127.0.0.1:{DEMO_KAFKA_PORT}.")
     if wipe:
-        for name in ("graph-state.json",):
-            (paths.state / name).unlink(missing_ok=True)
+        (paths.state / "graph-state.json").unlink(missing_ok=True)
         shutil.rmtree(paths.state / "worker", ignore_errors=True)
-    console.print(
-        "Stopped the demo's broker and simulator." + (" State wiped." if wipe else "")
-    )
+        console.print("Wiped the broker data, the simulator state and the tables.")
 
 
 def _expected_pulls(paths: DemoPaths, settings: Settings) -> set[tuple[str, str]]:
@@ -300,13 +322,13 @@ def _report(
             missing += 1
         seconds = row.get("seconds_from_alert") if row else None
         table.add_row(
-            key[0],
-            key[1],
+            escape(key[0]),
+            escape(key[1]),
             status,
             "-"
             if not row or row.get("read") is None
             else ("read" if row["read"] else "unread"),
-            (row.get("original_folder") if row else None) or "-",
+            escape((row.get("original_folder") if row else None) or "-"),
             f"{seconds:.1f}" if seconds is not None else "-",
         )
     out = Console()

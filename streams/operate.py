@@ -12,6 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from autopull.streams.commands import CommandError, command_event, send_command
@@ -69,7 +70,7 @@ def run_incidents(
             row["incident_id"],
             row["state"],
             row["classification"],
-            row["title"],
+            escape(row["title"]),
             str(row["targets"]),
             pulls,
             row["updated_at"],
@@ -97,18 +98,19 @@ def run_show(
     console = _console(out)
     summary = summary_row(incident)
     console.print(
-        f"[bold]{incident_id}[/bold] {summary['state']} {summary['classification']}: "
-        f"{summary['title']}"
+        f"[bold]{escape(incident_id)}[/bold] {summary['state']} "
+        f"{summary['classification']}: {escape(summary['title'])}"
     )
     table = Table(title="Results")
     columns = ("mailbox", "Message-ID", "action", "status", "read", "folder", "undone")
     for column in columns:
         table.add_column(column)
     for row in result_rows(incident):
-        table.add_row(*_result_cells(row))
+        table.add_row(*(escape(cell) for cell in _result_cells(row)))
     console.print(table)
     for item in incident["history"]:
-        console.print(f"{item['at']:%Y-%m-%d %H:%M:%S} {item['actor']}: {item['what']}")
+        line = f"{item['at']:%Y-%m-%d %H:%M:%S} {item['actor']}: {item['what']}"
+        console.print(escape(line))
     return 0
 
 

@@ -221,19 +221,43 @@ def _pull_agent(pipe: Pipeline) -> None:
 
 
 async def _run_command(
-    pipe: Pipeline, data: bytes, route: Router, retry: RetryPolicy
+    pipe: Pipeline, data: bytes | None, route: Router, retry: RetryPolicy
 ) -> None:
+    """Run one command; whatever fails ends as an outcome or a dead letter."""
+    body = bytes(data) if data is not None else b""
     try:
-        command = pipe.decode("pull.commands", data)
+        command = pipe.decode("pull.commands", body)
     except Exception as error:
+        reason = (
+            "The pull command record has no value."
+            if data is None
+            else f"The pull command is not a valid record: {error}"
+        )
+        await pipe.dead_letter(
+            None, source="pull.commands", stage="pull", reason=reason, body=body
+        )
+        return
+
+    try:
+        await _pull(pipe, command, route, retry)
+    except Exception as error:
+        log.exception(
+            "Pull failed unexpectedly incident_id=%s mailbox=%s",
+            command.get("incident_id"),
+            command.get("mailbox"),
+        )
         await pipe.dead_letter(
             None,
             source="pull.commands",
             stage="pull",
-            reason=f"The pull command is not a valid record: {error}",
-            body=bytes(data),
+            reason=f"The pull failed unexpectedly: {type(error).__name__}: {error}",
+            body=body,
         )
-        return
+
+
+async def _pull(
+    pipe: Pipeline, command: Record, route: Router, retry: RetryPolicy
+) -> None:
 
     wait = _seconds_until(command.get("not_before"))
     if wait > 0:
@@ -243,13 +267,18 @@ async def _run_command(
     await pipe.send("pull.outcomes", command["mailbox"], result.outcome)
     if result.parked is not None:
         await pipe.send("pull.commands", command["mailbox"], result.parked)
-    log.info(
-        "Pull finished incident_id=%s mailbox=%s message_id=%s status=%s attempts=%d",
+    outcome = result.outcome
+    level = logging.WARNING if outcome["status"] == "failed" else logging.INFO
+    log.log(
+        level,
+        "Pull finished incident_id=%s mailbox=%s message_id=%s status=%s "
+        "attempts=%d error=%s",
         command["incident_id"],
         command["mailbox"],
         command["message_id"],
-        result.outcome["status"],
-        result.outcome["attempts"],
+        outcome["status"],
+        outcome["attempts"],
+        outcome["error"],
     )
 
 

@@ -7,6 +7,7 @@ on the topic) and the agent sends them on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,14 +83,23 @@ async def execute(
         )
         return PullResult(_outcome(command, "none", started, error=error, attempts=0))
 
-    platform = route(mailbox)
+    try:
+        platform = route(mailbox)
+    except Exception as setup_error:
+        log.exception("Creating the mail platform failed mailbox=%s", mailbox)
+        wrapped = PermanentError(
+            f"The mail platform for {mailbox} could not be set up: "
+            f"{type(setup_error).__name__}: {setup_error}. Check its settings.",
+            mailbox=mailbox,
+        )
+        return PullResult(_outcome(command, "unrouted", started, error=wrapped))
     if platform is None:
-        error = PermanentError(
+        unrouted = PermanentError(
             f"No mail platform is configured for mailbox {mailbox}; add its domain "
             "to the routing settings.",
             mailbox=mailbox,
         )
-        return PullResult(_outcome(command, "unrouted", started, error=error))
+        return PullResult(_outcome(command, "unrouted", started, error=unrouted))
 
     if (
         command["kind"] == "quarantine"
@@ -130,15 +140,22 @@ async def execute(
             _outcome(command, platform.name, started, error=wrapped, attempts=attempts)
         )
 
-    result = QuarantineResult(
-        result.mailbox,
-        result.message_id,
-        result.copies,
-        result.already_done,
-        attempts,
-        result.evidence_location,
-        result.notes,
-    )
+    result = dataclasses.replace(result, attempts=attempts)
+    if result.unfinished:
+        incomplete = PermanentError(
+            "The copy is in quarantine but the original could not be removed from "
+            f"the mailbox: {' '.join(result.notes)} Remove it by hand or from the "
+            "mail server.",
+            mailbox=mailbox,
+            message_id=message_id,
+        )
+        outcome = _outcome(command, platform.name, started, error=incomplete)
+        outcome.update(
+            attempts=attempts,
+            copies=len(result.copies),
+            original_folder=_folders(result) or None,
+        )
+        return PullResult(outcome)
     return PullResult(_outcome(command, platform.name, started, result=result))
 
 
@@ -159,12 +176,13 @@ def _parked(
     wait = error.retry_after if error.retry_after is not None else 60.0
     retry_at = utcnow() + timedelta(seconds=wait)
     log.warning(
-        "Pull still throttled after %d attempts, parked mailbox=%s message_id=%s "
-        "retry_at=%s",
+        "Pull parked after %d attempts with a transient error mailbox=%s "
+        "message_id=%s retry_at=%s error=%s",
         attempts,
         command["mailbox"],
         command["message_id"],
         retry_at.isoformat(),
+        error,
     )
     outcome = _outcome(command, platform, started, error=error, attempts=attempts)
     outcome["status"] = "throttled"
@@ -185,7 +203,7 @@ def _outcome(
     finished = utcnow()
     status, error_class = _classify(command["kind"], result, error)
     copies = result.copies if result else ()
-    folders = ", ".join(dict.fromkeys(copy.folder for copy in copies))
+    folders = _folders(result) if result else ""
     seconds = (finished - command["alert_received_at"]).total_seconds()
     return {
         "command_id": command["command_id"],
@@ -208,6 +226,10 @@ def _outcome(
         "alert_id": command.get("alert_id", ""),
         "retry_at": None,
     }
+
+
+def _folders(result: QuarantineResult) -> str:
+    return ", ".join(dict.fromkeys(copy.folder for copy in result.copies))
 
 
 def _classify(

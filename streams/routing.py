@@ -1,7 +1,8 @@
 """Which mail platform serves a mailbox.
 
-One Microsoft 365 tenant for now; a routing table by mailbox and domain will let
-one deployment serve Exchange, Microsoft 365, Gmail and IMAP side by side.
+The routing table maps an exact address or a domain to a platform name (graph,
+ews, imap), so one deployment serves a hybrid organisation. An address wins over
+its domain. With one platform configured and no table, every mailbox goes there.
 """
 
 from __future__ import annotations
@@ -12,18 +13,63 @@ from autopull.connectors.mail.base import MailPlatform
 from autopull.streams.settings import Settings
 
 
+def configured_platforms(settings: Settings) -> list[str]:
+    """Return the names of the platforms that have settings."""
+    names = []
+    for name in ("graph", "ews", "imap"):
+        if getattr(settings, name) is not None:
+            names.append(name)
+    return names
+
+
+def platform_name(settings: Settings, mailbox: str) -> str | None:
+    """Return the platform of `mailbox` by the routing table, or None."""
+    address = mailbox.strip().lower()
+    routes = {key.strip().lower(): value for key, value in settings.routing.items()}
+    if address in routes:
+        return routes[address]
+    domain = address.rpartition("@")[2]
+    while domain:
+        if domain in routes:
+            return routes[domain]
+        domain = domain.partition(".")[2]
+    configured = configured_platforms(settings)
+    return configured[0] if len(configured) == 1 and not routes else None
+
+
+def _create(settings: Settings, name: str) -> MailPlatform | None:
+    if name == "graph" and settings.graph is not None:
+        from autopull.connectors.mail.graph import GraphPlatform
+
+        return GraphPlatform(settings.graph)
+    if name == "ews" and settings.ews is not None:
+        from autopull.connectors.mail.ews import EwsPlatform
+
+        return EwsPlatform(settings.ews)
+    if name == "imap" and settings.imap is not None:
+        from autopull.connectors.mail import imap
+
+        platform_class = getattr(imap, "ImapPlatform", None)
+        if platform_class is not None:
+            created: MailPlatform = platform_class(settings.imap)
+            return created
+    return None
+
+
 def build_router(
     settings: Settings, platforms: dict[str, MailPlatform]
 ) -> Callable[[str], MailPlatform | None]:
-    """Return a function that maps a mailbox to its platform, creating it once."""
+    """Return a function that maps a mailbox to its platform, creating each once."""
 
     def route(mailbox: str) -> MailPlatform | None:
-        if settings.graph is None:
+        name = platform_name(settings, mailbox)
+        if name is None:
             return None
-        if "graph" not in platforms:
-            from autopull.connectors.mail.graph import GraphPlatform
-
-            platforms["graph"] = GraphPlatform(settings.graph)
-        return platforms["graph"]
+        if name not in platforms:
+            platform = _create(settings, name)
+            if platform is None:
+                return None
+            platforms[name] = platform
+        return platforms[name]
 
     return route

@@ -37,7 +37,7 @@ Role = Literal["read", "analyst", "admin"]
 class ApiKey(BaseModel):
     """One REST API key, kept as the SHA-256 hex digest of the key, with its role."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key.")
     role: Role = Field(description="read, analyst or admin.")
@@ -45,6 +45,8 @@ class ApiKey(BaseModel):
 
 class PolicyConfig(BaseModel):
     """Parameters of the default pull policy."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     quarantine_mailbox: str = Field(
         default="",
@@ -77,11 +79,13 @@ class PolicyConfig(BaseModel):
 class Settings(BaseSettings):
     """Settings of an Autopull worker and of the command line tools."""
 
+    # Validation errors never echo input values, because they may be secrets.
     model_config = SettingsConfigDict(
         env_prefix="AUTOPULL_",
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        hide_input_in_errors=True,
     )
 
     kafka_bootstrap: str = Field(
@@ -153,9 +157,15 @@ class Settings(BaseSettings):
     session_timeout_seconds: float = Field(
         default=60.0, gt=0, description="Kafka consumer session timeout, in seconds."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["text", "json"] = "text"
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Lowest level of log lines written."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as plain text or as JSON objects."
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="The default pull policy."
+    )
     graph: GraphSettings | None = Field(
         default=None, description="Microsoft 365 tenant reached through Graph."
     )
@@ -174,9 +184,15 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="REST API keys by name; the name is recorded as the actor.",
     )
-    tap: TapSettings = Field(default_factory=TapSettings)
-    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
-    intel: IntelSettings = Field(default_factory=IntelSettings)
+    tap: TapSettings = Field(
+        default_factory=TapSettings, description="The TAP SIEM API poller."
+    )
+    webhook: WebhookSettings = Field(
+        default_factory=WebhookSettings, description="The alert ingest webhook."
+    )
+    intel: IntelSettings = Field(
+        default_factory=IntelSettings, description="Threat-intelligence feeds."
+    )
     directory: DirectorySettings | None = Field(
         default=None, description="LDAP directory for recipients and lists."
     )

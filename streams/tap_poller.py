@@ -166,8 +166,8 @@ def raw_alert_records(
 class TapPoller:
     """Reads TAP SIEM windows into alerts.raw and moves the cursor behind them.
 
-    `clock` gives the current time and `client` the TAP client; both are replaced
-    in tests. Without a client, `run` creates one from the settings.
+    `clock` returns the current time and `client` is the TAP client; tests can
+    replace both. Without a client, the first poll creates one from the settings.
     """
 
     def __init__(
@@ -231,7 +231,7 @@ class TapPoller:
         return 0
 
     def owns_cursor(self) -> bool:
-        """Tell whether this worker holds the cursor partition, recovered."""
+        """Tell whether this worker owns the cursor partition and has recovered it."""
         app = self.pipe.app
         if app.rebalancing or app.in_recovery:
             return False

@@ -67,14 +67,23 @@ class IncidentWatcher:
         entries: dict[tuple[str, str], Record] = {}
         for incident in self.incidents.values():
             for entry in incident["pulls"]:
-                entries[(entry["mailbox"], entry["message_id"])] = dict(
-                    entry, incident_id=incident["incident_id"]
-                )
+                key = (entry["mailbox"], entry["message_id"])
+                known = entries.get(key)
+                if known is None or _rank(entry) > _rank(known):
+                    entries[key] = dict(entry, incident_id=incident["incident_id"])
         return entries
 
     def close(self) -> None:
         """Leave the consumer group."""
         self.consumer.close()
+
+
+# When two incidents planned the same copy, the entry that did the work is shown.
+_STATUS_RANK = {"quarantined": 3, "already_quarantined": 2, "restored": 1}
+
+
+def _rank(entry: Record) -> int:
+    return _STATUS_RANK.get(entry["status"] or "", 0)
 
 
 def consumed_all(settings: Settings, topic: str = "alerts.raw") -> bool:

@@ -32,6 +32,8 @@ class QuarantineResult:
     `copies` lists the originals as they were before they moved, so the caller can
     record each copy's folder and read state. `already_done` is true when every copy
     was already in quarantine (or, for a restore, already back in place).
+    `unfinished` lists originals that reached quarantine but could not be removed
+    from the mailbox; such a pull is not complete and `notes` say why.
     """
 
     mailbox: str
@@ -41,6 +43,7 @@ class QuarantineResult:
     attempts: int = 1
     evidence_location: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    unfinished: tuple[MessageCopy, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,13 @@ def load_json(body: bytes | str) -> object:
     """Decode a JSON document, raising `InvalidAlertError` for anything else.
 
     Bytes may be UTF-8, UTF-16 or UTF-32, as `json.loads` detects. `NaN` and
-    `Infinity` are rejected because they are not JSON.
+    `Infinity` are rejected because they are not JSON, and so is an object that
+    repeats a key.
     """
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(
+            body, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except RecursionError as error:
         raise InvalidAlertError(
             "The alert body nests JSON arrays or objects too deeply to parse. "
@@ -144,6 +147,16 @@ def load_json(body: bytes | str) -> object:
         raise InvalidAlertError(
             f"The alert body is not valid JSON ({error}). Send a JSON document."
         ) from error
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # A repeated key makes the alert ambiguous: parsers differ on which value wins.
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        result[key] = value
+    return result
 
 
 def _reject_constant(name: str) -> object:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from autopull.connectors.sources import tap
+from autopull.connectors.sources import fireeye, generic, tap
 from autopull.connectors.sources.common import NormalizedAlert, load_json
 from autopull.connectors.sources.exceptions import InvalidAlertError, UnknownFormatError
 
@@ -33,11 +33,21 @@ class AlertFormat:
     parse: AlertParser
 
 
-# NOTE: every registered format is JSON. A format sent as XML (FireEye EX can) needs
-# recognizing from the bytes before `load_json`.
 FORMATS: tuple[AlertFormat, ...] = (
     AlertFormat(
         name=tap.SOURCE, matches=tap.looks_like_tap, parse=tap.parse_tap_document
+    ),
+    # A FireEye body has an `alert` member and a generic one has `json_version`,
+    # which no TAP body has, so the order does not change what is detected.
+    AlertFormat(
+        name=fireeye.SOURCE,
+        matches=fireeye.looks_like_fireeye,
+        parse=fireeye.parse_fireeye_document,
+    ),
+    AlertFormat(
+        name=generic.SOURCE,
+        matches=generic.looks_like_generic,
+        parse=generic.parse_generic_document,
     ),
 )
 
@@ -76,6 +86,13 @@ def parse_alert(
     for a format name that is not registered.
     """
     alert_format = get_format(format_name) if format_name else None
+    if fireeye.looks_like_xml(body):
+        if alert_format is not None and alert_format.name != fireeye.SOURCE:
+            raise InvalidAlertError(
+                f"The alert body is XML, but the {alert_format.name} format is JSON. "
+                "Send JSON, or send the XML as a FireEye notification."
+            )
+        return fireeye.parse_fireeye_xml(body, received_at=received_at)
     document = load_json(body)
 
     if alert_format is None:

@@ -11,9 +11,7 @@ from autopull.streams.plan import run_plan
 from autopull.streams.policy import PolicySettings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "alerts"
-ALERT_FILES = sorted(
-    path for path in EXAMPLES.glob("*.json") if not path.name.endswith(".expected.json")
-)
+ALERT_FILES = sorted([*EXAMPLES.glob("*.json"), *EXAMPLES.glob("*.xml")])
 DEMO_SETTINGS = PolicySettings(quarantine_mailbox="quarantine@example.com")
 
 
@@ -41,6 +39,6 @@ def test_example_plan_matches_expected(alert_file: Path) -> None:
     ids=lambda path: path.name,
 )
 def test_expected_file_has_alert(expected_file: Path) -> None:
-    alert_name = expected_file.name.removesuffix(".expected.jsonl") + ".json"
+    stem = expected_file.name.removesuffix(".expected.jsonl")
 
-    assert (EXAMPLES / alert_name).is_file()
+    assert (EXAMPLES / f"{stem}.json").is_file() or (EXAMPLES / f"{stem}.xml").is_file()

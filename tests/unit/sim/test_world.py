@@ -106,14 +106,27 @@ def test_demo_m2_mime_keeps_reserved_characters() -> None:
     ]
 
 
-def test_demo_m4_blocked_in_no_mailbox() -> None:
+def test_demo_m4_only_in_frank_inbox() -> None:
     world = World.open(DEMO, None)
     m4 = world.catalog["M4"]
+    frank = [r for r in world.snapshot("frank@example.com") if r["key"] == "M4"]
 
-    assert m4.delivered_to == []
     assert m4.malicious is True
-    assert all(item.key != "M4" for item in world.items.values())
-    assert {row["verdict"] for row in world.snapshot("frank@example.com")} == {"benign"}
+    assert [r["folder"] for r in frank] == ["Inbox"]
+    assert sum(item.key == "M4" for item in world.items.values()) == 1
+
+
+def test_demo_m5_and_m6_reach_their_mailboxes() -> None:
+    world = World.open(DEMO, None)
+
+    folders = {
+        (row["key"], address): row["folder"]
+        for address in ("erin@example.com", "frank@example.com", "uma@example.com")
+        for row in world.snapshot(address)
+    }
+    assert folders[("M5", "erin@example.com")] == "Inbox"
+    assert folders[("M5", "frank@example.com")] == "Deleted Items"
+    assert folders[("M6", "uma@example.com")] == "Inbox"
 
 
 def test_demo_m3_spam_for_erin() -> None:
@@ -131,7 +144,16 @@ def test_demo_every_mailbox_has_three_benign_messages() -> None:
     world = World.open(DEMO, None)
     expected = {
         f"{name}@example.com"
-        for name in ("alice", "bob", "carol", "dave", "erin", "frank", "quarantine")
+        for name in (
+            "alice",
+            "bob",
+            "carol",
+            "dave",
+            "erin",
+            "frank",
+            "uma",
+            "quarantine",
+        )
     }
 
     assert set(world.mailboxes) == expected

@@ -206,20 +206,23 @@ def test_run_plan_named_source_parses(tmp_path: Path) -> None:
 def test_run_plan_unknown_source_reports(tmp_path: Path) -> None:
     path = write_alert(tmp_path / "a.json", tap_message("e1", ["alice@example.com"]))
 
-    code, out, err = run([path], source="fireeye")
+    code, out, err = run([path], source="syslog")
 
     assert code == 1
     assert out == ""
-    assert "The alert format 'fireeye' is unknown. Use one of: tap." in err
+    assert (
+        "The alert format 'syslog' is unknown. Use one of: tap, fireeye, generic."
+        in err
+    )
 
 
 def test_run_plan_unrecognized_format_reports(tmp_path: Path) -> None:
-    path = write_alert(tmp_path / "other.json", {"alert": {"id": 7}})
+    path = write_alert(tmp_path / "other.json", {"event": {"id": 7}})
 
     code, _, err = run([path])
 
     assert code == 1
-    assert "matches none of the known formats (tap)" in err
+    assert "matches none of the known formats (tap, fireeye, generic)" in err
 
 
 def test_run_plan_table_shows_decision(tmp_path: Path) -> None:

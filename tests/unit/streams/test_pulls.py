@@ -134,3 +134,31 @@ async def test_unknown_kind_touches_nothing():
     assert result.outcome["status"] == "failed"
     assert result.outcome["error_class"] == "permanent"
     assert platform.calls == 0
+
+
+async def test_unfinished_removal_is_not_quarantined():
+    copy = MessageCopy("alice@example.com", "m1@example.net", "7", "INBOX", False)
+    result = QuarantineResult(
+        "alice@example.com",
+        "m1@example.net",
+        (copy,),
+        notes=("The server supports neither MOVE nor UIDPLUS.",),
+        unfinished=(copy,),
+    )
+    platform = ScriptedPlatform(result)
+    pulled = await execute(command(), lambda m: platform, FAST)
+    assert pulled.outcome["status"] == "failed"
+    assert pulled.outcome["error_class"] == "permanent"
+    assert "neither MOVE nor UIDPLUS" in pulled.outcome["error"]
+    assert pulled.outcome["copies"] == 1
+    assert pulled.outcome["original_folder"] == "INBOX"
+
+
+async def test_broken_platform_setup_fails_the_pull():
+    def route(mailbox):
+        raise ValueError("Allowed host value cannot be empty")
+
+    result = await execute(command(), route, FAST)
+    assert result.outcome["status"] == "failed"
+    assert "could not be set up" in result.outcome["error"]
+    assert "Allowed host value cannot be empty" in result.outcome["error"]

@@ -435,3 +435,9 @@ def test_parse_time_any_text_utc_or_invalid(value: str) -> None:
 
     assert parsed.tzinfo is UTC
     assert parsed.microsecond % 1000 == 0
+
+
+def test_load_json_rejects_duplicate_keys() -> None:
+    body = b'{"recipient": ["eve@example.com"], "recipient": ["alice@example.com"]}'
+    with pytest.raises(InvalidAlertError, match="'recipient' appears twice"):
+        load_json(body)
