@@ -24,6 +24,7 @@ test: venv lint typecheck
 	bash dev/kafka.sh fetch
 	bash dev/helm.sh install
 	bash dev/dovecot.sh install
+	bash dev/slapd.sh install
 	$(PY) -m pytest
 
 unit: venv

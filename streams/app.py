@@ -16,6 +16,7 @@ from faust.types import EventT, StreamT
 from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
+from autopull.streams.intel import load_intel, watch_feeds
 from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
 from autopull.streams.tap_poller import register_tap_poller
@@ -89,6 +90,9 @@ class Pipeline:
         )
         self.ledger = self._table("ledger", None)
         self.metrics = Metrics()
+        self.intel = load_intel(settings)
+        if self.intel is not None:
+            watch_feeds(self.app, self.intel, settings.intel.reload_seconds)
         pipeline.register_agents(self)
         register_tap_poller(self)
         self._register_gauges()

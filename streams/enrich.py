@@ -1,15 +1,46 @@
-"""Enrichment of normalized alerts.
+"""Enrichment of normalized alerts: recipients resolved and expanded, intel hits.
 
-For now recipients stand for themselves and no intelligence is consulted; the
-campaign key already follows its final rule so incidents group the same way later.
+With a directory configured, each recipient is resolved through its aliases to
+the primary mailbox, and a distribution list is expanded to its members, each with
+the path by which it was reached. Without one, each recipient stands for itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from typing import Protocol
 from urllib.parse import urlsplit
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential,
+)
+
+from autopull.connectors.directory import Expansion, Person
+from autopull.connectors.errors import TransientError
 from autopull.streams.records import Record
+
+log = logging.getLogger(__name__)
+
+# Attribute set on the members of a list too large to pull from without approval.
+LIST_TOO_LARGE = "list_too_large"
+
+
+class DirectoryLike(Protocol):
+    """The part of the directory connector that enrichment uses."""
+
+    async def resolve(self, address: str) -> Person | None: ...
+
+    async def expand(self, address: str) -> Expansion: ...
+
+
+class IntelLike(Protocol):
+    """The part of the intel lookups that enrichment uses."""
+
+    def lookup_alert(self, alert: Record) -> list[Record]: ...
 
 
 def campaign_key(alert: Record) -> str:
@@ -44,26 +75,122 @@ def _url_fingerprint(url: str) -> str:
     return f"{(split.hostname or '').lower()}{split.path}"
 
 
-def enrich(alert: Record) -> Record:
-    """Build the EnrichedAlert for `alert`, each recipient standing for itself."""
+def _addresses(alert: Record) -> list[str]:
     addresses = list(alert.get("recipients", []))
     if alert.get("clicker") and alert["clicker"] not in addresses:
         addresses.append(alert["clicker"])
-    recipients = [
-        {
-            "address": address,
-            "mailbox": address,
-            "recipient_type": "original",
-            "path": [address],
-            "vip": False,
-            "attributes": {},
-        }
-        for address in addresses
-    ]
+    return addresses
+
+
+def _recipient(
+    address: str,
+    mailbox: str,
+    recipient_type: str,
+    path: list[str],
+    person: Person | None = None,
+    attributes: dict[str, str] | None = None,
+) -> Record:
+    values = dict(attributes or {})
+    if person is not None:
+        for name in ("display_name", "title", "department", "manager"):
+            value = getattr(person, name)
+            if value:
+                values[name] = value
+    return {
+        "address": address,
+        "mailbox": mailbox,
+        "recipient_type": recipient_type,
+        "path": path,
+        "vip": bool(person and person.vip),
+        "attributes": values,
+    }
+
+
+async def resolve_recipients(
+    addresses: list[str], directory: DirectoryLike | None
+) -> list[Record]:
+    """Return one Recipient record per mailbox behind `addresses`, each once."""
+    if directory is None:
+        return [_recipient(a, a, "original", [a]) for a in addresses]
+
+    recipients: dict[str, Record] = {}
+    for address in (a.strip().lower() for a in addresses):
+        person = await directory.resolve(address)
+        if person is not None:
+            kind = "original" if person.mailbox == address else "alias"
+            path = [address] if kind == "original" else [address, person.mailbox]
+            found = [_recipient(address, person.mailbox, kind, path, person)]
+        else:
+            found = await _expand(address, directory)
+        for recipient in found:
+            recipients.setdefault(recipient["mailbox"], recipient)
+    return list(recipients.values())
+
+
+async def _expand(address: str, directory: DirectoryLike) -> list[Record]:
+    expansion = await directory.expand(address)
+    if expansion.kind != "list" or not expansion.members:
+        return [_recipient(address, address, "original", [address])]
+
+    attributes = {"list": address}
+    if expansion.too_large:
+        attributes[LIST_TOO_LARGE] = "true"
+    found = []
+    for member in expansion.members:
+        person = await directory.resolve(member.mailbox)
+        found.append(
+            _recipient(
+                address,
+                member.mailbox,
+                "list_member",
+                list(member.path),
+                person,
+                attributes,
+            )
+        )
+    return found
+
+
+async def enrich(
+    alert: Record,
+    directory: DirectoryLike | None = None,
+    intel: IntelLike | None = None,
+) -> Record:
+    """Build the EnrichedAlert for `alert`."""
+    recipients = await resolve_recipients(_addresses(alert), directory)
+    hits = intel.lookup_alert(alert) if intel is not None else []
     return {
         "alert": alert,
         "campaign_key": campaign_key(alert),
-        "intel_hits": [],
+        "intel_hits": hits,
         "recipients": recipients,
         "unavailable": [],
     }
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning(
+        "Enrichment failed, retrying attempt=%d error=%s", state.attempt_number, error
+    )
+
+
+async def enrich_until_done(
+    alert: Record,
+    directory: DirectoryLike | None = None,
+    intel: IntelLike | None = None,
+    max_wait_seconds: float = 60.0,
+) -> Record:
+    """Enrich `alert`, retrying transient failures with backoff until it succeeds.
+
+    An unreachable directory slows the stream down: the alert waits, and it is
+    never dropped or pulled from a mailbox the directory did not name.
+    """
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        wait=wait_exponential(multiplier=0.5, max=max_wait_seconds),
+        before_sleep=_log_retry,
+    ):
+        with attempt:
+            return await enrich(alert, directory, intel)
+    raise AssertionError("unreachable: tenacity retries until success")

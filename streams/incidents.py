@@ -88,19 +88,24 @@ def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Reco
         return commands
 
     decisions = decide(alert, enriched["recipients"])
+    kinds = {
+        r["mailbox"]: r.get("recipient_type", "original")
+        for r in enriched["recipients"]
+    }
     commands = []
     for decision in decisions:
+        kind = kinds.get(decision.mailbox, "original")
         entry = _find_pull(incident, decision.mailbox, decision.message_id)
         if entry is None:
-            incident["pulls"].append(_pull_entry(decision, alert))
+            incident["pulls"].append(_pull_entry(decision, alert, kind))
         elif entry["action"] == "skip" and decision.action == "pull":
             # A copy another alert skipped (a blocked click, say) is pulled once
             # an alert calls for it. A held copy keeps waiting for its approval.
-            entry.update(_pull_entry(decision, alert))
+            entry.update(_pull_entry(decision, alert, kind))
         else:
             continue
         if decision.action == "pull":
-            commands.append(_quarantine_command(incident, decision, alert, now))
+            commands.append(_quarantine_command(incident, decision, alert, kind, now))
 
     incident["history"].append(
         _history(now, "alert joined", f"{alert['source']} alert {alert['alert_id']}")
@@ -247,7 +252,9 @@ def _add_alert_facts(incident: Record, alert: Record) -> None:
         incident["classification"] = alert["classification"]
 
 
-def _pull_entry(decision: DecisionLike, alert: Record) -> Record:
+def _pull_entry(
+    decision: DecisionLike, alert: Record, recipient_type: str = "original"
+) -> Record:
     status = {"hold": "held", "skip": "skipped"}.get(decision.action)
     return {
         "mailbox": decision.mailbox,
@@ -255,7 +262,7 @@ def _pull_entry(decision: DecisionLike, alert: Record) -> Record:
         "action": decision.action,
         "rule": decision.rule,
         "reason": decision.reason,
-        "recipient_type": "original",
+        "recipient_type": recipient_type,
         "alert_id": alert["alert_id"],
         "status": status,
         "platform": None,
@@ -271,7 +278,11 @@ def _pull_entry(decision: DecisionLike, alert: Record) -> Record:
 
 
 def _quarantine_command(
-    incident: Record, decision: DecisionLike, alert: Record, now: datetime
+    incident: Record,
+    decision: DecisionLike,
+    alert: Record,
+    recipient_type: str,
+    now: datetime,
 ) -> Record:
     return {
         "command_id": command_id(
@@ -284,7 +295,7 @@ def _quarantine_command(
         "alert_id": alert["alert_id"],
         "alert_received_at": alert["received_at"],
         "issued_at": now,
-        "recipient_type": "original",
+        "recipient_type": recipient_type,
         "reason": decision.reason,
         "attempt": 1,
         "not_before": None,

@@ -14,6 +14,7 @@ a table's changelog partition is the partition that owns the key.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -25,7 +26,7 @@ from autopull.connectors.mail.base import MailPlatform
 from autopull.connectors.sources.detect import format_names, parse_alert
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.streams import records
-from autopull.streams.enrich import enrich
+from autopull.streams.enrich import LIST_TOO_LARGE, DirectoryLike, enrich_until_done
 from autopull.streams.incidents import (
     DecisionLike,
     apply_alert,
@@ -101,8 +102,19 @@ def _normalize_agent(pipe: Pipeline) -> None:
 
 
 def _enrich_agent(pipe: Pipeline) -> None:
+    directory: list[DirectoryLike] = []
+
+    def current_directory() -> DirectoryLike | None:
+        if pipe.settings.directory is None:
+            return None
+        if not directory:
+            from autopull.connectors.directory.client import Directory
+
+            directory.append(Directory(pipe.settings.directory))
+        return directory[0]
+
     async def handle(event: EventT, alert: Record) -> None:
-        enriched = enrich(alert)
+        enriched = await enrich_until_done(alert, current_directory(), pipe.intel)
         await pipe.send("alerts.enriched", enriched["campaign_key"], enriched)
 
     @pipe.app.agent(pipe.topics["alerts.normalized"], name="enrich")
@@ -145,7 +157,22 @@ def _incident_agent(pipe: Pipeline) -> None:
 
     def decide_for(alert: Record, recipients: list[Record]) -> Sequence[DecisionLike]:
         mailboxes = [recipient["mailbox"] for recipient in recipients]
-        decisions: Sequence[DecisionLike] = decide(alert, mailboxes, policy)
+        too_large = {
+            recipient["mailbox"]: recipient["attributes"].get("list", "")
+            for recipient in recipients
+            if recipient["attributes"].get(LIST_TOO_LARGE)
+        }
+        decisions = []
+        for decision in decide(alert, mailboxes, policy):
+            if decision.action == "pull" and decision.mailbox in too_large:
+                decision = dataclasses.replace(
+                    decision,
+                    action="hold",
+                    rule="directory.hold-large-list",
+                    reason=f"The list {too_large[decision.mailbox]} has more members "
+                    "than the configured maximum, so its copies wait for approval.",
+                )
+            decisions.append(decision)
         return decisions
 
     async def handle(event: EventT, change: Record) -> None:

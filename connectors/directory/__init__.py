@@ -1,18 +1,28 @@
-"""Directory lookups: recipients to mailboxes, user attributes, list expansion."""
+"""Directory lookups: recipients to mailboxes, user attributes, list expansion.
+
+The settings and result types live here and need no LDAP library. The client,
+`autopull.connectors.directory.client.Directory`, imports ldap3.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from .models import Expansion, ExpansionKind, Member, Person
+from .settings import (
+    ACTIVE_DIRECTORY_ATTRIBUTES,
+    OPENLDAP_ATTRIBUTES,
+    AttributeMap,
+    DirectorySettings,
+    Flavor,
+)
 
-
-class DirectorySettings(BaseModel):
-    """An LDAP directory, Active Directory or OpenLDAP."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    url: str = Field(description="LDAP URL, e.g. ldap://127.0.0.1:389.")
-    bind_dn: str = Field(
-        default="", description="DN to bind as; empty binds anonymously."
-    )
-    password: SecretStr | None = Field(default=None, description="Bind password.")
-    base_dn: str = Field(description="Search base of users and groups.")
+__all__ = [
+    "ACTIVE_DIRECTORY_ATTRIBUTES",
+    "OPENLDAP_ATTRIBUTES",
+    "AttributeMap",
+    "DirectorySettings",
+    "Expansion",
+    "ExpansionKind",
+    "Flavor",
+    "Member",
+    "Person",
+]
