@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.web import Request, Response, View
@@ -22,7 +23,12 @@ from autopull.streams.commands import ACTIONS, CommandError, command_event
 from autopull.streams.records import Record
 from autopull.streams.settings import Role
 from autopull.streams.topics import full_name
-from autopull.streams.views import incident_detail, matches, summary_row
+from autopull.streams.views import (
+    INCIDENT_STATES,
+    incident_detail,
+    matches,
+    summary_row,
+)
 
 if TYPE_CHECKING:
     from autopull.streams.app import Pipeline
@@ -182,6 +188,15 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             if denied:
                 return denied
             query = request.query
+            state = query.get("state")
+            if state and state not in INCIDENT_STATES:
+                return _json_error(
+                    self,
+                    400,
+                    "bad_request",
+                    f"Query parameter state={state!r} is not a state; use one of "
+                    f"{', '.join(INCIDENT_STATES)}.",
+                )
             try:
                 since = _parse_time(query.get("since"), "since")
                 until = _parse_time(query.get("until"), "until")
@@ -224,14 +239,17 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
                 return _json_error(
                     self, 404, "not_found", f"No action {action!r} on incidents."
                 )
-            body = await _json_body(request)
-            mailbox = body.get("mailbox")
-            needed: Role = COMMAND_ROLES[action]
-            if action == "release" and not mailbox:
-                needed = "admin"
-            denied, key_name = authorize(self, request, needed)
+            denied, key_name = authorize(self, request, COMMAND_ROLES[action])
             if denied:
                 return denied
+            try:
+                body = await _command_body(request)
+            except ValueError as error:
+                return _json_error(self, 400, "bad_request", str(error))
+            if action == "release" and not body.get("mailbox"):
+                denied, key_name = authorize(self, request, "admin")
+                if denied:
+                    return denied
             if incident_id not in model.incidents:
                 return _json_error(
                     self, 404, "not_found", f"Incident {incident_id} was not found."
@@ -241,12 +259,21 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
     return model
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
+async def _command_body(request: Request) -> dict[str, str]:
+    """Return the command's JSON body; raise ValueError naming what is wrong."""
+    raw = await request.read()
+    if not raw.strip():
         return {}
-    return body if isinstance(body, dict) else {}
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"The request body is not valid JSON: {error}.") from error
+    if not isinstance(body, dict):
+        raise ValueError("The request body must be a JSON object.")
+    for name in ("mailbox", "comment", "text"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise ValueError(f"The field {name!r} must be a string.")
+    return {name: value for name, value in body.items() if isinstance(value, str)}
 
 
 async def _send(
@@ -254,7 +281,7 @@ async def _send(
     pipe: Pipeline,
     incident_id: str,
     action: str,
-    body: dict[str, Any],
+    body: dict[str, str],
     key_name: str,
 ) -> Response:
     # The actor is the API key's name, so the history says who really acted.
@@ -266,7 +293,7 @@ async def _send(
             action,
             actor,
             mailbox=body.get("mailbox"),
-            text=str(text) if text else None,
+            text=text or None,
         )
     except CommandError as error:
         return _json_error(view, 400, "bad_request", str(error))

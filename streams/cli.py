@@ -8,8 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from autopull.streams.settings import Settings, load_settings
+from autopull.streams.views import INCIDENT_STATES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     incidents = commands.add_parser("incidents", help="List incidents, newest first.")
-    incidents.add_argument("--state", help="Only incidents in this state.")
+    incidents.add_argument(
+        "--state", choices=INCIDENT_STATES, help="Only incidents in this state."
+    )
     incidents.add_argument(
         "--json", action="store_true", help="One JSON object per line."
     )
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings()
-    except (ValidationError, FileNotFoundError) as error:
+    except (ValidationError, SettingsError, FileNotFoundError) as error:
         print(f"error: invalid settings: {error}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,11 @@ from autopull.streams.settings import Settings
 from autopull.streams.topics import full_name
 
 ACTIONS = ("approve", "reject", "release", "comment", "close")
+# The Java client's partitioner, which aiokafka and so Faust use too: a record keyed
+# by incident id must land on the partition whose agent owns that incident.
+KAFKA_PARTITIONER = "murmur2_random"
+# Actors named like this are API keys; a person's name may not take that form.
+API_ACTOR_PREFIX = "api:"
 
 
 class CommandError(Exception):
@@ -35,6 +40,8 @@ def command_event(
         )
     if not actor.strip():
         raise CommandError("A command needs the name of the person who gives it.")
+    if action == "comment" and not (text or "").strip():
+        raise CommandError("A comment needs its text; it was empty.")
     command = {
         "action": action,
         "actor": actor.strip(),
@@ -53,7 +60,13 @@ def send_command(
     codec = AvroCodec(
         "IncidentEvent", registry=settings.schema_registry_url, subject=f"{topic}-value"
     )
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "acks": "all",
+            "partitioner": KAFKA_PARTITIONER,
+        }
+    )
     errors: list[str] = []
 
     def done(error: object, _message: object) -> None:

@@ -19,6 +19,7 @@ from autopull.connectors.sources.common import load_json
 from autopull.connectors.sources.detect import detect_format
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.schemas import AvroCodec
+from autopull.streams.commands import KAFKA_PARTITIONER
 from autopull.streams.records import utcnow
 from autopull.streams.settings import Settings
 from autopull.streams.topics import full_name
@@ -102,6 +103,7 @@ class RawSender:
                 "bootstrap.servers": settings.kafka_bootstrap,
                 "acks": "all",
                 "enable.idempotence": True,
+                "partitioner": KAFKA_PARTITIONER,
                 "message.max.bytes": settings.ingest_max_bytes * 4,
             }
         )
@@ -150,5 +152,6 @@ def run_ingest(paths: list[str], settings: Settings, source: str | None) -> int:
     except IngestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Sent {sent} alerts to {sender.topic}.", file=sys.stderr)
+    noun = "alert" if sent == 1 else "alerts"
+    print(f"Sent {sent} {noun} to {sender.topic}.", file=sys.stderr)
     return 1 if failed else 0

@@ -15,7 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from autopull.streams.commands import CommandError, command_event, send_command
+from autopull.streams.commands import (
+    API_ACTOR_PREFIX,
+    CommandError,
+    command_event,
+    send_command,
+)
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
 from autopull.streams.views import incident_detail, matches, result_rows, summary_row
@@ -110,6 +115,8 @@ def run_show(
     console.print(table)
     for item in incident["history"]:
         line = f"{item['at']:%Y-%m-%d %H:%M:%S} {item['actor']}: {item['what']}"
+        if item["detail"]:
+            line += f" ({item['detail']})"
         console.print(escape(line))
     return 0
 
@@ -145,10 +152,16 @@ def run_command(
             file=sys.stderr,
         )
         return 1
-    try:
-        event = command_event(
-            incident_id, action, actor or getpass.getuser(), mailbox=mailbox, text=text
+    name = actor or getpass.getuser()
+    if name.startswith(API_ACTOR_PREFIX):
+        print(
+            f"error: actor names that start with {API_ACTOR_PREFIX!r} are reserved "
+            "for API keys; give your own name.",
+            file=sys.stderr,
         )
+        return 2
+    try:
+        event = command_event(incident_id, action, name, mailbox=mailbox, text=text)
         send_command(settings, event)
     except CommandError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -243,8 +243,37 @@ def _pull_agent(pipe: Pipeline) -> None:
             settings.pull_batch_size, within=settings.pull_batch_seconds
         ):
             await asyncio.gather(
-                *(_run_command(pipe, data, route, retry) for data in batch)
+                *(
+                    _run_in_order(pipe, group, route, retry)
+                    for group in _by_copy(pipe, batch)
+                )
             )
+
+
+def _by_copy(pipe: Pipeline, batch: Sequence[bytes | None]) -> list[list[bytes | None]]:
+    """Group a batch by (mailbox, Message-ID), keeping the order within each group.
+
+    Two commands for the same copy (from two incidents, say) must not race on the
+    platform; commands for different copies run concurrently.
+    """
+    groups: dict[object, list[bytes | None]] = {}
+    for position, data in enumerate(batch):
+        key: object = position
+        if data is not None:
+            try:
+                command = pipe.decode("pull.commands", data)
+                key = (command["mailbox"], command["message_id"])
+            except Exception:
+                key = position
+        groups.setdefault(key, []).append(data)
+    return list(groups.values())
+
+
+async def _run_in_order(
+    pipe: Pipeline, group: list[bytes | None], route: Router, retry: RetryPolicy
+) -> None:
+    for data in group:
+        await _run_command(pipe, data, route, retry)
 
 
 async def _run_command(

@@ -236,6 +236,13 @@ def _classify(
     kind: str, result: QuarantineResult | None, error: ConnectorError | None
 ) -> tuple[str, str]:
     if result is not None:
+        if kind == "restore" and result.already_done and not result.copies:
+            # Nothing in quarantine carries this incident's marker: another incident
+            # quarantined the copy, or it was restored before. Claiming "restored"
+            # would hide a copy that is still in quarantine.
+            # NOTE: a restore replayed after a crash that lost its first outcome is
+            # reported not_found too, although the copy is back in place.
+            return "not_found", "not_found"
         if kind == "restore":
             return "restored", "already_done" if result.already_done else "none"
         if result.already_done:

@@ -12,6 +12,8 @@ from typing import Any
 
 from autopull.streams.records import Record
 
+INCIDENT_STATES = ("new", "open", "quarantining", "contained", "restored", "closed")
+
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None

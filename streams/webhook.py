@@ -259,13 +259,14 @@ class AlertReceiver:
                 return b"".join(chunks)
             chunks.append(chunk)
             size += len(chunk)
-        raise self._too_large("more than that")
+        raise self._too_large(f"more than {self.max_bytes} bytes")
 
     def _too_large(self, size: str) -> Rejection:
         return Rejection(
             413,
             "too_large",
-            f"The body is {size}, above the ingest limit of {self.max_bytes} bytes. "
+            f"The body is {size}, larger than the ingest limit of {self.max_bytes} "
+            "bytes. "
             "Split the alert or raise AUTOPULL_INGEST_MAX_BYTES.",
         )
 

@@ -155,3 +155,18 @@ def test_api_errors_are_json(
     assert bad_time.status_code == 400
     assert "since" in bad_time.json()["error"]["message"]
     assert httpx.get(f"{base}/livez").json() == {"status": "alive"}
+    bad_state = httpx.get(f"{base}/api/incidents?state=bogus", headers=auth("reader"))
+    assert bad_state.status_code == 400
+    assert "contained" in bad_state.json()["error"]["message"]
+
+    command = f"{base}/api/incidents/INC-NOPE/comment"
+    cases = [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"mailbox": 5, "comment": "x"}', "'mailbox' must be a string"),
+        (b'{"comment": {"nested": [1]}}', "'comment' must be a string"),
+    ]
+    for body, message in cases:
+        response = httpx.post(command, content=body, headers=auth("analyst"))
+        assert response.status_code == 400, body
+        assert message in response.json()["error"]["message"], body

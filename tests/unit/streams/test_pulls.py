@@ -162,3 +162,12 @@ async def test_broken_platform_setup_fails_the_pull():
     assert result.outcome["status"] == "failed"
     assert "could not be set up" in result.outcome["error"]
     assert "Allowed host value cannot be empty" in result.outcome["error"]
+
+
+async def test_restore_without_marked_copy_is_not_found():
+    platform = ScriptedPlatform(
+        QuarantineResult("alice@example.com", "m1@example.net", (), already_done=True)
+    )
+    result = await execute(command("restore"), lambda m: platform, FAST)
+    assert result.outcome["status"] == "not_found"
+    assert result.outcome["error_class"] == "not_found"
