@@ -17,6 +17,7 @@ from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
 from autopull.streams.intel import load_intel, watch_feeds
+from autopull.streams.logs import logging_config
 from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
 from autopull.streams.tap_poller import register_tap_poller
@@ -158,7 +159,7 @@ class Pipeline:
             web_bind=settings.web_host,
             web_port=settings.web_port,
             web_host=settings.web_host,
-            logging_config=None,
+            logging_config=logging_config(settings.log_level, settings.log_format),
         )
 
     def decode(self, topic: str, data: bytes) -> dict[str, Any]:

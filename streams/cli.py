@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import logging.config
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from autopull.streams.logs import logging_config
 from autopull.streams.settings import Settings, load_settings
 from autopull.streams.views import INCIDENT_STATES
 
@@ -18,6 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autopull",
         description="Pull malicious email out of mailboxes after delivery.",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="Write log lines as plain text or as JSON objects (AUTOPULL_LOG_FORMAT).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -98,18 +104,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `autopull` command and return its exit code."""
     args = _parser().parse_args(argv)
+    overrides = {"log_format": args.log_format} if args.log_format else {}
     try:
-        settings = load_settings()
+        settings = load_settings(**overrides)
     except (ValidationError, SettingsError, FileNotFoundError) as error:
         print(f"error: invalid settings: {error}", file=sys.stderr)
         return 2
 
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # One line per HTTP request would drown the pipeline's own lines.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     return _dispatch(args, settings)
 
 
