@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from pydantic import BaseModel, SecretStr
 
 from autopull.streams.settings import Settings
 
@@ -128,24 +129,51 @@ def pipeline_settings(
     )
 
 
+def _plain(value: object) -> object:
+    """Return `value` with secrets unwrapped and paths as text, ready for JSON."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
 def settings_environment(settings: Settings) -> dict[str, str]:
     """Return the AUTOPULL_* variables that reproduce `settings` in a worker."""
     env = {}
-    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
-        if isinstance(value, dict):
-            for inner, inner_value in value.items():
-                key = f"AUTOPULL_{name.upper()}__{inner.upper()}"
-                env[key] = (
-                    json.dumps(inner_value)
-                    if isinstance(inner_value, list | dict)
-                    else str(inner_value)
-                )
-        else:
-            env[f"AUTOPULL_{name.upper()}"] = str(value)
-    if settings.graph is not None:
-        secret = settings.graph.client_secret.get_secret_value()
-        env["AUTOPULL_GRAPH__CLIENT_SECRET"] = secret
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, BaseModel):
+            for inner in type(value).model_fields:
+                inner_value = getattr(value, inner)
+                if inner_value is not None:
+                    key = f"AUTOPULL_{name.upper()}__{inner.upper()}"
+                    env[key] = _env_value(_plain(_dump(inner_value)))
+            continue
+        env[f"AUTOPULL_{name.upper()}"] = _env_value(_plain(_dump(value)))
     return env
+
+
+def _dump(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return {name: _dump(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {key: _dump(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_dump(item) for item in value]
+    return value
 
 
 WorkerFactory = Callable[..., subprocess.Popen[bytes]]
