@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 
 from autopull.connectors.mail.base import MailPlatform
 from autopull.connectors.sources.detect import format_names, parse_alert
@@ -57,6 +57,66 @@ def register_agents(pipe: Pipeline) -> None:
         _outcomes_agent,
     ):
         agent(pipe)
+    _rewind_after_rebalance(pipe)
+
+
+class SeekingConsumer(Protocol):
+    """The calls of Faust's consumer that `rewind_uncommitted` makes."""
+
+    def assignment(self) -> set[TP]: ...
+
+    async def seek_to_committed(self) -> Mapping[TP, int | None]: ...
+
+    async def earliest_offsets(self, *partitions: TP) -> Mapping[TP, int]: ...
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None: ...
+
+
+async def rewind_uncommitted(
+    consumer: SeekingConsumer, topics: Collection[str]
+) -> dict[TP, int]:
+    """Rewind the assigned partitions of `topics` that have no committed offset.
+
+    faust-streaming 0.15.3 drops the records it fetched while a rebalance stops the
+    flow, then seeks each partition back to its committed offset. aiokafka 0.14
+    seeks only committed offsets above 0, so a partition taken over from a worker
+    that died before its first commit would keep reading after the dropped records,
+    which would never be processed. Returns each partition rewound with its first
+    offset.
+    """
+    partitions = {tp for tp in consumer.assignment() if tp.topic in topics}
+    if not partitions:
+        return {}
+
+    committed = await consumer.seek_to_committed()
+    uncommitted = [tp for tp in partitions if (committed.get(tp) or 0) <= 0]
+    if not uncommitted:
+        return {}
+    earliest = await consumer.earliest_offsets(*uncommitted)
+    targets = {tp: earliest[tp] for tp in uncommitted}
+    await consumer.seek_wait(targets)
+    log.info(
+        "Rewound partitions without a committed offset to their start partitions=%s",
+        ", ".join(f"{tp.topic}[{tp.partition}]@{at}" for tp, at in targets.items()),
+    )
+    return targets
+
+
+def _rewind_after_rebalance(pipe: Pipeline) -> None:
+    # Faust sends this signal after recovery, before it resumes the stream
+    # partitions and seeks them to their committed offsets.
+    topics = {topic.get_topic_name() for topic in pipe.topics.values()}
+
+    async def rewind(app: Any, **_: Any) -> None:
+        try:
+            await rewind_uncommitted(app.consumer, topics)
+        except Exception:
+            log.exception(
+                "Rewinding partitions without a committed offset failed, so records "
+                "that the rebalance dropped there stay unread until the next rebalance."
+            )
+
+    pipe.app.on_rebalance_complete.connect(rewind)
 
 
 def known_format(source: str) -> str | None:
@@ -231,6 +291,7 @@ def _pull_agent(pipe: Pipeline) -> None:
     retry = RetryPolicy(
         max_attempts=settings.pull_max_attempts,
         max_wait_seconds=settings.pull_max_wait_seconds,
+        attempt_timeout_seconds=settings.pull_attempt_timeout_seconds,
     )
     platforms: dict[str, MailPlatform] = {}
 

@@ -7,6 +7,7 @@ on the topic) and the agent sends them on.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -39,11 +40,20 @@ Router = Callable[[str], MailPlatform | None]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long a pull is retried in process before it is parked."""
+    """How often and how long a pull is retried in process before it is parked.
+
+    `attempt_timeout_seconds` bounds one attempt, every request and wait inside
+    it included. An attempt that runs longer is cancelled and counts as a
+    transient failure.
+    """
 
     max_attempts: int = 5
     max_wait_seconds: float = 60.0
     base_wait_seconds: float = 0.5
+    # NOTE: an estimate, not a measurement. One Graph quarantine makes about ten
+    # requests of at most 30 s each and may queue behind other quarantines of the
+    # same message for its evidence copy.
+    attempt_timeout_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,9 @@ async def execute(
         ):
             with attempt:
                 attempts += 1
-                result = await _call(platform, command)
+                result = await _call_within(
+                    platform, command, policy.attempt_timeout_seconds
+                )
     except TransientError as error:
         return _parked(command, platform.name, started, error, attempts)
     except ConnectorError as error:
@@ -157,6 +169,23 @@ async def execute(
         )
         return PullResult(outcome)
     return PullResult(_outcome(command, platform.name, started, result=result))
+
+
+async def _call_within(
+    platform: MailPlatform, command: Record, seconds: float
+) -> QuarantineResult:
+    mailbox, message_id = command["mailbox"], command["message_id"]
+    try:
+        async with asyncio.timeout(seconds):
+            return await _call(platform, command)
+    except TimeoutError as error:
+        raise TransientError(
+            f"The {command['kind']} of {message_id} in mailbox {mailbox} on "
+            f"{platform.name} timed out after {seconds:g} s; it will be retried.",
+            mailbox=mailbox,
+            message_id=message_id,
+            platform=platform.name,
+        ) from error
 
 
 async def _call(platform: MailPlatform, command: Record) -> QuarantineResult:

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     pull_max_attempts: int = Field(
         default=5, ge=1, description="Attempts of a throttled pull before it is parked."
     )
+    pull_attempt_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest time one platform attempt of a pull may take, in seconds; "
+        "a slower attempt counts as a transient failure and is retried.",
+    )
     pull_max_wait_seconds: float = Field(
         default=60.0,
         gt=0,

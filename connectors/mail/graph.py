@@ -972,11 +972,13 @@ class GraphPlatform(MailPlatform):
         """Ensure one evidence copy for the incident in the quarantine mailbox.
 
         A lock per Message-ID keeps two quarantines of the same message in this
-        process from uploading two copies.
+        process from uploading two copies. Two worker processes can still each
+        upload and file one at the same moment, so the check afterwards removes
+        doubles from the incident folder.
 
-        NOTE: across worker processes the search before each upload only narrows
-        the race. Two workers that quarantine the same message for the same
-        incident at the same moment can each upload an evidence copy.
+        NOTE: a draft that a process uploaded and could not move before it crashed
+        is reused only while the incident folder is empty. Once another process
+        has filed a copy, that draft stays in Drafts.
         """
         quarantine = self.settings.quarantine_mailbox
         lock = self._evidence_locks.get(bare)
@@ -1084,9 +1086,17 @@ class GraphPlatform(MailPlatform):
     async def _verify_evidence(
         self, bare: str, incident_id: str, folder_id: str
     ) -> None:
+        """Check that the incident folder holds the evidence copy; remove doubles.
+
+        Every process keeps the filed copy with the smallest id and deletes the
+        other filed copies, so processes that race agree on the copy that stays.
+        """
         quarantine = self.settings.quarantine_mailbox
         messages = await self._search(quarantine, bare, MESSAGE_FIELDS)
-        if not any(message.parent_folder_id == folder_id for message in messages):
+        filed = sorted(
+            str(m.id) for m in messages if m.id and m.parent_folder_id == folder_id
+        )
+        if not filed:
             raise TransientError(
                 f"The evidence copy of <{bare}> for incident {incident_id} is not in "
                 f"folder {incident_id!r} of mailbox {quarantine}; the originals were "
@@ -1095,6 +1105,26 @@ class GraphPlatform(MailPlatform):
                 message_id=bare,
                 platform=PLATFORM,
             )
+        for item_id in filed[1:]:
+            await self._delete_evidence(bare, incident_id, item_id)
+
+    async def _delete_evidence(self, bare: str, incident_id: str, item_id: str) -> None:
+        quarantine = self.settings.quarantine_mailbox
+        builder = (
+            self._graph.users.by_user_id(quarantine)
+            .messages.by_message_id(item_id)
+            .permanent_delete
+        )
+        try:
+            await self._call(quarantine, bare, lambda: builder.post())
+        except NotFoundError:
+            return  # another process deleted it first
+        logger.info(
+            "Deleted a second evidence copy mailbox=%s message_id=%s incident=%s",
+            quarantine,
+            bare,
+            incident_id,
+        )
 
     # --- the error boundary -----------------------------------------------------------
 

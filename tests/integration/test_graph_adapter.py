@@ -235,6 +235,30 @@ async def test_quarantine_three_mailboxes_one_evidence(
     assert evidence[0]["marker_headers"]["X-Autopull-Original-Mailbox"] in mailboxes
 
 
+async def test_quarantine_two_workers_keep_one_evidence(
+    graph_sim: GraphSimulator,
+) -> None:
+    assert graph_sim.base_url is not None
+    workers = [GraphPlatform(adapter_settings(graph_sim.base_url)) for _ in range(2)]
+    mailboxes = ["alice@example.com", "bob@example.com"]
+
+    try:
+        await asyncio.gather(
+            *(
+                worker.quarantine(mailbox, M1, "INC-1")
+                for worker, mailbox in zip(workers, mailboxes, strict=True)
+            )
+        )
+    finally:
+        for worker in workers:
+            await worker.close()
+
+    assert [row["folder"] for row in evidence_of(graph_sim, M1)] == ["INC-1"]
+    for mailbox in mailboxes:
+        rows = copies_of(graph_sim, mailbox, "M1")
+        assert [row["folder"] for row in rows] == [HIDDEN], mailbox
+
+
 async def test_quarantine_reports_copies_as_they_were(graph: GraphPlatform) -> None:
     bob = await graph.quarantine("bob@example.com", M1, "INC-1")
     carol = await graph.quarantine("carol@example.com", M1, "INC-1")

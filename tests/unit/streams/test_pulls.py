@@ -1,3 +1,5 @@
+import asyncio
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -171,3 +173,40 @@ async def test_restore_without_marked_copy_is_not_found():
     result = await execute(command("restore"), lambda m: platform, FAST)
     assert result.outcome["status"] == "not_found"
     assert result.outcome["error_class"] == "not_found"
+
+
+class StalledPlatform(ScriptedPlatform):
+    """Never answers the first `stalls` calls, then answers like ScriptedPlatform."""
+
+    def __init__(self, stalls, *answers):
+        super().__init__(*answers)
+        self.stalls = stalls
+
+    async def quarantine(self, mailbox, message_id, incident_id):
+        if self.stalls > 0:
+            self.stalls -= 1
+            self.calls += 1
+            await asyncio.Event().wait()
+        return await super().quarantine(mailbox, message_id, incident_id)
+
+
+BOUNDED = dataclasses.replace(FAST, attempt_timeout_seconds=0.05)
+
+
+async def test_stalled_attempt_is_retried():
+    platform = StalledPlatform(1, done())
+    result = await asyncio.wait_for(execute(command(), lambda m: platform, BOUNDED), 5)
+    assert result.outcome["status"] == "quarantined"
+    assert result.outcome["attempts"] == 2
+    assert platform.calls == 2
+
+
+async def test_always_stalled_pull_is_parked():
+    platform = StalledPlatform(3)
+    result = await asyncio.wait_for(execute(command(), lambda m: platform, BOUNDED), 5)
+    assert result.outcome["status"] == "throttled"
+    assert result.outcome["error_class"] == "transient"
+    assert "timed out after 0.05 s" in result.outcome["error"]
+    assert result.outcome["attempts"] == 3
+    assert result.parked is not None
+    assert result.parked["attempt"] == 2
