@@ -86,7 +86,7 @@ THROTTLING_CODES = frozenset(
     {"ApplicationThrottled", "TooManyRequests", "ErrorServerBusy"}
 )
 NOT_FOUND_CODES = frozenset(
-    {"ErrorItemNotFound", "ErrorInvalidUser", "ResourceNotFound", "ErrorFolderNotFound"}
+    {"ErrorItemNotFound", "ResourceNotFound", "ErrorFolderNotFound"}
 )
 TRANSIENT_STATUSES = frozenset({408, 409, 412, 423, 425})
 MESSAGE_FIELDS = ["id", "internetMessageId", "parentFolderId", "isRead", "subject"]
@@ -342,6 +342,14 @@ def _map_api_error(
         return PermanentError(
             f"Graph cannot reach {where} ({detail}); the mailbox is inactive or "
             "hosted on-premises, so route it to the Exchange (EWS) platform.",
+            **context,
+        )
+    if code == "ErrorInvalidUser":
+        # No such user in the tenant: a routing or address problem, not a message
+        # that is simply gone, so the pull fails and the incident stays open.
+        return PermanentError(
+            f"Graph has no mailbox {where} in this tenant ({detail}); check the "
+            "address, the routing table, or whether it is a list to expand.",
             **context,
         )
     if status == 404 or code in NOT_FOUND_CODES:

@@ -199,11 +199,12 @@ async def test_find_reads_every_page(
     assert len(pages) == 3
 
 
-async def test_find_missing_mailbox_is_not_found(graph: GraphPlatform) -> None:
-    with pytest.raises(NotFoundError) as caught:
+async def test_find_missing_mailbox_fails(graph: GraphPlatform) -> None:
+    with pytest.raises(PermanentError) as caught:
         await graph.find("nobody@example.com", M1)
 
     assert caught.value.mailbox == "nobody@example.com"
+    assert "no mailbox" in str(caught.value)
 
 
 async def test_find_ignores_brackets_and_space(graph: GraphPlatform) -> None:
@@ -827,7 +828,7 @@ MAPPING_CASES: list[tuple[str, BaseException, type[ConnectorError], float | None
     ("401", odata_error(401, "InvalidAuthenticationToken"), PermanentError, None),
     ("403", odata_error(403, "ErrorAccessDenied"), PermanentError, None),
     ("404 item", odata_error(404, "ErrorItemNotFound"), NotFoundError, None),
-    ("404 user", odata_error(404, "ErrorInvalidUser"), NotFoundError, None),
+    ("404 user", odata_error(404, "ErrorInvalidUser"), PermanentError, None),
     (
         "on-premises",
         odata_error(404, "MailboxNotEnabledForRESTAPI"),
