@@ -1,7 +1,7 @@
 """The REST API, health probes and metrics on the worker's web server.
 
 Incidents are served from a read model that follows the compacted incidents topic
-from its start, so any worker answers for every incident, whichever partition owns
+from its start, so any worker serves every incident, whichever partition owns
 it. Changes go to incident.events as commands for the incident agent.
 """
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROLE_RANK = {"read": 0, "analyst": 1, "admin": 2}
-# Which role each command needs: releasing a whole incident is an admin's call.
+# The role each command needs. Releasing a whole incident needs admin instead.
 COMMAND_ROLES: dict[str, Role] = {
     "approve": "analyst",
     "reject": "analyst",
@@ -284,7 +284,7 @@ async def _send(
     body: dict[str, str],
     key_name: str,
 ) -> Response:
-    # The actor is the API key's name, so the history says who really acted.
+    # The actor is the API key's name, so the history records who really acted.
     actor = f"api:{key_name}"
     text = body.get("comment") or body.get("text")
     try:

@@ -159,7 +159,7 @@ def _start_graph(paths: DemoPaths, console: Console) -> None:
         return
     if healthy:
         raise SystemExit(
-            f"error: a simulator that this demo did not start answers on "
+            f"error: a simulator that this demo did not start listens on "
             f"{_graph_url()}; stop it, or set AUTOPULL_DEMO_GRAPH_PORT to a free port."
         )
 
@@ -204,7 +204,7 @@ def _stop_services(paths: DemoPaths, console: Console, *, wipe: bool) -> None:
         console.print(f"Stopped the Microsoft 365 simulator (pid {pid}).")
     elif _graph_healthy():
         console.print(
-            f"[yellow]A simulator this demo did not start answers on {_graph_url()}; "
+            f"[yellow]A simulator this demo did not start listens on {_graph_url()}; "
             "it was left running.[/yellow]"
         )
     (paths.state / "graph-sim.pid").unlink(missing_ok=True)

@@ -138,7 +138,7 @@ class Settings(BaseSettings):
         default=64, ge=1, description="Pull commands processed together by one agent."
     )
     pull_batch_seconds: float = Field(
-        default=0.5, gt=0, description="Longest wait to fill a pull batch, in seconds."
+        default=0.5, gt=0, description="Maximum wait to fill a pull batch, in seconds."
     )
     pull_max_attempts: int = Field(
         default=5, ge=1, description="Attempts of a throttled pull before it is parked."
@@ -146,13 +146,13 @@ class Settings(BaseSettings):
     pull_attempt_timeout_seconds: float = Field(
         default=300.0,
         gt=0,
-        description="Longest time one platform attempt of a pull may take, in seconds; "
+        description="Maximum time one platform attempt of a pull may take, in seconds; "
         "a slower attempt counts as a transient failure and is retried.",
     )
     pull_max_wait_seconds: float = Field(
         default=60.0,
         gt=0,
-        description="Longest in-process wait for a throttled pull, in seconds; longer "
+        description="Maximum in-process wait for a throttled pull, in seconds; longer "
         "waits park the command on its topic.",
     )
     incident_window_hours: float = Field(
