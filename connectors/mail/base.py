@@ -11,6 +11,8 @@ import abc
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from autopull.connectors.errors import PermanentError
+
 
 @dataclass(frozen=True)
 class MessageCopy:
@@ -56,6 +58,23 @@ class SentMessage:
     recipients: tuple[str, ...]
     subject: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+
+
+def required_message_id(message_id: str, platform: str) -> str:
+    """Return the Message-ID without surrounding white space and angle brackets.
+
+    Raises `PermanentError` for an empty id, because no search can find a message
+    by it.
+    """
+    bare = message_id.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1].strip()
+    if not bare:
+        raise PermanentError(
+            f"The Message-ID {message_id!r} is empty; an alert must name a message.",
+            platform=platform,
+        )
+    return bare
 
 
 class MailPlatform(abc.ABC):

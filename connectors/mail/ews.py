@@ -79,7 +79,7 @@ from ..errors import (
     ThrottledError,
     TransientError,
 )
-from .base import MailPlatform, MessageCopy, QuarantineResult
+from .base import MailPlatform, MessageCopy, QuarantineResult, required_message_id
 
 logger = logging.getLogger(__name__)
 
@@ -576,7 +576,7 @@ class EwsPlatform(MailPlatform):
 
     async def find(self, mailbox: str, message_id: str) -> list[MessageCopy]:
         """Find every copy in the mailbox's folder tree, deleted items and junk too."""
-        job = _Job(mailbox.lower(), bare_message_id(message_id))
+        job = _Job(mailbox.lower(), required_message_id(message_id, PLATFORM))
         copies = await self._locate(job, job.mailbox)
         return [copy.public(job.mailbox, job.bare) for copy in copies]
 
@@ -593,7 +593,7 @@ class EwsPlatform(MailPlatform):
         stored copy or both, so running the quarantine again finishes the work
         without a second copy.
         """
-        job = _Job(mailbox.lower(), bare_message_id(message_id))
+        job = _Job(mailbox.lower(), required_message_id(message_id, PLATFORM))
         _check_header_value(incident_id, "incident id")
 
         # Step 1: find every copy, and the copies an earlier run stored already.
@@ -655,7 +655,7 @@ class EwsPlatform(MailPlatform):
         its read state, unless an interrupted restore already did. Step 3 verifies
         the restored copies and step 4 deletes the stored ones.
         """
-        job = _Job(mailbox.lower(), bare_message_id(message_id))
+        job = _Job(mailbox.lower(), required_message_id(message_id, PLATFORM))
 
         # Step 1: the stored copies, and what the mailbox holds now.
         stored = await self._stored_copies(job, incident_id, create=False)
@@ -1250,19 +1250,6 @@ def _by_original_folder(stored: list[_Copy]) -> dict[str, list[_Copy]]:
         assert copy.marker is not None
         groups.setdefault(copy.marker.folder_id, []).append(copy)
     return groups
-
-
-def bare_message_id(message_id: str) -> str:
-    """Return the Message-ID without surrounding white space and angle brackets."""
-    bare = message_id.strip()
-    if bare.startswith("<") and bare.endswith(">"):
-        bare = bare[1:-1].strip()
-    if not bare:
-        raise PermanentError(
-            f"The Message-ID {message_id!r} is empty; an alert must name a message.",
-            platform=PLATFORM,
-        )
-    return bare
 
 
 def _same_message_id(found: str | None, bare: str) -> bool:

@@ -68,7 +68,7 @@ from ..errors import (
     ThrottledError,
     TransientError,
 )
-from .base import MailPlatform, MessageCopy, QuarantineResult
+from .base import MailPlatform, MessageCopy, QuarantineResult, required_message_id
 
 logger = logging.getLogger(__name__)
 
@@ -526,7 +526,7 @@ class GraphPlatform(MailPlatform):
         Copies already in the hidden quarantine folder are left out; see
         `find_quarantined`.
         """
-        bare = bare_message_id(message_id)
+        bare = required_message_id(message_id, PLATFORM)
         located = await self._locate(mailbox, bare)
         return [copy.public(mailbox, bare) for copy in located.visible]
 
@@ -534,7 +534,7 @@ class GraphPlatform(MailPlatform):
         self, mailbox: str, message_id: str
     ) -> list[MessageCopy]:
         """Find the copies that sit in the mailbox's hidden quarantine folder."""
-        bare = bare_message_id(message_id)
+        bare = required_message_id(message_id, PLATFORM)
         located = await self._locate(mailbox, bare)
         return [copy.public(mailbox, bare) for copy in located.quarantined]
 
@@ -550,7 +550,7 @@ class GraphPlatform(MailPlatform):
         between steps leaves the message findable and the marker in place, so
         running the quarantine again finishes the work.
         """
-        bare = bare_message_id(message_id)
+        bare = required_message_id(message_id, PLATFORM)
         _check_header_value(incident_id, "incident id")
 
         # Step 1: find every copy.
@@ -637,7 +637,7 @@ class GraphPlatform(MailPlatform):
         read state is restored and its marker cleared. Copies that an interrupted
         restore already moved back only get this second part.
         """
-        bare = bare_message_id(message_id)
+        bare = required_message_id(message_id, PLATFORM)
         located = await self._locate(mailbox, bare)
         if not located.visible and not located.quarantined:
             raise NotFoundError(
@@ -1183,19 +1183,6 @@ class GraphPlatform(MailPlatform):
 
 
 # --- helpers --------------------------------------------------------------------------
-
-
-def bare_message_id(message_id: str) -> str:
-    """Return the Message-ID without surrounding white space and angle brackets."""
-    bare = message_id.strip()
-    if bare.startswith("<") and bare.endswith(">"):
-        bare = bare[1:-1].strip()
-    if not bare:
-        raise PermanentError(
-            f"The Message-ID {message_id!r} is empty; an alert must name a message.",
-            platform=PLATFORM,
-        )
-    return bare
 
 
 def odata_string(value: str) -> str:
