@@ -2,8 +2,8 @@
 
 It starts (or reuses) a local Kafka broker and the Microsoft 365 simulator, runs a
 worker process, ingests every alert in examples/alerts/, waits until each copy the
-plan says to pull has a final outcome, and prints one row per copy. Broker and
-simulator keep running for the next run; `--stop` stops them.
+plan pulls has a final outcome, and prints one row per copy. Broker and
+simulator keep running for the next run, and `--stop` stops them.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def campaign_key(alert: Record) -> str:
 
     The TAP campaign id wins. Otherwise a fingerprint of the threat (malicious URL
     host and path, attachment hashes, sender domain) lets alerts from different
-    sources about the same threat join; a message without any of these groups by
+    sources about the same threat join. A message without any of these groups by
     its Message-ID.
     """
     if alert.get("campaign_id"):

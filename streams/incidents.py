@@ -26,7 +26,7 @@ WITHDRAWN_STATUSES = frozenset({"cleared", "false_positive"})
 
 
 class DecisionLike(Protocol):
-    """What the policy returns for one message in one mailbox."""
+    """A policy decision for one message in one mailbox."""
 
     @property
     def mailbox(self) -> str: ...

@@ -122,7 +122,10 @@ def run_show(
 
 
 def _result_cells(row: dict[str, Any]) -> list[str]:
-    read = "-" if row["read"] is None else ("read" if row["read"] else "unread")
+    if row["read"] is None:
+        read = "-"
+    else:
+        read = "read" if row["read"] else "unread"
     return [
         row["mailbox"],
         row["message_id"],

@@ -1,4 +1,4 @@
-"""Which mail platform serves a mailbox.
+"""Routing of each mailbox to the mail platform that serves it.
 
 The routing table maps an exact address or a domain to a platform name (graph,
 ews, imap), so one deployment serves a hybrid organisation. An address wins over

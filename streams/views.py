@@ -1,4 +1,4 @@
-"""How incidents are shown to people and scripts: list rows and result rows.
+"""Incident views for people and scripts: list rows and result rows.
 
 Result rows follow the per-mailbox quarantine results that security teams know
 from incident-response products: one row per mailbox action.
