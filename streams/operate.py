@@ -121,11 +121,11 @@ def run_show(
     return 0
 
 
+READ_STATES = {None: "-", True: "read", False: "unread"}
+
+
 def _result_cells(row: dict[str, Any]) -> list[str]:
-    if row["read"] is None:
-        read = "-"
-    else:
-        read = "read" if row["read"] else "unread"
+    read = READ_STATES[row["read"]]
     return [
         row["mailbox"],
         row["message_id"],
