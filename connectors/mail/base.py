@@ -58,6 +58,41 @@ class SentMessage:
     recipients: tuple[str, ...]
     subject: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    attachment_hashes: tuple[str, ...] = ()
+    urls: tuple[str, ...] = ()
+    attached_message_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One row of a platform's message trace (Exchange message tracking log).
+
+    `event` is the tracking event id (RECEIVE, DELIVER, REDIRECT, EXPAND, ...) and
+    `source` the component that logged it (SMTP, STOREDRIVER, MAILBOXRULE, AGENT).
+    `related_recipient` links a new recipient to the original one on EXPAND,
+    REDIRECT and RESOLVE rows. `reference` names the message that made an inbox
+    rule generate this one.
+    """
+
+    message_id: str
+    event: str
+    at: datetime
+    source: str = ""
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    related_recipient: str | None = None
+    reference: str | None = None
+    internal_message_id: str | None = None
+    subject: str | None = None
+
+
+@dataclass(frozen=True)
+class ForwardingRule:
+    """A rule of a mailbox that sends its mail on: a redirect or a forward."""
+
+    mailbox: str
+    targets: tuple[str, ...]
+    kind: str = "redirect"
 
 
 def required_message_id(message_id: str, platform: str) -> str:
@@ -105,6 +140,20 @@ class MailPlatform(abc.ABC):
     async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
         """List the messages `mailbox` sent since `since`, for forward tracing."""
         raise NotImplementedError(f"{self.name} does not list sent messages yet.")
+
+    async def message_trace(self, message_id: str, since: datetime) -> list[TraceEvent]:
+        """Return the platform's message trace rows of `message_id` since `since`.
+
+        Platforms without a message trace return no rows.
+        """
+        return []
+
+    async def forwarding_rules(self, mailbox: str) -> list[ForwardingRule]:
+        """Return the rules of `mailbox` that redirect or forward its mail.
+
+        Platforms that cannot read such rules return none.
+        """
+        return []
 
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release connections; the default has nothing to release."""
