@@ -92,7 +92,7 @@ class Pipeline:
         self.ledger = self._table("ledger", None)
         self.metrics = Metrics()
         self.intel = load_intel(settings)
-        if self.intel is not None:
+        if self.intel is not None and settings.intel.feeds:
             watch_feeds(self.app, self.intel, settings.intel.reload_seconds)
         pipeline.register_agents(self)
         register_tap_poller(self)

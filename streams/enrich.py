@@ -37,10 +37,19 @@ class DirectoryLike(Protocol):
     async def expand(self, address: str) -> Expansion: ...
 
 
+class IntelAnswerLike(Protocol):
+    """IntelHit records, and the names of the providers that could not be asked."""
+
+    @property
+    def hits(self) -> list[Record]: ...
+    @property
+    def unavailable(self) -> list[str]: ...
+
+
 class IntelLike(Protocol):
     """The part of the intel lookups that enrichment uses."""
 
-    def lookup_alert(self, alert: Record) -> list[Record]: ...
+    async def lookup_alert(self, alert: Record) -> IntelAnswerLike: ...
 
 
 def campaign_key(alert: Record) -> str:
@@ -156,15 +165,23 @@ async def enrich(
     directory: DirectoryLike | None = None,
     intel: IntelLike | None = None,
 ) -> Record:
-    """Build the EnrichedAlert for `alert`."""
+    """Build the EnrichedAlert for `alert`.
+
+    An intel provider that cannot be asked does not stop the alert: its name goes
+    into `unavailable` and the hits of the other sources are kept.
+    """
     recipients = await resolve_recipients(_addresses(alert), directory)
-    hits = intel.lookup_alert(alert) if intel is not None else []
+    hits: list[Record] = []
+    unavailable: list[str] = []
+    if intel is not None:
+        answer = await intel.lookup_alert(alert)
+        hits, unavailable = list(answer.hits), list(answer.unavailable)
     return {
         "alert": alert,
         "campaign_key": campaign_key(alert),
         "intel_hits": hits,
         "recipients": recipients,
-        "unavailable": [],
+        "unavailable": unavailable,
     }
 
 
