@@ -265,6 +265,34 @@ class CatalogEntry:
     note: str | None = None
 
 
+class _ItemIndex(dict[str, Item]):
+    """Items by id that also index their ids by mailbox, for per-mailbox lookups.
+
+    An item never changes mailbox (a move stays inside one), so the index follows
+    only additions and removals.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_mailbox: dict[str, dict[str, Item]] = {}
+
+    def __setitem__(self, item_id: str, item: Item) -> None:
+        previous = self.get(item_id)
+        if previous is not None:
+            self.by_mailbox[previous.mailbox].pop(item_id, None)
+        super().__setitem__(item_id, item)
+        self.by_mailbox.setdefault(item.mailbox, {})[item_id] = item
+
+    def __delitem__(self, item_id: str) -> None:
+        item = self[item_id]
+        super().__delitem__(item_id)
+        self.by_mailbox[item.mailbox].pop(item_id, None)
+
+    def clear(self) -> None:
+        super().clear()
+        self.by_mailbox.clear()
+
+
 class World:
     """The live mail world: mailboxes, folders and items, saved to a state file."""
 
@@ -280,7 +308,7 @@ class World:
             tenant.domain.lower(): tenant for tenant in scenario.tenants
         }
         self.mailboxes: dict[str, Mailbox] = {}
-        self.items: dict[str, Item] = {}
+        self.items: _ItemIndex = _ItemIndex()
         self.catalog: dict[str, CatalogEntry] = {}
         self.serial = 0
 
@@ -565,9 +593,7 @@ class World:
     def items_of(self, address: str, folder_id: str | None = None) -> Iterator[Item]:
         """Iterate the items of a mailbox, or of one of its folders."""
         key = address.lower()
-        for item in self.items.values():
-            if item.mailbox != key:
-                continue
+        for item in list(self.items.by_mailbox.get(key, {}).values()):
             if folder_id is not None and item.folder_id != folder_id:
                 continue
             yield item

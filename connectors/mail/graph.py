@@ -512,6 +512,10 @@ class GraphPlatform(MailPlatform):
         )
         self._hidden_folders: dict[str, str] = {}
         self._incident_folders: dict[str, str] = {}
+        # (incident id, bare Message-ID) pairs with a verified evidence copy. Later
+        # quarantines of the same message skip the quarantine mailbox, which has
+        # the request limits of any other mailbox.
+        self._evidence_verified: set[tuple[str, str]] = set()
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -602,6 +606,7 @@ class GraphPlatform(MailPlatform):
             # finds the copy again, and the folders are looked up afresh.
             self._hidden_folders.pop(mailbox.lower(), None)
             self._incident_folders.pop(incident_id, None)
+            self._evidence_verified.discard((incident_id, bare))
             raise TransientError(
                 f"A copy of <{bare}> in mailbox {mailbox} changed while it was being "
                 "quarantined; the quarantine will be retried.",
@@ -984,9 +989,13 @@ class GraphPlatform(MailPlatform):
         upload and file one at the same moment, so the check afterwards removes
         doubles from the incident folder.
 
+        Once verified, the copy is remembered for the life of the adapter, so only
+        the first quarantine of a message costs requests in the quarantine mailbox.
+
         NOTE: a draft that a process uploaded and could not move before it crashed
         is reused only while the incident folder is empty. Once another process
-        has filed a copy, that draft stays in Drafts.
+        has filed a copy, that draft stays in Drafts. An evidence copy deleted by
+        hand after it was verified is not uploaded again until the adapter restarts.
         """
         quarantine = self.settings.quarantine_mailbox
         lock = self._evidence_locks.get(bare)
@@ -994,6 +1003,8 @@ class GraphPlatform(MailPlatform):
             lock = asyncio.Lock()
             self._evidence_locks[bare] = lock
         async with lock:
+            if (incident_id, bare) in self._evidence_verified:
+                return f"{quarantine}/{incident_id}"
             folder_id = await self._incident_folder(incident_id, bare)
             copies = await self._search(
                 quarantine, bare, [*MESSAGE_FIELDS, "internetMessageHeaders"]
@@ -1012,6 +1023,7 @@ class GraphPlatform(MailPlatform):
                 )
                 await self._move(quarantine, bare, item_id, folder_id)
             await self._verify_evidence(bare, incident_id, folder_id)
+            self._evidence_verified.add((incident_id, bare))
         return f"{quarantine}/{incident_id}"
 
     async def _incident_folder(self, incident_id: str, bare: str) -> str:

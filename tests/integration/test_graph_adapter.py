@@ -236,6 +236,22 @@ async def test_quarantine_three_mailboxes_one_evidence(
     assert evidence[0]["marker_headers"]["X-Autopull-Original-Mailbox"] in mailboxes
 
 
+async def test_quarantine_evidence_requests_sent_once(
+    graph: GraphPlatform, graph_sim: GraphSimulator
+) -> None:
+    def quarantine_requests() -> int:
+        return sum(1 for e in graph_sim.log if e.mailbox == QUARANTINE)
+
+    await graph.quarantine("alice@example.com", M1, "INC-1")
+    after_first = quarantine_requests()
+    await graph.quarantine("bob@example.com", M1, "INC-1")
+    await graph.quarantine("carol@example.com", M1, "INC-1")
+
+    assert after_first > 0
+    assert quarantine_requests() == after_first
+    assert [row["folder"] for row in evidence_of(graph_sim, M1)] == ["INC-1"]
+
+
 async def test_quarantine_two_workers_keep_one_evidence(
     graph_sim: GraphSimulator,
 ) -> None:

@@ -238,6 +238,24 @@ def test_world_move_gives_new_id_and_drops_old() -> None:
         world.item("alice@example.com", old_id)
 
 
+def test_world_items_of_follows_moves_and_removals() -> None:
+    scenario = small_scenario()
+    scenario["mailboxes"].append({"address": "bob@example.com"})
+    scenario["messages"][0]["deliveries"].append({"mailbox": "bob@example.com"})
+    world = World.from_scenario(scenario)
+    first, second = (item.item_id for item in world.items_of("alice@example.com"))
+    junk = world.folder("alice@example.com", "junkemail")
+
+    moved = world.move_item("alice@example.com", first, junk.folder_id, NOW)
+    world.remove_item("alice@example.com", second)
+
+    alice = [item.item_id for item in world.items_of("ALICE@example.com")]
+    in_junk = [i.item_id for i in world.items_of("alice@example.com", junk.folder_id)]
+    assert alice == [moved.item_id]
+    assert in_junk == [moved.item_id]
+    assert len(list(world.items_of("bob@example.com"))) == 1
+
+
 def test_world_copy_keeps_original() -> None:
     world = World.from_scenario(small_scenario())
     item = next(iter(world.items.values()))
