@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +46,49 @@ def test_expected_file_has_alert(expected_file: Path) -> None:
     stem = expected_file.name.removesuffix(".expected.jsonl")
 
     assert (EXAMPLES / f"{stem}.json").is_file() or (EXAMPLES / f"{stem}.xml").is_file()
+
+
+def test_plan_command_prints_expected_lines() -> None:
+    # One process for every file, because starting the command takes seconds. The
+    # lines of each file follow one another, in the order of the arguments.
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("AUTOPULL_")
+    }
+    expected = [
+        line
+        for alert_file in ALERT_FILES
+        for line in alert_file.with_name(alert_file.stem + ".expected.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "autopull.streams.cli", "plan", "--json"]
+        + [str(path) for path in ALERT_FILES],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.stderr == ""
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == expected
+
+
+@pytest.mark.parametrize(
+    "event_class",
+    ["message_delivered", "message_blocked", "click_permitted", "click_blocked"],
+)
+def test_examples_one_tap_file_per_event_class(event_class: str) -> None:
+    single_class_files = []
+    for alert_file in sorted(EXAMPLES.glob("tap-*.json")):
+        expected = alert_file.with_name(alert_file.stem + ".expected.jsonl")
+        classes = {json.loads(line)["event_class"] for line in expected.open()}
+        if classes == {event_class}:
+            single_class_files.append(alert_file.name)
+
+    assert single_class_files
