@@ -28,6 +28,11 @@ class TtlCache(Generic[K, V]):
     `time.monotonic` unless another one is given, in seconds.
     """
 
+    # NOTE: each worker keeps its own cache, which a restart loses. It is no
+    # changelogged Faust table, because the enrich agent's input is keyed by alert
+    # id and not by address, and re-keying every lookup through a topic costs more
+    # than it saves (docs/directory.md, "Why the cache is not a Faust table").
+
     def __init__(
         self, max_entries: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
