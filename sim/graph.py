@@ -10,7 +10,13 @@ draft. Path segments, query names and query values are percent-decoded, and a ra
 `+` in the query string is decoded as a space, as web servers do. Errors are OData
 error bodies. Each mailbox gets Graph's per-mailbox throttling: at most
 `concurrency_limit` requests in flight and `window_requests` requests per
-`window_seconds`, with 429 and Retry-After beyond either.
+`window_seconds`, with 429 and Retry-After beyond either, and the app as a whole
+gets `app_window_requests` per `app_window_seconds`. JSON `$batch` (at most 20
+requests, fully parallel or one `dependsOn` chain) runs each inner request through
+the same limits, so the fifth parallel request to one mailbox gets its own 429.
+
+Throttling windows, Retry-After and latency follow the running event loop's
+clock, so under `autopull.sim.clock.VirtualTimeLoop` long waits pass at once.
 
 Paths under `/_sim/` are the simulator's own admin API, not Graph: reset, fault
 injection, the request log, settings, and views of the state for tests and the demo.
@@ -35,11 +41,13 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar, cast
 from urllib.parse import parse_qsl, quote, unquote, unquote_plus
 
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
+from .graph_batch import BatchError, BatchItem, parse_batch
 from .world import (
     RECOVERABLE_FOLDER,
     ROOT_FOLDER,
@@ -103,12 +111,14 @@ JSON_CONTENT_TYPE = (
 class GraphSimSettings:
     """Behaviour knobs; the admin API can change them while the simulator runs.
 
-    `latency_ms` delays every Graph request. `concurrency_limit`, `window_requests`
-    and `window_seconds` are the per-mailbox limits. `page_size` is the default
-    page of a collection. `folder_exists_status` is 400 or 409, because Graph has
-    been seen to send both for a duplicate folder name. Request bodies above
-    `max_request_bytes` get 413, and Microsoft support gives Graph's limit as
-    about 4 MB.
+    `latency_ms` delays every Graph request, inner requests of a batch included.
+    `concurrency_limit`, `window_requests` and `window_seconds` are the per-mailbox
+    limits, and `app_window_requests` per `app_window_seconds` the limit of the app
+    across all mailboxes (Graph publishes 130,000 requests per 10 seconds).
+    `page_size` is the default page of a collection. `folder_exists_status` is 400
+    or 409, because Graph has been seen to send both for a duplicate folder name.
+    Request bodies above `max_request_bytes` get 413, and Microsoft support gives
+    Graph's limit as about 4 MB.
     """
 
     latency_ms: float = 0.0
@@ -116,6 +126,9 @@ class GraphSimSettings:
     concurrency_retry_after: int = 1
     window_requests: int = 10_000
     window_seconds: float = 600.0
+    app_window_requests: int = 130_000
+    app_window_seconds: float = 10.0
+    max_batch_requests: int = 20
     page_size: int = 10
     max_page_size: int = 1000
     token_lifetime: int = 3599
@@ -1027,8 +1040,22 @@ def _unauthorized(message: str) -> GraphError:
 # --- throttling, faults, request log --------------------------------------------------
 
 
+class LimitError(GraphError):
+    """A 429 from one of the simulated limits; `limit` names which one."""
+
+    def __init__(self, limit: str, message: str, retry_after: int) -> None:
+        super().__init__(
+            429,
+            "ApplicationThrottled",
+            message,
+            headers={"Retry-After": str(retry_after)},
+        )
+        self.limit = limit
+
+
 class MailboxThrottle:
-    """Graph's per-mailbox limits: concurrent requests and requests per window."""
+    """Graph's limits: per mailbox, concurrent requests and requests per window, and
+    requests per window for the app as a whole."""
 
     def __init__(self, settings: GraphSimSettings, clock: Callable[[], float]) -> None:
         self.settings = settings
@@ -1036,31 +1063,40 @@ class MailboxThrottle:
         self.in_flight: dict[str, int] = {}
         self.peak_in_flight: dict[str, int] = {}
         self.windows: dict[str, deque[float]] = {}
+        self.app_window: deque[float] = deque()
 
     def acquire(self, mailbox: str) -> None:
-        """Take a slot for one request, or raise a 429 GraphError."""
+        """Take a slot for one request, or raise a 429 `LimitError`."""
         if self.in_flight.get(mailbox, 0) >= self.settings.concurrency_limit:
-            raise GraphError(
-                429,
-                "ApplicationThrottled",
+            raise LimitError(
+                "concurrency",
                 "Application is over its MailboxConcurrency limit.",
-                headers={"Retry-After": str(self.settings.concurrency_retry_after)},
+                self.settings.concurrency_retry_after,
             )
         now = self.clock()
         window = self.windows.setdefault(mailbox, deque())
-        while window and window[0] <= now - self.settings.window_seconds:
-            window.popleft()
+        _expire(window, now - self.settings.window_seconds)
         if len(window) >= self.settings.window_requests:
             wait = window[0] + self.settings.window_seconds - now
-            raise GraphError(
-                429,
-                "ApplicationThrottled",
+            raise LimitError(
+                "mailbox_window",
                 "Application is over its MailboxRequests limit of "
                 f"{self.settings.window_requests} requests per "
                 f"{self.settings.window_seconds:g} seconds.",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                max(1, math.ceil(wait)),
+            )
+        _expire(self.app_window, now - self.settings.app_window_seconds)
+        if len(self.app_window) >= self.settings.app_window_requests:
+            wait = self.app_window[0] + self.settings.app_window_seconds - now
+            raise LimitError(
+                "app_window",
+                "Application is over its limit of "
+                f"{self.settings.app_window_requests} requests per "
+                f"{self.settings.app_window_seconds:g} seconds.",
+                max(1, math.ceil(wait)),
             )
         window.append(now)
+        self.app_window.append(now)
         self.in_flight[mailbox] = self.in_flight.get(mailbox, 0) + 1
         self.peak_in_flight[mailbox] = max(
             self.peak_in_flight.get(mailbox, 0), self.in_flight[mailbox]
@@ -1073,6 +1109,20 @@ class MailboxThrottle:
         self.in_flight.clear()
         self.peak_in_flight.clear()
         self.windows.clear()
+        self.app_window.clear()
+
+
+def _expire(window: deque[float], before: float) -> None:
+    while window and window[0] <= before:
+        window.popleft()
+
+
+def loop_time() -> float:
+    """Return the running event loop's clock, or monotonic time outside a loop."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 _FAULT_DEFAULTS = {
@@ -1164,6 +1214,13 @@ class LoggedRequest:
     retry_attempt: str | None = None
     content_type: str | None = None
     duration_ms: float | None = None
+    # Seconds on the simulator's clock when the request arrived.
+    at: float | None = None
+    # The seq of the $batch request that carried this one.
+    batch: int | None = None
+    # The id of the fault rule that produced the response, or the limit behind a 429.
+    fault: int | None = None
+    limit: str | None = None
 
 
 # --- the simulator --------------------------------------------------------------------
@@ -1188,11 +1245,44 @@ class GraphRequest:
 Handler = Callable[[GraphRequest, list[str]], Awaitable[web.StreamResponse]]
 
 
+class _InnerRequest:
+    """One request of a $batch, with the attributes of `web.Request` handlers use."""
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        outer: web.Request,
+    ) -> None:
+        self.method = method
+        self.raw_path = target
+        self.headers = CIMultiDictProxy(headers)
+        self._body = body
+        self.scheme = outer.scheme
+        self.host = outer.host
+        self.transport = None
+        self.content_length = len(body)
+        self.content_type = (
+            headers.get("Content-Type", "application/octet-stream")
+            .split(";")[0]
+            .strip()
+        )
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def json(self) -> Any:
+        return json.loads(self._body)
+
+
 class GraphSimulator:
     """The Graph simulator: an aiohttp application over a `World`.
 
-    `clock` is monotonic time for throttling windows and `wall_clock` is epoch
-    seconds for token lifetimes; both can be replaced to test long waits quickly.
+    `clock` is monotonic time for throttling windows (by default the running
+    event loop's clock) and `wall_clock` is epoch seconds for token lifetimes; both
+    can be replaced to test long waits quickly.
     """
 
     ROUTES: ClassVar[list[tuple[str, tuple[str, ...], str]]] = [
@@ -1241,7 +1331,7 @@ class GraphSimulator:
         settings: GraphSimSettings | None = None,
         *,
         scenario_path: Path | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = loop_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.world = world
@@ -1269,7 +1359,9 @@ class GraphSimulator:
         """Serve on host:port (0 picks a free port) and return the base URL."""
         self._runner = web.AppRunner(self.make_app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        # A burst opens many connections at once; the default backlog of 128 would
+        # drop connection attempts beyond it until TCP retransmits them.
+        site = web.TCPSite(self._runner, host, port, backlog=2048)
         await site.start()
         self.base_url = f"http://{host}:{site.port}"
         logger.info("Graph simulator started url=%s", self.base_url)
@@ -1303,19 +1395,10 @@ class GraphSimulator:
         if segments and segments[0] == "_sim":
             return await self._admin(request, segments[1:])
 
-        started = self.clock()
         entry = self._log_request(request, "/" + "/".join(segments))
         try:
-            entry.query = parse_query_string(raw_query)
-            response = await self._serve(request, segments, entry)
-        except GraphError as exc:
-            response = self._error_response(request, exc)
-            entry.code = exc.code
-        except WorldError as exc:
-            response = self._error_response(request, item_not_found())
-            entry.code = "ErrorItemNotFound"
-            logger.info(
-                "Graph simulator found nothing path=%s error=%s", entry.path, exc
+            return await self._answer(
+                request, entry, raw_query, partial(self._serve, request, segments)
             )
         except _DropConnection:
             # Status 0 in the log marks a dropped connection. aiohttp treats a
@@ -1324,6 +1407,31 @@ class GraphSimulator:
             if request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError() from None
+
+    async def _answer(
+        self,
+        request: web.Request,
+        entry: LoggedRequest,
+        raw_query: str,
+        serve: Callable[[LoggedRequest], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Run `serve` and turn every error it raises into a Graph error response."""
+        started = self.clock()
+        try:
+            entry.query = parse_query_string(raw_query)
+            response = await serve(entry)
+        except GraphError as exc:
+            response = self._error_response(request, exc)
+            entry.code = exc.code
+            entry.limit = exc.limit if isinstance(exc, LimitError) else None
+        except WorldError as exc:
+            response = self._error_response(request, item_not_found())
+            entry.code = "ErrorItemNotFound"
+            logger.info(
+                "Graph simulator found nothing path=%s error=%s", entry.path, exc
+            )
+        except _DropConnection:
+            raise
         except Exception as exc:
             logger.exception(
                 "Graph simulator failed a request method=%s path=%s",
@@ -1337,7 +1445,9 @@ class GraphSimulator:
         entry.duration_ms = round((self.clock() - started) * 1000, 3)
         return response
 
-    def _log_request(self, request: web.Request, path: str) -> LoggedRequest:
+    def _log_request(
+        self, request: web.Request, path: str, *, batch: int | None = None
+    ) -> LoggedRequest:
         self._seq += 1
         entry = LoggedRequest(
             seq=self._seq,
@@ -1348,6 +1458,8 @@ class GraphSimulator:
             query={},
             retry_attempt=request.headers.get("Retry-Attempt"),
             content_type=request.headers.get("Content-Type"),
+            at=self.clock(),
+            batch=batch,
         )
         self.log.append(entry)
         return entry
@@ -1359,6 +1471,7 @@ class GraphSimulator:
             entry.mailbox = segments[2].lower()
         fault = self.faults.take(request.method, entry.path)
         if fault is not None:
+            entry.fault = fault.rule_id
             return self._fault_response(request, fault)
 
         if len(segments) == 4 and [s.lower() for s in segments[1:]] == [
@@ -1381,6 +1494,18 @@ class GraphSimulator:
         call.tenant, call.claims = self.tokens.validate(
             request.headers.get("Authorization")
         )
+        if [segment.lower() for segment in call.segments] == ["$batch"]:
+            if request.method != "POST":
+                raise GraphError(
+                    405, "Request_BadRequest", "Use POST for $batch requests."
+                )
+            return await self._batch(call, entry)
+        return await self._run(call, entry)
+
+    async def _run(
+        self, call: GraphRequest, entry: LoggedRequest
+    ) -> web.StreamResponse:
+        """Route one authenticated request and run it within the mailbox's limits."""
         handler, params = self._route(call)
         if call.segments[0].lower() != "users" or len(call.segments) < 2:
             return await handler(call, params)
@@ -1395,6 +1520,81 @@ class GraphSimulator:
             return await handler(call, params)
         finally:
             self.throttle.release(call.mailbox)
+
+    # --- $batch -----------------------------------------------------------------------
+
+    async def _batch(self, call: GraphRequest, entry: LoggedRequest) -> web.Response:
+        """Run a JSON batch: every request in parallel, or one chain in order.
+
+        In a chain, a request whose predecessor failed is not run and gets 424.
+        Each inner request is logged, limited and faulted like a request of its own.
+        """
+        try:
+            plan = parse_batch(
+                await self._json_body(call), self.settings.max_batch_requests
+            )
+        except BatchError as exc:
+            raise bad_request(str(exc)) from None
+
+        if not plan.sequential:
+            responses = await asyncio.gather(
+                *(self._run_inner(call, item, entry.seq) for item in plan.items)
+            )
+            return self._json(call.request, {"responses": list(responses)})
+
+        results: list[dict[str, Any]] = []
+        failed: str | None = None
+        for item in plan.items:
+            if failed is not None:
+                results.append(_failed_dependency(item, failed))
+                continue
+            result = await self._run_inner(call, item, entry.seq)
+            if int(result["status"]) >= 400:
+                failed = item.request_id
+            results.append(result)
+        return self._json(call.request, {"responses": results})
+
+    async def _run_inner(
+        self, outer: GraphRequest, item: BatchItem, batch_seq: int
+    ) -> dict[str, Any]:
+        """Run one request of a batch and describe its response as Graph does."""
+        url = item.url if item.url.startswith("/") else "/" + item.url
+        target = "/v1.0" + url
+        path, _, raw_query = target.partition("?")
+        headers = CIMultiDict(outer.request.headers)
+        for name in ("Content-Length", "Content-Type"):
+            headers.popall(name, None)
+        headers.update(item.headers)
+        request = cast(
+            web.Request,
+            _InnerRequest(
+                item.method, target, headers, item.body or b"", outer.request
+            ),
+        )
+        segments = [unquote(part) for part in path.split("/")[1:]]
+        entry = self._log_request(request, "/" + "/".join(segments), batch=batch_seq)
+
+        async def serve(entry: LoggedRequest) -> web.StreamResponse:
+            if "://" in item.url:
+                raise bad_request(
+                    f"Resource not found for the segment '{item.url.split('/')[0]}'; "
+                    "a batch request url is relative to the API version."
+                )
+            if len(segments) > 2 and segments[1].lower() == "users":
+                entry.mailbox = segments[2].lower()
+            fault = self.faults.take(item.method, entry.path)
+            if fault is not None:
+                entry.fault = fault.rule_id
+                if fault.drop:
+                    raise GraphError(504, "GatewayTimeout", "The gateway timed out.")
+                return self._fault_response(request, fault)
+            call = GraphRequest(
+                request, segments[1:], entry.query, outer.tenant, outer.claims
+            )
+            return await self._run(call, entry)
+
+        response = await self._answer(request, entry, raw_query, serve)
+        return _batch_response(item.request_id, response)
 
     def _route(self, call: GraphRequest) -> tuple[Handler, list[str]]:
         lowered = [segment.lower() for segment in call.segments]
@@ -2150,3 +2350,38 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     if isinstance(value, str):
         return (1, value.lower())
     return (1, value)
+
+
+def _batch_response(request_id: str, response: web.StreamResponse) -> dict[str, Any]:
+    """Describe an inner response: status, headers and a JSON or base64 body."""
+    headers = {
+        name: value
+        for name, value in response.headers.items()
+        if name.lower() not in ("content-length", "request-id", "client-request-id")
+    }
+    result: dict[str, Any] = {
+        "id": request_id,
+        "status": response.status,
+        "headers": headers,
+    }
+    raw = response.body if isinstance(response, web.Response) else None
+    if isinstance(raw, bytes) and raw:
+        if "json" in headers.get("Content-Type", ""):
+            result["body"] = json.loads(raw)
+        else:
+            result["body"] = base64.b64encode(raw).decode("ascii")
+    return result
+
+
+def _failed_dependency(item: BatchItem, failed: str) -> dict[str, Any]:
+    return {
+        "id": item.request_id,
+        "status": 424,
+        "headers": {"Content-Type": "application/json"},
+        "body": {
+            "error": {
+                "code": "FailedDependency",
+                "message": f"The request depends on request {failed}, which failed.",
+            }
+        },
+    }

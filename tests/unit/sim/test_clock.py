@@ -1,0 +1,78 @@
+"""The virtual clock: an event loop whose time jumps to the next timer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from autopull.sim.clock import run_virtual
+
+
+def test_virtual_sleep_passes_at_once() -> None:
+    async def sleep_ten_minutes() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.sleep(600)
+        return started, loop.time()
+
+    real_start = time.monotonic()
+    started, finished = run_virtual(sleep_ten_minutes)
+
+    assert finished - started == 600
+    assert time.monotonic() - real_start < 5
+
+
+def test_virtual_time_stands_still_while_busy() -> None:
+    async def busy() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:
+            pass
+        return loop.time() - started
+
+    assert run_virtual(busy) == 0
+
+
+def test_virtual_timers_fire_in_order() -> None:
+    async def race() -> list[str]:
+        order: list[str] = []
+
+        async def wake(name: str, seconds: float) -> None:
+            await asyncio.sleep(seconds)
+            order.append(name)
+
+        await asyncio.gather(wake("late", 30), wake("early", 1), wake("middle", 10))
+        return order
+
+    assert run_virtual(race) == ["early", "middle", "late"]
+
+
+def test_virtual_loop_reads_sockets() -> None:
+    async def echo() -> tuple[bytes, float]:
+        loop = asyncio.get_running_loop()
+
+        async def reply(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            data = await reader.readline()
+            await asyncio.sleep(2)
+            writer.write(data)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(reply, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"ping\n")
+        answer = await reader.readline()
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return answer, loop.time() - started
+
+    answer, seconds = run_virtual(echo)
+
+    assert answer == b"ping\n"
+    assert seconds == 2
