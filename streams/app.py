@@ -16,6 +16,7 @@ from faust.types import EventT, StreamT
 from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
+from autopull.streams.grouping import IncidentWindows
 from autopull.streams.intel import load_intel, watch_feeds
 from autopull.streams.logs import logging_config
 from autopull.streams.metrics import Metrics
@@ -84,7 +85,14 @@ class Pipeline:
                 value_serializer="raw",
                 partitions=settings.topic_partitions,
             )
-        self.campaigns = self._table("campaigns", None)
+        self.campaign_windows = self._incident_windows("campaign_windows")
+        self.message_windows = self._incident_windows("message_windows")
+        self.recipient_windows = self.app.Table(
+            "recipient_windows", default=None
+        ).tumbling(
+            settings.recipient_window_hours * 3600,
+            expires=settings.recipient_window_hours * 3600 * 2,
+        )
         self.incidents = AvroTable(
             self._table("incidents", bytes),
             AvroCodec("Incident", registry=settings.schema_registry_url),
@@ -106,9 +114,25 @@ class Pipeline:
         # values go through JSON, bytes values are stored as they are.
         return self.app.Table(name, default=None, key_type=str, value_type=value_type)
 
+    def _incident_windows(self, name: str) -> IncidentWindows:
+        size = self.settings.incident_window_hours * 3600
+        step = self.settings.incident_window_step_hours * 3600
+        # Faust deletes a window once it ended more than twice the window size ago
+        # by the wall clock, so an alert up to one window late still finds its
+        # incident.
+        windowed = self.app.Table(name, default=None).hopping(
+            size, step, expires=size * 2
+        )
+        return IncidentWindows(windowed, windowed.table, windowed.table.window)
+
     def _register_gauges(self) -> None:
-        tables = {"campaigns": self.campaigns, "incidents": self.incidents}
-        tables["ledger"] = self.ledger
+        tables: dict[str, Any] = {
+            "campaign_windows": self.campaign_windows.raw,
+            "message_windows": self.message_windows.raw,
+            "recipient_windows": self.recipient_windows.table,
+            "incidents": self.incidents,
+            "ledger": self.ledger,
+        }
 
         def table_sizes() -> list[tuple[tuple[str, ...], float]]:
             return [((name,), float(len(table))) for name, table in tables.items()]

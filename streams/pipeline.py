@@ -2,7 +2,9 @@
 
 normalize: alerts.raw -> alerts.normalized (or alerts.dead)
 enrich:    alerts.normalized -> alerts.enriched, keyed by campaign
-group:     alerts.enriched -> incident.events, campaign table
+group:     alerts.enriched -> alerts.grouped, campaign windows (hopping)
+link:      alerts.grouped -> incident.events and alerts.by_mailbox, message windows
+exposure:  alerts.by_mailbox -> incident.events, recipient windows (tumbling)
 incident:  incident.events -> incidents table and topic, pull.commands
 pull:      pull.commands -> pull.outcomes (batches, no table writes)
 outcomes:  pull.outcomes -> quarantine ledger, incident.events
@@ -27,12 +29,18 @@ from autopull.connectors.sources.detect import format_names, parse_alert
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.streams import records
 from autopull.streams.enrich import LIST_TOO_LARGE, DirectoryLike, enrich_until_done
+from autopull.streams.grouping import (
+    count_exposure,
+    exposure_record,
+    for_mailbox,
+    message_key,
+)
 from autopull.streams.incidents import (
     DecisionLike,
     apply_alert,
     apply_command,
+    apply_exposure,
     apply_outcome,
-    incident_id_for,
     new_incident,
 )
 from autopull.streams.policy import decide
@@ -52,6 +60,8 @@ def register_agents(pipe: Pipeline) -> None:
         _normalize_agent,
         _enrich_agent,
         _group_agent,
+        _link_agent,
+        _exposure_agent,
         _incident_agent,
         _pull_agent,
         _outcomes_agent,
@@ -188,28 +198,74 @@ def _alert_time(alert: Record) -> datetime:
 
 
 def _group_agent(pipe: Pipeline) -> None:
-    window = pipe.settings.incident_window_hours * 3600
-
     async def handle(event: EventT, enriched: Record) -> None:
         key = enriched["campaign_key"]
-        at = _alert_time(enriched["alert"])
-        entry = pipe.campaigns.get(key)
-        if entry is None or at.timestamp() - entry["opened_at"] > window:
-            opened = at.replace(minute=0, second=0, microsecond=0)
-            entry = {
-                "incident_id": incident_id_for(key, opened),
-                "opened_at": opened.timestamp(),
-            }
-            pipe.campaigns[key] = entry
+        at = _alert_time(enriched["alert"]).timestamp()
+        incident_id, opened = pipe.campaign_windows.join(key, at)
+        if opened:
+            log.info(
+                "Campaign window opened campaign_key=%s incident_id=%s",
+                key,
+                incident_id,
+            )
 
-        change = records.incident_event(
-            entry["incident_id"], "alert_joined", alert=enriched
-        )
-        await pipe.send("incident.events", entry["incident_id"], change)
+        change = records.incident_event(incident_id, "alert_joined", alert=enriched)
+        link_key = message_key(enriched["alert"]) or enriched["alert"]["alert_id"]
+        await pipe.send("alerts.grouped", link_key, change)
 
     @pipe.app.agent(pipe.topics["alerts.enriched"], name="group")
     async def group(stream: StreamT) -> None:
         await pipe.run_each(stream, "alerts.enriched", "group", handle)
+
+
+def _link_agent(pipe: Pipeline) -> None:
+    # Alerts about one message from different sources can carry different campaign
+    # keys (a TAP campaign id, a fingerprint), so they meet here by Message-ID and
+    # join the incident that the first of them opened.
+    async def handle(event: EventT, change: Record) -> None:
+        enriched = change["alert"]
+        key = message_key(enriched["alert"])
+        if key is not None:
+            at = _alert_time(enriched["alert"]).timestamp()
+            incident_id, _ = pipe.message_windows.join(key, at, change["incident_id"])
+            change["incident_id"] = incident_id
+
+        await pipe.send("incident.events", change["incident_id"], change)
+        for recipient in enriched["recipients"]:
+            await pipe.send(
+                "alerts.by_mailbox",
+                recipient["mailbox"],
+                for_mailbox(change, recipient),
+            )
+
+    @pipe.app.agent(pipe.topics["alerts.grouped"], name="link")
+    async def link(stream: StreamT) -> None:
+        await pipe.run_each(stream, "alerts.grouped", "link", handle)
+
+
+def _exposure_agent(pipe: Pipeline) -> None:
+    async def handle(event: EventT, change: Record) -> None:
+        enriched = change["alert"]
+        recipient = enriched["recipients"][0]
+        mailbox = recipient["mailbox"]
+        at = _alert_time(enriched["alert"]).timestamp()
+        window_range = pipe.recipient_windows.table.window.ranges(at)[0]
+        counts = pipe.recipient_windows.table.get((mailbox, window_range))
+        updated = count_exposure(counts, mailbox, enriched, window_range)
+        if updated == counts:
+            return
+
+        pipe.recipient_windows[mailbox][window_range] = updated
+        exposure = records.incident_event(
+            change["incident_id"],
+            "exposure",
+            exposure=exposure_record(mailbox, updated),
+        )
+        await pipe.send("incident.events", change["incident_id"], exposure)
+
+    @pipe.app.agent(pipe.topics["alerts.by_mailbox"], name="exposure")
+    async def exposure(stream: StreamT) -> None:
+        await pipe.run_each(stream, "alerts.by_mailbox", "exposure", handle)
 
 
 def _incident_agent(pipe: Pipeline) -> None:
@@ -251,6 +307,17 @@ def _incident_agent(pipe: Pipeline) -> None:
                     incident_id,
                     change["outcome"]["mailbox"],
                 )
+        elif change["kind"] == "exposure" and change["exposure"]:
+            if incident is None:
+                # NOTE: exposure is derived from the recipient windows and is sent
+                # again with the mailbox's next alert, so an early one is dropped.
+                log.warning(
+                    "Exposure dropped, incident not found incident_id=%s mailbox=%s",
+                    incident_id,
+                    change["exposure"]["mailbox"],
+                )
+                return
+            apply_exposure(incident, change["exposure"])
         elif change["kind"] == "command" and change["command"] and incident:
             commands = apply_command(incident, change["command"])
             log.info(

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -158,7 +158,20 @@ class Settings(BaseSettings):
     incident_window_hours: float = Field(
         default=24.0,
         gt=0,
-        description="Alerts of one campaign within this many hours join one incident.",
+        description="Size of the hopping campaign and message windows, in hours: "
+        "alerts of one campaign or message within this time join one incident.",
+    )
+    incident_window_step_hours: float = Field(
+        default=1.0,
+        gt=0,
+        description="Step of the hopping campaign and message windows, in hours. "
+        "The window size must be a whole multiple of it.",
+    )
+    recipient_window_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="Size of the tumbling windows that count each mailbox's "
+        "messages, clicks and campaigns, in hours.",
     )
     session_timeout_seconds: float = Field(
         default=60.0, gt=0, description="Kafka consumer session timeout, in seconds."
@@ -202,6 +215,19 @@ class Settings(BaseSettings):
     directory: DirectorySettings | None = Field(
         default=None, description="LDAP directory for recipients and lists."
     )
+
+    @model_validator(mode="after")
+    def _check_windows(self) -> Settings:
+        size = self.incident_window_hours * 3600
+        step = self.incident_window_step_hours * 3600
+        if step > size or size % step or step % 1:
+            raise ValueError(
+                f"incident_window_step_hours is {self.incident_window_step_hours}, "
+                f"but it must be a whole number of seconds that divides "
+                f"incident_window_hours ({self.incident_window_hours}) evenly; for "
+                "example 24 hours in steps of 1 hour."
+            )
+        return self
 
     @property
     def faust_id(self) -> str:

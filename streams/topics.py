@@ -42,6 +42,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         ),
         TopicSpec("alerts.normalized", "NormalizedAlert"),
         TopicSpec("alerts.enriched", "EnrichedAlert"),
+        # Alerts with their campaign's incident, keyed by Message-ID (or alert id),
+        # and again once per recipient keyed by mailbox.
+        TopicSpec("alerts.grouped", "IncidentEvent"),
+        TopicSpec("alerts.by_mailbox", "IncidentEvent"),
         TopicSpec("incident.events", "IncidentEvent"),
         TopicSpec(
             "incidents",

@@ -209,7 +209,17 @@ INCIDENT: dict[str, Any] = {
             "actor": "autopull",
         }
     ],
+    "exposures": [],
     "custom_fields": {"ticket": "SEC-1182"},
+}
+
+EXPOSURE: dict[str, Any] = {
+    "mailbox": MAILBOX,
+    "window_start": datetime(2025, 3, 4, tzinfo=UTC),
+    "window_end": datetime(2025, 3, 5, tzinfo=UTC),
+    "messages": 3,
+    "clicks": 1,
+    "campaigns": 2,
 }
 
 INCIDENT_EVENT_ALERT: dict[str, Any] = {
@@ -220,6 +230,7 @@ INCIDENT_EVENT_ALERT: dict[str, Any] = {
     "outcome": None,
     "finding": None,
     "command": None,
+    "exposure": None,
 }
 
 INCIDENT_EVENT_OUTCOME: dict[str, Any] = {
@@ -236,6 +247,7 @@ INCIDENT_EVENT_OUTCOME: dict[str, Any] = {
         "message_id": MESSAGE_ID,
         "text": "confirmed phish",
     },
+    "exposure": EXPOSURE,
 }
 
 DEAD_LETTER: dict[str, Any] = {
@@ -263,6 +275,7 @@ EXAMPLES = [
     ("IncidentEvent", INCIDENT_EVENT_ALERT),
     ("IncidentEvent", INCIDENT_EVENT_OUTCOME),
     ("DeadLetter", DEAD_LETTER),
+    ("Exposure", EXPOSURE),
 ]
 
 

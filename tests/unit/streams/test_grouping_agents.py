@@ -1,0 +1,295 @@
+"""The group, link, exposure and incident agents under Faust's test_context.
+
+The agents run on the memory store without a broker. Their sends are recorded
+instead of produced, and each recorded value is fed, as its encoded bytes, to the
+next agent, so the chain runs as it does on Kafka but in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autopull.connectors.sources.detect import parse_alert
+from autopull.streams.app import Pipeline
+from autopull.streams.enrich import enrich
+from autopull.streams.settings import Settings
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "alerts"
+# 2026-12-01 09:00 UTC, a whole hour, so window edges fall on round times.
+OPENED = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+STAGES = ("alerts.enriched", "alerts.grouped", "alerts.by_mailbox", "incident.events")
+AGENTS = {
+    "alerts.enriched": "group",
+    "alerts.grouped": "link",
+    "alerts.by_mailbox": "exposure",
+    "incident.events": "incident",
+}
+
+
+class Chain:
+    """The agents of the chain in test contexts, fed in data-flow order."""
+
+    def __init__(self, pipe: Pipeline, contexts: dict[str, Any]) -> None:
+        self.pipe = pipe
+        self.contexts = contexts
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def record(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        self.sent.append((topic, key, value))
+
+    async def feed(self, enriched: dict[str, Any]) -> None:
+        """Run one enriched alert through group, link, exposure and incident."""
+        await self._put("alerts.enriched", enriched["campaign_key"], enriched)
+        while pending := [item for item in self.sent if item[0] in self.contexts]:
+            self.sent = [item for item in self.sent if item[0] not in self.contexts]
+            for topic, key, value in pending:
+                await self._put(topic, key, value)
+
+    async def _put(self, topic: str, key: str, value: dict[str, Any]) -> None:
+        data = self.pipe.codecs[topic].dumps(value)
+        await self.contexts[topic].put(data, key=key.encode())
+
+    def incidents(self) -> dict[str, dict[str, Any]]:
+        """Return every incident in the incidents table, by id."""
+        table = self.pipe.incidents
+        return {key: table.get(key) for key in table.table}
+
+
+@pytest.fixture
+async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
+    settings = Settings(
+        kafka_bootstrap="127.0.0.1:9",
+        store="memory://",
+        data_dir=tmp_path,
+        web_enabled=False,
+        topic_partitions=1,
+    )
+    pipe = Pipeline(settings)
+    pipe.app.loop = asyncio.get_running_loop()
+    pipe.app.finalize()
+    agents = {
+        agent.name.rsplit(".", 1)[-1]: agent for agent in pipe.app.agents.values()
+    }
+    contexts: dict[str, Any] = {}
+    managers = []
+    for topic in STAGES:
+        manager = agents[AGENTS[topic]].test_context()
+        contexts[topic] = await manager.__aenter__()
+        managers.append(manager)
+    result = Chain(pipe, contexts)
+    pipe.send = result.record  # type: ignore[method-assign]
+    yield result
+    for manager in reversed(managers):
+        await manager.__aexit__(None, None, None)
+
+
+async def enriched(name: str, at: datetime, **changes: Any) -> dict[str, Any]:
+    alerts = parse_alert((EXAMPLES / name).read_bytes(), received_at=at)
+    alert = {**alerts[0], "occurred_at": at, **changes}
+    return await enrich(alert)
+
+
+async def tap(at: datetime, number: int, **changes: Any) -> dict[str, Any]:
+    """A TAP phish alert of one campaign, about its own message `number`."""
+    return await enriched(
+        "tap-delivered-phish.json",
+        at,
+        alert_id=f"tap:event-{number}",
+        message_id=f"message-{number}@billing-example.net",
+        **changes,
+    )
+
+
+def incident_of(chain: Chain, alert_id: str) -> str:
+    found = [
+        incident_id
+        for incident_id, incident in chain.incidents().items()
+        if alert_id in incident["alert_ids"]
+    ]
+    assert len(found) == 1, f"{alert_id} is in {len(found)} incidents"
+    return found[0]
+
+
+async def test_campaign_alerts_share_incident(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED + timedelta(minutes=5), 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=3), 2))
+
+    assert len(chain.incidents()) == 1
+    assert incident_of(chain, "tap:event-1") == incident_of(chain, "tap:event-2")
+
+
+async def test_window_edge_second_before_joins(chain: Chain) -> None:
+    # The incident opened at 09:05 covers up to 09:00 the next day.
+    await chain.feed(await tap(OPENED + timedelta(minutes=5), 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=24, seconds=-1), 2))
+
+    assert len(chain.incidents()) == 1
+
+
+async def test_window_edge_second_after_opens_new(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED + timedelta(minutes=5), 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=24, seconds=1), 2))
+
+    assert len(chain.incidents()) == 2
+    assert incident_of(chain, "tap:event-1") != incident_of(chain, "tap:event-2")
+
+
+async def test_out_of_order_alert_joins_incident(chain: Chain) -> None:
+    # The later alert arrives first, and the earlier one, 5 hours older, joins it.
+    await chain.feed(await tap(OPENED + timedelta(hours=5), 2))
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=2), 3))
+
+    assert len(chain.incidents()) == 1
+    incident = next(iter(chain.incidents().values()))
+    assert incident["alert_ids"] == ["tap:event-2", "tap:event-1", "tap:event-3"]
+
+
+async def test_out_of_order_beyond_window_opens_new(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED + timedelta(hours=30), 2))
+    await chain.feed(await tap(OPENED, 1))
+
+    assert len(chain.incidents()) == 2
+
+
+async def test_late_alert_two_days_later_opens_new(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=6), 2))
+    await chain.feed(await tap(OPENED + timedelta(days=2), 3))
+
+    first = incident_of(chain, "tap:event-1")
+    assert incident_of(chain, "tap:event-2") == first
+    assert incident_of(chain, "tap:event-3") != first
+    assert len(chain.incidents()) == 2
+
+
+async def test_tap_and_fireeye_one_incident(chain: Chain) -> None:
+    # Both files report the message CAH7x+q/Lk=Zp'8#w%41&r@mail.example.net to
+    # dave@example.com. TAP names a campaign here, FireEye never does.
+    tap_alert = await enriched(
+        "tap-delivered-malware.json", OPENED, campaign_id="tap-campaign-7"
+    )
+    fireeye_alert = await enriched(
+        "fireeye-notification.json", OPENED + timedelta(minutes=20)
+    )
+    assert tap_alert["campaign_key"] != fireeye_alert["campaign_key"]
+
+    await chain.feed(tap_alert)
+    await chain.feed(fireeye_alert)
+
+    incidents = chain.incidents()
+    assert len(incidents) == 1
+    incident = next(iter(incidents.values()))
+    assert incident["sources"] == ["tap", "fireeye"]
+    pulls = [(p["mailbox"], p["action"]) for p in incident["pulls"]]
+    assert pulls == [("dave@example.com", "pull")]
+
+
+async def test_fireeye_first_then_tap_one_incident(chain: Chain) -> None:
+    fireeye_alert = await enriched("fireeye-notification.json", OPENED)
+    tap_alert = await enriched(
+        "tap-delivered-malware.json",
+        OPENED + timedelta(hours=1),
+        campaign_id="tap-campaign-7",
+    )
+    assert tap_alert["campaign_key"] != fireeye_alert["campaign_key"]
+
+    await chain.feed(fireeye_alert)
+    await chain.feed(tap_alert)
+
+    incidents = chain.incidents()
+    assert len(incidents) == 1
+    assert next(iter(incidents.values()))["sources"] == ["fireeye", "tap"]
+
+
+async def test_tap_and_generic_one_incident(chain: Chain) -> None:
+    tap_alert = await enriched("tap-delivered-phish.json", OPENED)
+    generic_alert = await enriched("generic-full.json", OPENED + timedelta(minutes=3))
+    assert tap_alert["campaign_key"] != generic_alert["campaign_key"]
+
+    await chain.feed(tap_alert)
+    await chain.feed(generic_alert)
+
+    incidents = chain.incidents()
+    assert len(incidents) == 1
+    assert next(iter(incidents.values()))["sources"] == ["tap", "generic"]
+
+
+async def test_same_message_days_apart_two_incidents(chain: Chain) -> None:
+    await chain.feed(
+        await enriched("tap-delivered-malware.json", OPENED, campaign_id="c7")
+    )
+    await chain.feed(
+        await enriched("fireeye-notification.json", OPENED + timedelta(days=2))
+    )
+
+    assert len(chain.incidents()) == 2
+
+
+async def test_replayed_alert_changes_nothing(chain: Chain) -> None:
+    alert = await tap(OPENED, 1)
+    await chain.feed(alert)
+    before = chain.incidents()
+    await chain.feed(alert)
+
+    after = chain.incidents()
+    assert list(after) == list(before)
+    assert after[next(iter(after))]["alert_ids"] == ["tap:event-1"]
+
+
+async def test_exposure_counts_messages_per_mailbox(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=1), 2))
+
+    incident = next(iter(chain.incidents().values()))
+    exposures = {e["mailbox"]: e for e in incident["exposures"]}
+    assert set(exposures) == {
+        "alice@example.com",
+        "bob@example.com",
+        "carol@example.com",
+    }
+    alice = exposures["alice@example.com"]
+    assert alice["messages"] == 2
+    assert alice["clicks"] == 0
+    assert alice["campaigns"] == 1
+    assert alice["window_start"] == datetime(2026, 12, 1, tzinfo=UTC)
+    assert alice["window_end"] == datetime(2026, 12, 2, tzinfo=UTC)
+
+
+async def test_exposure_window_resets_next_day(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=20), 2))
+
+    incident = next(iter(chain.incidents().values()))
+    alice = next(
+        e for e in incident["exposures"] if e["mailbox"] == "alice@example.com"
+    )
+    # 09:00 and 05:00 the next day fall in two tumbling windows of one day each.
+    assert alice["window_start"] == datetime(2026, 12, 2, tzinfo=UTC)
+    assert alice["messages"] == 1
+
+
+async def test_exposure_counts_distinct_campaigns(chain: Chain) -> None:
+    await chain.feed(await enriched("tap-delivered-phish.json", OPENED))
+    await chain.feed(
+        await enriched(
+            "tap-delivered-phish.json",
+            OPENED + timedelta(hours=1),
+            alert_id="tap:other-campaign",
+            message_id="other@billing-example.net",
+            campaign_id="another-campaign",
+        )
+    )
+
+    incidents = list(chain.incidents().values())
+    assert len(incidents) == 2
+    latest = next(i for i in incidents if "tap:other-campaign" in i["alert_ids"])
+    alice = next(e for e in latest["exposures"] if e["mailbox"] == "alice@example.com")
+    assert alice["campaigns"] == 2
+    assert alice["messages"] == 2
