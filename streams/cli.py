@@ -78,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--comment", dest="text", help="Why, for the history.")
         if action in ("approve", "reject", "release"):
             command.add_argument("--mailbox", help="Only this mailbox's copies.")
+        if action in ("approve", "release"):
+            command.add_argument(
+                "--wait",
+                action="store_true",
+                help="Wait until every copy the command names has a final outcome, "
+                "with a progress bar on a terminal; exit 1 if any failed.",
+            )
+            command.add_argument(
+                "--timeout",
+                type=float,
+                default=600.0,
+                help="Seconds to wait with --wait (default 600).",
+            )
         command.add_argument("--actor", help="Who gives the command; default: you.")
 
     demo = commands.add_parser(
@@ -150,6 +163,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             mailbox=getattr(args, "mailbox", None),
             text=args.text,
             actor=args.actor,
+            wait=getattr(args, "wait", False),
+            timeout=getattr(args, "timeout", 600.0),
         )
     if args.command == "demo":
         from autopull.streams.demo import run_demo

@@ -9,6 +9,7 @@ from __future__ import annotations
 import getpass
 import json
 import sys
+import time
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -21,6 +22,8 @@ from autopull.streams.commands import (
     command_event,
     send_command,
 )
+from autopull.streams.follow import FollowedCopy, followed_copies, settled_copies
+from autopull.streams.progress import progress
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
 from autopull.streams.views import incident_detail, matches, result_rows, summary_row
@@ -145,30 +148,90 @@ def run_command(
     mailbox: str | None = None,
     text: str | None = None,
     actor: str | None = None,
+    wait: bool = False,
+    timeout: float = 600.0,
+    out: TextIO | None = None,
 ) -> int:
-    """Send one command and confirm it on standard error."""
-    incidents = load_incidents(settings)
-    if incident_id not in incidents:
-        print(
-            f"error: incident {incident_id} was not found; list them with "
-            "`autopull incidents`.",
-            file=sys.stderr,
-        )
-        return 1
-    name = actor or getpass.getuser()
-    if name.startswith(API_ACTOR_PREFIX):
-        print(
-            f"error: actor names that start with {API_ACTOR_PREFIX!r} are reserved "
-            "for API keys; give your own name.",
-            file=sys.stderr,
-        )
-        return 2
+    """Send one command and confirm it on standard error.
+
+    With `wait`, follow the incident until every copy the command names has a
+    final outcome, and return 1 when any failed or the wait timed out.
+    """
+    out = out if out is not None else sys.stderr
+    watcher = IncidentWatcher(settings)
     try:
-        event = command_event(incident_id, action, name, mailbox=mailbox, text=text)
-        send_command(settings, event)
-    except CommandError as error:
-        print(f"error: {error}", file=sys.stderr)
+        watcher.catch_up()
+        incident = watcher.incidents.get(incident_id)
+        if incident is None:
+            print(
+                f"error: incident {incident_id} was not found; list them with "
+                "`autopull incidents`.",
+                file=out,
+            )
+            return 1
+        name = actor or getpass.getuser()
+        if name.startswith(API_ACTOR_PREFIX):
+            print(
+                f"error: actor names that start with {API_ACTOR_PREFIX!r} are reserved "
+                "for API keys; give your own name.",
+                file=out,
+            )
+            return 2
+        copies = followed_copies(incident, action, mailbox)
+        try:
+            event = command_event(incident_id, action, name, mailbox=mailbox, text=text)
+            send_command(settings, event)
+        except CommandError as error:
+            print(f"error: {error}", file=out)
+            return 1
+        target = f" for {mailbox}" if mailbox else ""
+        print(f"Sent {action}{target} on {incident_id}.", file=out)
+        if not wait or not copies:
+            return 0
+        return _follow(watcher, incident_id, action, copies, timeout, out)
+    finally:
+        watcher.close()
+
+
+def _follow(
+    watcher: IncidentWatcher,
+    incident_id: str,
+    action: str,
+    copies: list[FollowedCopy],
+    timeout: float,
+    out: TextIO,
+) -> int:
+    deadline = time.monotonic() + timeout
+    settled: dict[FollowedCopy, str] = {}
+    verb = "Restoring" if action == "release" else "Pulling"
+    with progress(f"{verb} copies of {incident_id}", len(copies), out=out) as shown:
+        while len(settled) < len(copies) and time.monotonic() < deadline:
+            watcher.poll(0.5)
+            settled = settled_copies(watcher.incidents[incident_id], action, copies)
+            shown.update(len(settled))
+
+    # A pull that found no copy left nothing in the user's reach, so only a failed
+    # pull counts against an approve. A release expects every copy restored.
+    if action == "release":
+        failures = {c: s for c, s in settled.items() if s != "restored"}
+    else:
+        failures = {c: s for c, s in settled.items() if s == "failed"}
+    for copy, status in sorted(failures.items(), key=lambda item: item[0].mailbox):
+        print(f"{copy.mailbox} {copy.message_id}: {status}", file=out)
+    if len(settled) < len(copies):
+        print(
+            f"error: {len(copies) - len(settled)} of {len(copies)} copies had no final "
+            f"outcome after {timeout:g} s; follow them with "
+            f"`autopull incident show {incident_id}`.",
+            file=out,
+        )
         return 1
-    target = f" for {mailbox}" if mailbox else ""
-    print(f"Sent {action}{target} on {incident_id}.", file=sys.stderr)
+    if failures:
+        print(
+            f"error: {len(failures)} of {len(copies)} copies did not succeed; see "
+            f"`autopull incident show {incident_id}` for the errors.",
+            file=out,
+        )
+        return 1
+    print(f"All {len(copies)} copies are done.", file=out)
     return 0

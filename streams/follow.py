@@ -1,0 +1,92 @@
+"""Follow an approve or release until the worker has acted on every copy it names.
+
+A command only requests work from the incident agent. The pulls and restores happen
+later, in whichever worker owns the mailboxes. `autopull approve --wait` and
+`autopull release --wait` read the incidents topic until each copy the command
+named has a final outcome, with a progress bar or plain lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autopull.streams.records import PULLED_STATUSES, Record
+
+# Pull statuses after which nothing more happens to a copy without a new command.
+# `throttled` is parked work that will run again, and `held` waits for a person.
+SETTLED_PULL_STATUSES = frozenset(
+    {"quarantined", "already_quarantined", "not_found", "failed", "skipped"}
+)
+# Restore outcomes other than this one are retried by the worker.
+RETRIED_RESTORE_STATUS = "throttled"
+
+
+@dataclass(frozen=True)
+class FollowedCopy:
+    """One copy that a command names, and how far the history had got at the send."""
+
+    mailbox: str
+    message_id: str
+    history_at_send: int
+
+
+def followed_copies(
+    incident: Record, action: str, mailbox: str | None
+) -> list[FollowedCopy]:
+    """Return the copies that `action` on `incident` starts work for.
+
+    This mirrors what the incident agent does with the command: approve pulls the
+    held copies, release restores the pulled copies that are not undone yet. Other
+    actions start no work and name no copies.
+    """
+    wanted = mailbox.lower() if mailbox else None
+    at = len(incident["history"])
+    copies = []
+    for entry in incident["pulls"]:
+        if wanted not in (None, entry["mailbox"]):
+            continue
+        held = entry["status"] == "held"
+        pulled = entry["status"] in PULLED_STATUSES and not entry["undone"]
+        if (action == "approve" and held) or (action == "release" and pulled):
+            copies.append(FollowedCopy(entry["mailbox"], entry["message_id"], at))
+    return copies
+
+
+def settled_copies(
+    incident: Record, action: str, copies: list[FollowedCopy]
+) -> dict[FollowedCopy, str]:
+    """Return each followed copy that has a final outcome, with that outcome."""
+    entries = {(e["mailbox"], e["message_id"]): e for e in incident["pulls"]}
+    settled: dict[FollowedCopy, str] = {}
+    for copy in copies:
+        entry = entries.get((copy.mailbox, copy.message_id))
+        if entry is None:
+            continue
+        if action == "approve":
+            # An approved entry goes back to no status until its outcome arrives.
+            if entry["status"] in SETTLED_PULL_STATUSES and entry["action"] == "pull":
+                settled[copy] = entry["status"]
+        elif entry["undone"]:
+            settled[copy] = "restored"
+        elif entry["error"]:
+            # A restore that failed leaves the entry as it was, with its error.
+            status = _restore_outcome_since(incident, copy)
+            if status is not None and status != RETRIED_RESTORE_STATUS:
+                settled[copy] = status
+    return settled
+
+
+def _restore_outcome_since(incident: Record, copy: FollowedCopy) -> str | None:
+    """Return the status of the last restore outcome for `copy` after the send.
+
+    The incident agent records each outcome in the history as
+    "restore outcome" with the detail "MAILBOX: STATUS" and an optional error.
+    NOTE: the detail names no Message-ID, so when one mailbox has two copies in
+    the incident, a failed restore of one settles the other once it has an error.
+    """
+    status = None
+    prefix = f"{copy.mailbox}: "
+    for item in incident["history"][copy.history_at_send :]:
+        if item["what"] == "restore outcome" and item["detail"].startswith(prefix):
+            status = item["detail"][len(prefix) :].split(" ", 1)[0]
+    return status
