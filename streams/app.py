@@ -137,12 +137,18 @@ class Pipeline:
         def table_sizes() -> list[tuple[tuple[str, ...], float]]:
             return [((name,), float(len(table))) for name, table in tables.items()]
 
+        # Table changelogs are assigned too, but only read during recovery and never
+        # committed, so their lag would never drain; only the agents' inputs count.
+        inputs = {topic.get_topic_name() for topic in self.topics.values()}
+
         def consumer_lag() -> list[tuple[tuple[str, ...], float]]:
             consumer = self.app.consumer
             # NOTE: Faust keeps committed offsets in a private mapping; this reads it.
             committed = getattr(consumer, "_committed_offset", {})
             samples: list[tuple[tuple[str, ...], float]] = []
             for tp in consumer.assignment():
+                if tp.topic not in inputs:
+                    continue
                 highwater = consumer.highwater(tp)
                 if highwater is None:
                     continue
