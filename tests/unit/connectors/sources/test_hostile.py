@@ -24,9 +24,10 @@ from autopull.connectors.sources.fireeye import parse_fireeye
 REPO = Path(__file__).resolve().parents[4]
 EXAMPLES = REPO / "examples" / "alerts"
 RECEIVED_AT = datetime(2026, 12, 1, 10, 0, 5, tzinfo=UTC)
-# Far above the time any body here takes to parse, so that only super-linear work
-# on hostile input exceeds it.
-SLOW_SECONDS = 2.0
+# Far above the CPU time any body here takes to parse, so that only super-linear
+# work on hostile input exceeds it. CPU time of this process, not wall time, so a
+# busy machine does not fail the test.
+SLOW_CPU_SECONDS = 2.0
 
 
 def example(name: str) -> dict[str, Any]:
@@ -216,14 +217,14 @@ def test_hostile_corpus_is_large_and_unique() -> None:
 def test_parse_alert_hostile_body_invalid(
     name: str, body: bytes, format_name: str | None
 ) -> None:
-    started = time.monotonic()
+    started = time.process_time()
 
     with pytest.raises(InvalidAlertError) as caught:
         parse_alert(body, received_at=RECEIVED_AT, format_name=format_name)
 
     assert caught.value.reason
     assert len(caught.value.reason) < 1000
-    assert time.monotonic() - started < SLOW_SECONDS
+    assert time.process_time() - started < SLOW_CPU_SECONDS
 
 
 @pytest.mark.parametrize(
