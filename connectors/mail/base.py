@@ -8,10 +8,12 @@ library's errors into `autopull.connectors.errors` classes at exactly this bound
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from autopull.connectors.errors import PermanentError
+from autopull.connectors.errors import ConnectorError, PermanentError
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,24 @@ class MailPlatform(abc.ABC):
         self, mailbox: str, message_id: str, incident_id: str
     ) -> QuarantineResult:
         """Put every quarantined copy back in its original folder and read state."""
+
+    async def quarantine_many(
+        self, pulls: Sequence[tuple[str, str, str]]
+    ) -> list[QuarantineResult | ConnectorError]:
+        """Quarantine (mailbox, Message-ID, incident id) pulls; one result each.
+
+        A failed pull is returned as its `ConnectorError`, never raised. The default
+        runs `quarantine` for every pull concurrently; a platform with a cheaper
+        way to pull many mailboxes at once overrides it.
+        """
+
+        async def one(pull: tuple[str, str, str]) -> QuarantineResult | ConnectorError:
+            try:
+                return await self.quarantine(*pull)
+            except ConnectorError as error:
+                return error
+
+        return list(await asyncio.gather(*(one(pull) for pull in pulls)))
 
     async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
         """List the messages `mailbox` sent since `since`, for forward tracing."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import json
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -100,7 +101,10 @@ class GraphSettings(BaseModel):
     `hidden_folder_name` is the hidden folder each mailbox gets for quarantined
     copies; `quarantine_mailbox` receives one evidence copy per message. Requests
     per mailbox are capped at `max_concurrency_per_mailbox` (Graph allows 4), and
-    each HTTP request times out after `request_timeout` seconds.
+    each HTTP request times out after `request_timeout` seconds. A burst of
+    quarantines sends JSON batches, at most `max_batches_in_flight` at once over at
+    most `max_connections` connections, and retries a throttled request of a batch
+    alone up to `batch_max_attempts` times.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -117,6 +121,9 @@ class GraphSettings(BaseModel):
     max_concurrency_per_mailbox: int = Field(default=4, ge=1)
     request_timeout: float = Field(default=30.0, gt=0)
     page_size: int = Field(default=50, ge=1, le=1000)
+    max_connections: int = Field(default=100, ge=1)
+    max_batches_in_flight: int = Field(default=50, ge=1)
+    batch_max_attempts: int = Field(default=5, ge=1)
 
 
 # --- authentication -------------------------------------------------------------------
@@ -495,7 +502,11 @@ class GraphPlatform(MailPlatform):
         # NOTE: msgraph-core 1.5.2 wraps the client's transport in an
         # AsyncGraphTransport that has no aclose, so closing the client leaves the
         # connection pool open. The adapter keeps the transport and closes it itself.
-        self._transport = httpx.AsyncHTTPTransport()
+        limits = httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+        )
+        self._transport = httpx.AsyncHTTPTransport(limits=limits)
         client = httpx.AsyncClient(
             transport=self._transport, timeout=settings.request_timeout
         )
@@ -574,11 +585,20 @@ class GraphPlatform(MailPlatform):
                 incident_id,
                 len(located.quarantined),
             )
+            # A burst moves copies before its evidence copy is done, so a retry of
+            # this incident's pull makes sure the evidence exists.
+            marked = [c for c in located.quarantined if _marked_for(c, incident_id)]
+            evidence = None
+            if marked:
+                evidence = await self._ensure_evidence(
+                    mailbox, bare, marked[0], incident_id
+                )
             return QuarantineResult(
                 mailbox=mailbox,
                 message_id=bare,
                 copies=tuple(c.original(mailbox, bare) for c in located.quarantined),
                 already_done=True,
+                evidence_location=evidence,
             )
 
         try:
@@ -631,6 +651,20 @@ class GraphPlatform(MailPlatform):
             copies=tuple(copy.public(mailbox, bare) for copy in located.visible),
             evidence_location=evidence,
         )
+
+    async def quarantine_many(
+        self, pulls: Sequence[tuple[str, str, str]]
+    ) -> list[QuarantineResult | ConnectorError]:
+        """Quarantine many (mailbox, Message-ID, incident id) pulls as one burst.
+
+        The burst sends JSON batches in phases (finds, then marks, then moves, then
+        verifications) and one evidence copy per distinct message. It returns one
+        result or connector error per pull, in the order given.
+        """
+        # Imported here because the burst module builds on this one.
+        from .graph_burst import quarantine_burst
+
+        return await quarantine_burst(self, pulls)
 
     async def restore(
         self, mailbox: str, message_id: str, incident_id: str
@@ -980,14 +1014,22 @@ class GraphPlatform(MailPlatform):
     # --- evidence ---------------------------------------------------------------------
 
     async def _ensure_evidence(
-        self, mailbox: str, bare: str, source: _Copy, incident_id: str
+        self,
+        mailbox: str,
+        bare: str,
+        source: _Copy,
+        incident_id: str,
+        source_read: asyncio.Event | None = None,
     ) -> str:
         """Ensure one evidence copy for the incident in the quarantine mailbox.
 
         A lock per Message-ID keeps two quarantines of the same message in this
         process from uploading two copies. Two worker processes can still each
         upload and file one at the same moment, so the check afterwards removes
-        doubles from the incident folder.
+        doubles from the incident folder. The incident folder, the search for an
+        existing copy and the source's MIME content are fetched at once, and
+        `source_read` is set as soon as the source copy is no longer needed, so
+        a caller may move it.
 
         Once verified, the copy is remembered for the life of the adapter, so only
         the first quarantine of a message costs requests in the quarantine mailbox.
@@ -1002,28 +1044,42 @@ class GraphPlatform(MailPlatform):
         if lock is None:
             lock = asyncio.Lock()
             self._evidence_locks[bare] = lock
-        async with lock:
-            if (incident_id, bare) in self._evidence_verified:
-                return f"{quarantine}/{incident_id}"
-            folder_id = await self._incident_folder(incident_id, bare)
-            copies = await self._search(
-                quarantine, bare, [*MESSAGE_FIELDS, "internetMessageHeaders"]
-            )
-            if not any(copy.parent_folder_id == folder_id for copy in copies):
-                # A copy that an interrupted run uploaded is reused, not doubled.
-                # NOTE: it is unverified whether Graph returns internetMessageHeaders
-                # for a draft made from MIME. If it does not, the retry uploads again
-                # and the first upload stays behind in Drafts.
-                stray = next(
-                    (c.id for c in copies if c.id and _incident_of(c) == incident_id),
-                    None,
+        try:
+            async with lock:
+                if (incident_id, bare) in self._evidence_verified:
+                    return f"{quarantine}/{incident_id}"
+                folder_id, copies, mime = await _gather_or_raise(
+                    self._incident_folder(incident_id, bare),
+                    self._search(
+                        quarantine, bare, [*MESSAGE_FIELDS, "internetMessageHeaders"]
+                    ),
+                    self._source_mime(mailbox, bare, source),
                 )
-                item_id = stray or await self._upload_evidence(
-                    mailbox, bare, source, incident_id
-                )
-                await self._move(quarantine, bare, item_id, folder_id)
-            await self._verify_evidence(bare, incident_id, folder_id)
-            self._evidence_verified.add((incident_id, bare))
+                if source_read is not None:
+                    source_read.set()
+                if not any(copy.parent_folder_id == folder_id for copy in copies):
+                    # A copy that an interrupted run uploaded is reused, not doubled.
+                    # NOTE: it is unverified whether Graph returns
+                    # internetMessageHeaders for a draft made from MIME. If it does
+                    # not, the retry uploads again and the first upload stays
+                    # behind in Drafts.
+                    stray = next(
+                        (
+                            c.id
+                            for c in copies
+                            if c.id and _incident_of(c) == incident_id
+                        ),
+                        None,
+                    )
+                    item_id = stray or await self._upload_evidence(
+                        mailbox, bare, mime, incident_id
+                    )
+                    await self._move(quarantine, bare, item_id, folder_id)
+                await self._verify_evidence(bare, incident_id, folder_id)
+                self._evidence_verified.add((incident_id, bare))
+        finally:
+            if source_read is not None:
+                source_read.set()
         return f"{quarantine}/{incident_id}"
 
     async def _incident_folder(self, incident_id: str, bare: str) -> str:
@@ -1033,15 +1089,7 @@ class GraphPlatform(MailPlatform):
             )
         return self._incident_folders[incident_id]
 
-    async def _upload_evidence(
-        self, mailbox: str, bare: str, source: _Copy, incident_id: str
-    ) -> str:
-        """Upload the original's MIME with the incident headers; return the draft id.
-
-        The headers go first, before any forged copies of them that the message
-        itself may carry, because the first occurrence is the one that counts.
-        """
-        quarantine = self.settings.quarantine_mailbox
+    async def _source_mime(self, mailbox: str, bare: str, source: _Copy) -> bytes:
         mime = await self._call(
             mailbox,
             bare,
@@ -1059,6 +1107,17 @@ class GraphPlatform(MailPlatform):
                 message_id=bare,
                 platform=PLATFORM,
             )
+        return bytes(mime)
+
+    async def _upload_evidence(
+        self, mailbox: str, bare: str, mime: bytes, incident_id: str
+    ) -> str:
+        """Upload the original's MIME with the incident headers; return the draft id.
+
+        The headers go first, before any forged copies of them that the message
+        itself may carry, because the first occurrence is the one that counts.
+        """
+        quarantine = self.settings.quarantine_mailbox
         _check_header_value(mailbox, "mailbox")
         headers = (
             f"{INCIDENT_HEADER}: {incident_id}\r\n"
@@ -1163,14 +1222,18 @@ class GraphPlatform(MailPlatform):
         operation: Callable[[], Awaitable[T]],
         *,
         expected_codes: frozenset[str] = frozenset(),
+        limited: bool = True,
     ) -> T:
         """Run one Graph request in the mailbox's slot and map every error it raises.
 
         A 401 is retried once with a new token, because the cached one may have been
         revoked; a second 401 is permanent. An OData error whose code is in
         `expected_codes` raises `_ExpectedGraphError` for the caller to handle.
+        With `limited` false the request takes no slot, for a `$batch` whose inner
+        requests hold their own slots.
         """
-        async with self._slot(mailbox):
+        slot = self._slot(mailbox) if limited else contextlib.nullcontext()
+        async with slot:
             for attempt in (1, 2):
                 try:
                     return await operation()
@@ -1249,3 +1312,16 @@ def _check_header_value(value: str, what: str) -> None:
 
 def _status_of(exc: BaseException) -> int | None:
     return exc.response_status_code if isinstance(exc, APIError) else None
+
+
+async def _gather_or_raise(*steps: Awaitable[Any]) -> list[Any]:
+    """Await steps concurrently; raise the first error once all have finished.
+
+    Unlike a bare gather, no step is left running in the background after another
+    step failed.
+    """
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)

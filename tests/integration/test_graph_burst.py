@@ -1,0 +1,220 @@
+"""Graph quarantine bursts: the adapter's JSON batches against the Graph simulator.
+
+The burst tests run on the virtual clock (`autopull.sim.clock`), with the simulator
+and the adapter in one event loop, so Retry-After waits and latency pass at once
+and the request log's times are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from autopull.connectors.errors import ConnectorError, NotFoundError
+from autopull.connectors.mail.base import QuarantineResult
+from autopull.connectors.mail.graph import GraphPlatform, GraphSettings
+from autopull.sim.campaign import (
+    CAMPAIGN_MESSAGE_ID,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    QUARANTINE_MAILBOX,
+    TENANT_ID,
+    campaign_scenario,
+    user_mailbox,
+)
+from autopull.sim.clock import run_virtual
+from autopull.sim.graph import GraphSimSettings, GraphSimulator, LoggedRequest
+from autopull.sim.world import World
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+HIDDEN = "Autopull Quarantine"
+MAILBOXES = 60
+
+
+def platform_settings(url: str, **changes: Any) -> GraphSettings:
+    values: dict[str, Any] = {
+        "graph_url": f"{url}/v1.0",
+        "authority_url": url,
+        "tenant_id": TENANT_ID,
+        "client_id": CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "quarantine_mailbox": QUARANTINE_MAILBOX,
+    }
+    values.update(changes)
+    return GraphSettings(**values)
+
+
+def with_graph(
+    work: Callable[[GraphSimulator, GraphPlatform], Awaitable[T]],
+    *,
+    mailboxes: int = MAILBOXES,
+    latency_ms: float = 150.0,
+) -> tuple[T, GraphSimulator]:
+    """Run `work` on the virtual clock against a fresh simulator and adapter."""
+    world = World.from_scenario(campaign_scenario(mailboxes))
+    sim = GraphSimulator(world, GraphSimSettings(latency_ms=latency_ms))
+
+    async def main() -> T:
+        url = await sim.start()
+        platform = GraphPlatform(platform_settings(url))
+        try:
+            return await work(sim, platform)
+        finally:
+            await platform.close()
+            await sim.stop()
+
+    return run_virtual(main), sim
+
+
+def pulls(count: int, incident: str = "INC-B") -> list[tuple[str, str, str]]:
+    return [(user_mailbox(i), CAMPAIGN_MESSAGE_ID, incident) for i in range(count)]
+
+
+def folders_of(sim: GraphSimulator, mailbox: str) -> list[str]:
+    return [row["folder"] for row in sim.world.snapshot(mailbox) if row["key"]]
+
+
+def mailbox_requests(sim: GraphSimulator) -> list[LoggedRequest]:
+    return [e for e in sim.log if e.mailbox is not None and e.path != "/v1.0/$batch"]
+
+
+def assert_within_limits(sim: GraphSimulator) -> None:
+    """No request hit a simulated limit, and no mailbox had five requests at once."""
+    assert [e.limit for e in sim.log if e.limit is not None] == []
+    assert max(sim.throttle.peak_in_flight.values()) <= 4
+
+
+def test_burst_quarantines_every_mailbox() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        return await graph.quarantine_many(pulls(MAILBOXES))
+
+    results, sim = with_graph(work)
+
+    assert all(isinstance(r, QuarantineResult) for r in results), results
+    assert [r.mailbox for r in results] == [user_mailbox(i) for i in range(MAILBOXES)]
+    for result in results:
+        assert isinstance(result, QuarantineResult)
+        assert result.already_done is False
+        assert [(c.folder, c.read) for c in result.copies] == [("Inbox", False)]
+        assert result.evidence_location == f"{QUARANTINE_MAILBOX}/INC-B"
+    for index in range(MAILBOXES):
+        assert folders_of(sim, user_mailbox(index)) == [HIDDEN]
+    evidence = [
+        r for r in sim.world.snapshot(QUARANTINE_MAILBOX) if r["folder"] == "INC-B"
+    ]
+    assert len(evidence) == 1
+    assert_within_limits(sim)
+
+
+def test_burst_sends_requests_in_batches() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> None:
+        await graph.quarantine_many(pulls(MAILBOXES))
+
+    _, sim = with_graph(work)
+
+    users = [e for e in mailbox_requests(sim) if e.mailbox != QUARANTINE_MAILBOX]
+    outer = [e for e in sim.log if e.path == "/v1.0/$batch"]
+    batched = [e for e in users if e.batch is not None]
+    # Per mailbox: find and folder list, then marker and hidden folder, then move,
+    # then verify.
+    assert len(batched) == MAILBOXES * 6
+    assert len(users) - len(batched) == 1  # the evidence source's MIME content
+    assert len(outer) == 6 + 6 + 3 + 3
+    assert {e.status for e in outer} == {200}
+
+
+def test_burst_runs_in_few_latencies() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await graph.quarantine_many(pulls(MAILBOXES))
+        return loop.time() - started
+
+    seconds, sim = with_graph(work, latency_ms=150)
+
+    # Evidence chain: find, then MIME and folder lookups, upload, move, verify;
+    # five requests of 150 ms after the token and folder creation in parallel.
+    assert seconds <= 7 * 0.150 + 1e-6
+    assert_within_limits(sim)
+
+
+def test_burst_again_is_already_done() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        await graph.quarantine_many(pulls(10))
+        sim.log.clear()
+        return await graph.quarantine_many(pulls(10))
+
+    results, sim = with_graph(work, mailboxes=10)
+
+    assert all(isinstance(r, QuarantineResult) and r.already_done for r in results)
+    writes = [e for e in sim.log if e.method != "GET" and e.path != "/v1.0/$batch"]
+    assert writes == []
+
+
+def test_burst_reports_missing_copy_alone() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        mailbox = user_mailbox(3)
+        item = next(sim.world.items_of(mailbox))
+        sim.world.remove_item(mailbox, item.item_id)
+        return await graph.quarantine_many(pulls(6))
+
+    results, _ = with_graph(work, mailboxes=6)
+
+    assert isinstance(results[3], NotFoundError)
+    assert results[3].mailbox == user_mailbox(3)
+    others = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, QuarantineResult) for r in others)
+
+
+def test_burst_retries_throttled_request_alone() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        sim.faults.add(
+            {
+                "path": f"^/v1\\.0/users/{user_mailbox(2)}/messages/[^/]+/move$",
+                "status": 429,
+                "retry_after": 5,
+                "count": 2,
+            }
+        )
+        return await graph.quarantine_many(pulls(5))
+
+    results, sim = with_graph(work, mailboxes=5)
+
+    moves = [
+        e for e in sim.log if e.mailbox == user_mailbox(2) and e.path.endswith("/move")
+    ]
+    assert all(isinstance(r, QuarantineResult) for r in results)
+    assert [e.status for e in moves] == [429, 429, 201]
+    assert moves[1].at is not None and moves[0].at is not None
+    assert moves[2].at is not None
+    assert moves[1].at - moves[0].at >= 5
+    assert moves[2].at - moves[1].at >= 5
+    other_moves = [
+        e for e in sim.log if e.path.endswith("/move") and e.mailbox != user_mailbox(2)
+    ]
+    assert all(e.batch == moves[0].batch for e in other_moves[:4])
+
+
+def test_burst_gives_up_after_attempts() -> None:
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        sim.faults.add(
+            {
+                "path": f"^/v1\\.0/users/{user_mailbox(1)}/mailFolders$",
+                "status": 503,
+                "retry_after": 1,
+                "count": 100,
+            }
+        )
+        return await graph.quarantine_many(pulls(3))
+
+    results, sim = with_graph(work, mailboxes=3)
+
+    assert isinstance(results[1], ConnectorError)
+    assert results[1].retriable is True
+    assert isinstance(results[0], QuarantineResult)
+    assert folders_of(sim, user_mailbox(1)) == ["Inbox"]
