@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .ews import add_ews_arguments, run_ews
+from .gmail import GmailSimSettings, GmailSimulator
 from .graph import GraphSimSettings, GraphSimulator
 from .registry import start_registry
 from .tap import add_tap_arguments, run_tap
@@ -106,6 +107,67 @@ async def _serve_until_stopped(simulator: GraphSimulator, host: str, port: int) 
         await simulator.stop()
 
 
+def add_gmail_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the Gmail API simulator's options."""
+    add_world_arguments(parser)
+    defaults = GmailSimSettings()
+    parser.add_argument(
+        "--quota-units",
+        type=int,
+        default=defaults.user_quota_units,
+        help="quota units per user per window (default %(default)s)",
+    )
+    parser.add_argument(
+        "--quota-window-seconds",
+        type=float,
+        default=defaults.quota_window_seconds,
+        help="length of the quota window in simulated seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency-limit",
+        type=int,
+        default=defaults.concurrency_limit,
+        help="requests in flight per user before 429 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=defaults.time_scale,
+        help="how many times faster than real time the simulated clock runs; "
+        "latency, quota windows and Retry-After shrink by it (default %(default)s)",
+    )
+
+
+def run_gmail(args: argparse.Namespace) -> int:
+    """Serve the Gmail simulator until SIGINT or SIGTERM."""
+    world = World.open(args.world, args.state, reset=args.reset)
+    settings = GmailSimSettings(
+        latency_ms=args.latency_ms,
+        user_quota_units=args.quota_units,
+        quota_window_seconds=args.quota_window_seconds,
+        concurrency_limit=args.concurrency_limit,
+        time_scale=args.time_scale,
+    )
+    simulator = GmailSimulator(world, settings, scenario_path=args.world)
+    asyncio.run(_serve_gmail_until_stopped(simulator, args.host, args.port))
+    return 0
+
+
+async def _serve_gmail_until_stopped(
+    simulator: GmailSimulator, host: str, port: int
+) -> None:
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopped.set)
+    url = await simulator.start(host, port)
+    print(f"Gmail simulator listening on {url}", flush=True)
+    try:
+        await stopped.wait()
+    finally:
+        await simulator.stop()
+
+
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the schema registry simulator's options."""
     parser.add_argument(
@@ -139,6 +201,11 @@ async def _serve_registry_until_stopped(host: str, port: int) -> None:
 SIMULATORS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
     "graph": ("Microsoft Graph mail API", add_graph_arguments, run_graph),
     "ews": ("Exchange Web Services (Exchange Server 2016)", add_ews_arguments, run_ews),
+    "gmail": (
+        "Gmail API (users.messages, users.labels)",
+        add_gmail_arguments,
+        run_gmail,
+    ),
     "tap": ("Proofpoint TAP SIEM API", add_tap_arguments, run_tap),
     "registry": (
         "Confluent schema registry (REST subset)",

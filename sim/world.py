@@ -97,6 +97,13 @@ class TenantSpec(_Strict):
     client_id: str | None = None
     client_secret: str | None = None
     permissions: list[str] = Field(default_factory=lambda: ["Mail.ReadWrite"])
+    # Gmail: the service account allowed domain-wide delegation for this domain, the
+    # PEM public key its JWT assertions are checked with, and the delegated scopes.
+    service_account: str | None = None
+    public_key_pem: str | None = None
+    delegated_scopes: list[str] = Field(
+        default_factory=lambda: ["https://mail.google.com/"]
+    )
 
 
 class FolderSpec(_Strict):
@@ -123,6 +130,7 @@ class DeliverySpec(_Strict):
     folder: str = "inbox"
     read: bool = False
     received: datetime | None = None
+    labels: list[str] = Field(default_factory=list)
 
 
 class AttachmentSpec(_Strict):
@@ -245,6 +253,8 @@ class Item:
     key: str | None = None
     malicious: bool = False
     verdict: str | None = None
+    # Gmail labels beyond the one the folder stands for, such as STARRED.
+    labels: list[str] = field(default_factory=list)
 
     @cached_property
     def summary(self) -> MimeSummary:
@@ -504,6 +514,7 @@ class World:
                 key=spec.key,
                 malicious=spec.malicious,
                 verdict=spec.verdict,
+                labels=list(delivery.labels),
             )
             self.items[item.item_id] = item
 
@@ -690,6 +701,7 @@ class World:
             key=source.key,
             malicious=source.malicious,
             verdict=source.verdict,
+            labels=list(source.labels),
         )
         self.items[copy.item_id] = copy
         return copy
@@ -1035,6 +1047,7 @@ def _item_to_state(item: Item) -> dict[str, Any]:
         "key": item.key,
         "malicious": item.malicious,
         "verdict": item.verdict,
+        "labels": item.labels,
     }
 
 
@@ -1057,6 +1070,7 @@ def _item_from_state(data: dict[str, Any]) -> Item:
         key=data["key"],
         malicious=data["malicious"],
         verdict=data["verdict"],
+        labels=list(data.get("labels", [])),
     )
 
 

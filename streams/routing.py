@@ -1,8 +1,8 @@
 """Routing of each mailbox to the mail platform that serves it.
 
 The routing table maps an exact address or a domain to a platform name (graph,
-ews, imap), so one deployment serves a hybrid organisation. An address wins over
-its domain. With one platform configured and no table, every mailbox goes there.
+ews, gmail, imap), so one deployment serves a hybrid organisation. An address wins
+over its domain. With one platform configured and no table, every mailbox goes there.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from autopull.streams.settings import Settings
 def configured_platforms(settings: Settings) -> list[str]:
     """Return the names of the platforms that have settings."""
     names = []
-    for name in ("graph", "ews", "imap"):
+    for name in ("graph", "ews", "gmail", "imap"):
         if getattr(settings, name) is not None:
             names.append(name)
     return names
@@ -46,6 +46,10 @@ def _create(settings: Settings, name: str) -> MailPlatform | None:
         from autopull.connectors.mail.ews import EwsPlatform
 
         return EwsPlatform(settings.ews)
+    if name == "gmail" and settings.gmail is not None:
+        from autopull.connectors.mail.gmail import GmailPlatform
+
+        return GmailPlatform(settings.gmail)
     if name == "imap" and settings.imap is not None:
         from autopull.connectors.mail import imap
 

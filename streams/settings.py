@@ -23,6 +23,7 @@ from pydantic_settings import (
 from autopull.connectors.directory import DirectorySettings
 from autopull.connectors.intel import IntelSettings
 from autopull.connectors.mail.ews import EwsSettings
+from autopull.connectors.mail.gmail import GmailSettings
 from autopull.connectors.mail.graph import GraphSettings
 from autopull.connectors.mail.imap import ImapSettings
 from autopull.connectors.sources.tap_api import TapSettings
@@ -193,6 +194,10 @@ class Settings(BaseSettings):
     )
     imap: ImapSettings | None = Field(
         default=None, description="IMAP server (Domino, Dovecot) for its mailboxes."
+    )
+    gmail: GmailSettings | None = Field(
+        default=None,
+        description="Google Workspace domain reached through the Gmail API.",
     )
     routing: dict[str, str] = Field(
         default_factory=dict,

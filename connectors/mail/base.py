@@ -27,6 +27,8 @@ class MessageCopy:
     read: bool
     subject: str | None = None
     received_at: datetime | None = None
+    # Platforms with labels instead of folders (Gmail) list the copy's label ids.
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

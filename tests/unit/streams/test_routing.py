@@ -48,3 +48,37 @@ def test_routing_table_address_wins_over_domain(mailbox, platform):
         },
     )
     assert platform_name(settings, mailbox) == platform
+
+
+def test_gmail_domain_routes_to_gmail(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from autopull.connectors.mail.gmail import GmailPlatform
+    from autopull.streams.routing import build_router
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    gmail = {
+        "service_account_email": "svc@p.iam.gserviceaccount.com",
+        "client_id": "1045",
+        "private_key": pem,
+        "quarantine_mailbox": "q@example.org",
+    }
+    settings = Settings(
+        graph=GRAPH,
+        gmail=gmail,
+        routing={"example.com": "graph", "example.org": "gmail"},
+    )
+    platforms: dict = {}
+
+    route = build_router(settings, platforms)
+
+    assert platform_name(settings, "dana@example.org") == "gmail"
+    assert isinstance(route("dana@example.org"), GmailPlatform)
+    assert route("erik@example.org") is platforms["gmail"]
+    assert platform_name(settings, "alice@example.com") == "graph"

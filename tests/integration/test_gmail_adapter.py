@@ -1,0 +1,931 @@
+"""The Gmail adapter against the Gmail simulator, both over real HTTP on 127.0.0.1.
+
+The adapter goes through google-api-python-client, google-auth and httplib2,
+unpatched: a service account signs a JWT with a fresh RSA key, the simulator's
+token endpoint checks it with the public key named in the scenario, and every
+mailbox is reached with a token bound to that mailbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from autopull.connectors.errors import (
+    NotFoundError,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from autopull.connectors.mail.gmail import (
+    INCIDENT_HEADER,
+    MAX_BATCH_IDS,
+    ORIGINAL_MAILBOX_HEADER,
+    GmailPlatform,
+    GmailSettings,
+)
+from autopull.sim.gmail import GmailSimSettings, GmailSimulator
+from autopull.sim.world import World
+
+pytestmark = pytest.mark.integration
+
+SERVICE_ACCOUNT = "autopull@autopull-test.iam.gserviceaccount.com"
+CLIENT_ID = "104512345678901234567"
+QUARANTINE = "quarantine@example.org"
+M1 = "m1.every-label@mail.example.net"
+M2 = "CAH7x+q/Lk=Zp'8#w%41&r@mail.example.net"
+M3 = "m3.twice@mail.example.net"
+M4 = "m4.many@mail.example.net"
+FORWARD = "fwd.1@example.org"
+ATTACHMENT = b"%PDF-1.4 invoice payload\n"
+
+
+def _pem_private(key: rsa.RSAPrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+
+
+def _pem_public(key: rsa.RSAPrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+        .decode("ascii")
+    )
+
+
+@pytest.fixture(scope="module")
+def service_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def make_scenario(key: rsa.RSAPrivateKey, *, many: int = 0) -> dict[str, Any]:
+    """Return a world with one Gmail domain; `many` adds that many copies of M4."""
+    mailboxes = [
+        {"address": "alice@example.org", "folders": [{"name": "Projects"}]},
+        {"address": "bob@example.org"},
+        {"address": "carol@example.org"},
+        {"address": "dave@example.org"},
+        {"address": "erin@example.org"},
+        {"address": QUARANTINE},
+        {"address": "frank@example.com"},
+    ]
+    messages: list[dict[str, Any]] = [
+        {
+            "key": "M1",
+            "message_id": f"<{M1}>",
+            "from": "Billing <billing@mail.example.net>",
+            "to": ["alice@example.org"],
+            "subject": "Invoice overdue",
+            "date": "2026-12-01T08:00:00Z",
+            "body": "Pay at http://pay.example.net/x\n",
+            "malicious": True,
+            "deliveries": [
+                {
+                    "mailbox": "alice@example.org",
+                    "folder": "inbox",
+                    "read": False,
+                    "labels": ["STARRED"],
+                },
+                {"mailbox": "alice@example.org", "folder": "junkemail", "read": True},
+                {
+                    "mailbox": "alice@example.org",
+                    "folder": "deleteditems",
+                    "read": True,
+                },
+                {"mailbox": "alice@example.org", "folder": "Projects", "read": False},
+                {"mailbox": "bob@example.org", "folder": "inbox", "read": True},
+            ],
+        },
+        {
+            "key": "M2",
+            "message_id": f"<{M2}>",
+            "from": "x@mail.example.net",
+            "to": ["bob@example.org"],
+            "subject": "Odd id",
+            "date": "2026-12-01T09:00:00Z",
+            "body": "Hello\n",
+            "deliveries": [{"mailbox": "bob@example.org", "folder": "inbox"}],
+        },
+        {
+            "key": "M3",
+            "message_id": f"<{M3}>",
+            "from": "y@mail.example.net",
+            "to": ["carol@example.org"],
+            "subject": "Twice",
+            "date": "2026-12-01T10:00:00Z",
+            "body": "Twice\n",
+            "malicious": True,
+            "deliveries": [
+                {"mailbox": "carol@example.org", "folder": "inbox", "read": False},
+                {"mailbox": "carol@example.org", "folder": "archive", "read": True},
+            ],
+        },
+        {
+            "key": "BENIGN",
+            "message_id": "<benign.1@mail.example.net>",
+            "from": "friend@mail.example.net",
+            "to": ["alice@example.org"],
+            "subject": "Lunch",
+            "date": "2026-12-01T07:00:00Z",
+            "body": "Lunch?\n",
+            "deliveries": [{"mailbox": "alice@example.org", "folder": "inbox"}],
+        },
+        {
+            "key": "FWD",
+            "message_id": f"<{FORWARD}>",
+            "from": "dave@example.org",
+            "to": ["erin@example.org"],
+            "subject": "Fwd: Invoice overdue",
+            "date": "2026-12-02T08:00:00Z",
+            "headers": {
+                "X-Forwarded-Message-Id": f"<{M1}>",
+                "References": f"<{M1}>",
+            },
+            "body": "See below\n",
+            "attachments": [
+                {
+                    "filename": "invoice.pdf",
+                    "content_type": "application/pdf",
+                    "content_base64": base64.b64encode(ATTACHMENT).decode(),
+                }
+            ],
+            "deliveries": [
+                {
+                    "mailbox": "dave@example.org",
+                    "folder": "sentitems",
+                    "read": True,
+                    "received": "2026-12-02T08:00:00Z",
+                }
+            ],
+        },
+        {
+            "key": "OLD",
+            "message_id": "<old.1@example.org>",
+            "from": "dave@example.org",
+            "to": ["erin@example.org"],
+            "subject": "Old news",
+            "date": "2026-11-01T08:00:00Z",
+            "body": "Old\n",
+            "deliveries": [
+                {
+                    "mailbox": "dave@example.org",
+                    "folder": "sentitems",
+                    "read": True,
+                    "received": "2026-11-01T08:00:00Z",
+                }
+            ],
+        },
+    ]
+    if many:
+        messages.append(
+            {
+                "key": "M4",
+                "message_id": f"<{M4}>",
+                "from": "bomb@mail.example.net",
+                "to": ["erin@example.org"],
+                "subject": "Bomb",
+                "date": "2026-12-01T11:00:00Z",
+                "body": "Bomb\n",
+                "deliveries": [
+                    {"mailbox": "erin@example.org", "folder": "inbox"}
+                    for _ in range(many)
+                ],
+            }
+        )
+    return {
+        "name": "gmail-test",
+        "tenants": [
+            {
+                "domain": "example.org",
+                "platform": "gmail",
+                "client_id": CLIENT_ID,
+                "service_account": SERVICE_ACCOUNT,
+                "public_key_pem": _pem_public(key),
+            },
+            {"domain": "example.com", "platform": "graph"},
+        ],
+        "mailboxes": mailboxes,
+        "messages": messages,
+    }
+
+
+async def start_sim(
+    tmp_path: Path,
+    key: rsa.RSAPrivateKey,
+    settings: GmailSimSettings | None = None,
+    **kw: Any,
+) -> GmailSimulator:
+    import json
+
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps(make_scenario(key, **kw)), encoding="utf-8")
+    world = World.open(scenario, tmp_path / "state.json")
+    simulator = GmailSimulator(world, settings, scenario_path=scenario)
+    await simulator.start()
+    return simulator
+
+
+@pytest.fixture
+async def gmail_sim(
+    tmp_path: Path, service_key: rsa.RSAPrivateKey
+) -> AsyncIterator[GmailSimulator]:
+    simulator = await start_sim(tmp_path, service_key)
+    yield simulator
+    await simulator.stop()
+
+
+def adapter_settings(
+    sim: GmailSimulator, key: rsa.RSAPrivateKey, **changes: Any
+) -> GmailSettings:
+    values: dict[str, Any] = {
+        "api_url": f"{sim.base_url}/",
+        "token_uri": f"{sim.base_url}/token",
+        "service_account_email": SERVICE_ACCOUNT,
+        "client_id": CLIENT_ID,
+        "private_key": _pem_private(key),
+        "quarantine_mailbox": QUARANTINE,
+        "page_size": 2,
+        "max_retry_wait": 5.0,
+    }
+    values.update(changes)
+    return GmailSettings(**values)
+
+
+@pytest.fixture
+async def gmail(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> AsyncIterator[GmailPlatform]:
+    platform = GmailPlatform(adapter_settings(gmail_sim, service_key))
+    yield platform
+    await platform.close()
+
+
+def rows_of(sim: GmailSimulator, mailbox: str, key: str) -> list[dict[str, Any]]:
+    return [row for row in sim.snapshot(mailbox) if row["key"] == key]
+
+
+def evidence_of(sim: GmailSimulator, message_id: str) -> list[dict[str, Any]]:
+    return [
+        row
+        for row in sim.snapshot(QUARANTINE)
+        if row["internet_message_id"] == f"<{message_id}>"
+    ]
+
+
+def calls(
+    sim: GmailSimulator, api_method: str, mailbox: str | None = None
+) -> list[Any]:
+    return [
+        e
+        for e in sim.log
+        if e.api_method == api_method and (mailbox is None or e.mailbox == mailbox)
+    ]
+
+
+def user_names(row: dict[str, Any]) -> list[str]:
+    """Label names of a copy without the adapter's record labels."""
+    return sorted(n for n in row["label_names"] if not n.startswith("Autopull "))
+
+
+# --- find -----------------------------------------------------------------------------
+
+
+async def test_find_every_label_with_read_state(gmail: GmailPlatform) -> None:
+    copies = await gmail.find("alice@example.org", M1)
+
+    found = sorted((copy.folder, copy.read) for copy in copies)
+    assert found == [
+        ("INBOX, STARRED", False),
+        ("Projects", False),
+        ("SPAM", True),
+        ("TRASH", True),
+    ]
+    assert {copy.message_id for copy in copies} == {M1}
+    assert all(copy.mailbox == "alice@example.org" for copy in copies)
+
+
+async def test_find_sends_rfc822msgid_with_spam_trash(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    await gmail.find("bob@example.org", f" <{M2}> ")
+
+    lists = calls(gmail_sim, "messages.list", "bob@example.org")
+    assert lists
+    assert {e.query["q"][0] for e in lists} == {f"rfc822msgid:{M2}"}
+    assert {e.query["includeSpamTrash"][0] for e in lists} == {"true"}
+
+
+async def test_find_odd_message_id_exactly(gmail: GmailPlatform) -> None:
+    copies = await gmail.find("bob@example.org", M2)
+
+    assert [(c.message_id, c.folder) for c in copies] == [(M2, "INBOX")]
+
+
+async def test_find_nothing_is_empty(gmail: GmailPlatform) -> None:
+    assert await gmail.find("bob@example.org", "absent@mail.example.net") == []
+
+
+async def test_find_reads_every_page(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    copies = await gmail.find("alice@example.org", M1)
+
+    pages = calls(gmail_sim, "messages.list", "alice@example.org")
+    assert len(copies) == 4
+    assert len(pages) == 2
+    assert "pageToken" in pages[1].query
+
+
+# --- quarantine -----------------------------------------------------------------------
+
+
+async def test_quarantine_trashes_and_imports_once(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    alice = await gmail.quarantine("alice@example.org", M1, "INC-1")
+    bob = await gmail.quarantine("bob@example.org", M1, "INC-1")
+
+    for row in rows_of(gmail_sim, "alice@example.org", "M1"):
+        assert "TRASH" in row["labels"]
+    assert [
+        "TRASH" in r["labels"] for r in rows_of(gmail_sim, "bob@example.org", "M1")
+    ] == [True]
+    evidence = evidence_of(gmail_sim, M1)
+    assert len(evidence) == 1
+    assert evidence[0]["label_names"] == ["Autopull/INC-1"]
+    assert evidence[0]["marker_headers"][INCIDENT_HEADER] == "INC-1"
+    assert evidence[0]["marker_headers"][ORIGINAL_MAILBOX_HEADER] == "alice@example.org"
+    assert len(calls(gmail_sim, "messages.import", QUARANTINE)) == 1
+    assert alice.evidence_location == f"{QUARANTINE}/Autopull/INC-1"
+    assert bob.evidence_location == alice.evidence_location
+
+
+async def test_quarantine_reports_original_labels(gmail: GmailPlatform) -> None:
+    result = await gmail.quarantine("alice@example.org", M1, "INC-1")
+
+    assert sorted((c.folder, c.read) for c in result.copies) == [
+        ("INBOX, STARRED", False),
+        ("Projects", False),
+        ("SPAM", True),
+        ("TRASH", True),
+    ]
+    assert result.already_done is False
+
+
+async def test_quarantine_records_labels_on_copy(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    await gmail.quarantine("bob@example.org", M1, "INC-1")
+
+    row = rows_of(gmail_sim, "bob@example.org", "M1")[0]
+    records = [n for n in row["label_names"] if n.startswith("Autopull ")]
+    digest = hashlib.sha256(M1.encode()).hexdigest()[:12]
+    assert records == [f"Autopull INC-1 {digest} INBOX"]
+
+
+async def test_quarantine_again_does_nothing(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    await gmail.quarantine("alice@example.org", M1, "INC-1")
+    before = gmail_sim.world.to_state()
+    gmail_sim.log.clear()
+
+    again = await gmail.quarantine("alice@example.org", M1, "INC-1")
+
+    assert again.already_done is True
+    assert len(again.copies) == 4
+    assert gmail_sim.world.to_state() == before
+    writes = [e for e in gmail_sim.log if e.method != "GET" and e.api_method]
+    assert writes == []
+
+
+async def test_quarantine_pulls_both_copies(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    result = await gmail.quarantine("carol@example.org", M3, "INC-3")
+
+    rows = rows_of(gmail_sim, "carol@example.org", "M3")
+    assert len(result.copies) == 2
+    assert sorted((c.folder, c.read) for c in result.copies) == [
+        ("All Mail", True),
+        ("INBOX", False),
+    ]
+    assert [("TRASH" in r["labels"]) for r in rows] == [True, True]
+    assert len(evidence_of(gmail_sim, M3)) == 1
+    assert len(calls(gmail_sim, "messages.batchModify", "carol@example.org")) == 1
+
+
+async def test_quarantine_leaves_benign_mail(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    before = rows_of(gmail_sim, "alice@example.org", "BENIGN")
+
+    await gmail.quarantine("alice@example.org", M1, "INC-1")
+
+    assert rows_of(gmail_sim, "alice@example.org", "BENIGN") == before
+
+
+async def test_quarantine_missing_is_not_found(gmail: GmailPlatform) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        await gmail.quarantine("bob@example.org", M3, "INC-3")
+
+    assert caught.value.mailbox == "bob@example.org"
+    assert caught.value.message_id == M3
+
+
+async def test_quarantine_delete_mode_deletes(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, original_action="delete")
+    )
+    try:
+        result = await platform.quarantine("carol@example.org", M3, "INC-3")
+        again = await platform.quarantine("carol@example.org", M3, "INC-3")
+    finally:
+        await platform.close()
+
+    assert rows_of(gmail_sim, "carol@example.org", "M3") == []
+    assert len(result.copies) == 2
+    assert len(calls(gmail_sim, "messages.batchDelete", "carol@example.org")) == 1
+    assert len(evidence_of(gmail_sim, M3)) == 1
+    assert again.already_done is True
+
+
+async def test_quarantine_batches_at_most_1000(
+    tmp_path: Path, service_key: rsa.RSAPrivateKey
+) -> None:
+    sim = await start_sim(tmp_path, service_key, many=MAX_BATCH_IDS + 5)
+    platform = GmailPlatform(adapter_settings(sim, service_key, page_size=500))
+    try:
+        result = await platform.quarantine("erin@example.org", M4, "INC-4")
+    finally:
+        await platform.close()
+        await sim.stop()
+
+    batches = calls(sim, "messages.batchModify", "erin@example.org")
+    sizes = [len(e.body["ids"]) for e in batches]
+    assert len(result.copies) == MAX_BATCH_IDS + 5
+    assert max(sizes) <= MAX_BATCH_IDS
+    assert sum(sizes) == 2 * (MAX_BATCH_IDS + 5)
+    assert all(e.status == 204 for e in batches)
+    assert all("TRASH" in r["labels"] for r in rows_of(sim, "erin@example.org", "M4"))
+
+
+# --- restore --------------------------------------------------------------------------
+
+
+async def test_restore_puts_labels_and_read_back(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    before = sorted(
+        (r["id"], tuple(sorted(r["labels"])))
+        for r in rows_of(gmail_sim, "alice@example.org", "M1")
+    )
+    await gmail.quarantine("alice@example.org", M1, "INC-1")
+
+    result = await gmail.restore("alice@example.org", M1, "INC-1")
+
+    after = sorted(
+        (r["id"], tuple(sorted(r["labels"])))
+        for r in rows_of(gmail_sim, "alice@example.org", "M1")
+    )
+    assert after == before
+    assert sorted((c.folder, c.read) for c in result.copies) == [
+        ("INBOX, STARRED", False),
+        ("Projects", False),
+        ("SPAM", True),
+        ("TRASH", True),
+    ]
+    labels = {
+        e.body["name"] for e in calls(gmail_sim, "labels.create", "alice@example.org")
+    }
+    names = {r["label_names"][0] for r in gmail_sim.snapshot("alice@example.org")}
+    assert not any(name in names for name in labels)
+
+
+async def test_restore_after_delete_imports_back(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, original_action="delete")
+    )
+    try:
+        await platform.quarantine("carol@example.org", M3, "INC-3")
+        await platform.restore("carol@example.org", M3, "INC-3")
+        again = await platform.restore("carol@example.org", M3, "INC-3")
+    finally:
+        await platform.close()
+
+    rows = [
+        r
+        for r in gmail_sim.snapshot("carol@example.org")
+        if r["internet_message_id"] == f"<{M3}>"
+    ]
+    assert sorted(tuple(sorted(r["labels"])) for r in rows) == [(), ("INBOX", "UNREAD")]
+    assert all(r["marker_headers"] == {} for r in rows)
+    assert again.already_done is True
+
+
+async def test_restore_without_quarantine_is_done(gmail: GmailPlatform) -> None:
+    result = await gmail.restore("bob@example.org", M2, "INC-9")
+
+    assert result.already_done is True
+    assert [c.folder for c in result.copies] == ["INBOX"]
+
+
+async def test_restore_nothing_is_not_found(gmail: GmailPlatform) -> None:
+    with pytest.raises(NotFoundError):
+        await gmail.restore("bob@example.org", M3, "INC-3")
+
+
+# --- faults at each step --------------------------------------------------------------
+
+
+def recoverable(sim: GmailSimulator, mailbox: str, key: str, message_id: str) -> int:
+    """Count the copies a person can still recover the message from."""
+    return len(rows_of(sim, mailbox, key)) + len(evidence_of(sim, message_id))
+
+
+@pytest.mark.parametrize(
+    ("step", "rule"),
+    [
+        ("before copy", {"path": r"/messages/import$", "status": 500}),
+        (
+            "after copy",
+            {"path": r"/messages/import$", "status": 503, "after_effect": True},
+        ),
+        ("after verify", {"path": r"/bob@example.org/messages/[0-9a-f]+/trash$"}),
+        (
+            "after delete",
+            {
+                "path": r"/bob@example.org/messages/[0-9a-f]+/trash$",
+                "status": 500,
+                "after_effect": True,
+            },
+        ),
+    ],
+)
+async def test_fault_leaves_one_recoverable_copy(
+    gmail_sim: GmailSimulator,
+    service_key: rsa.RSAPrivateKey,
+    step: str,
+    rule: dict[str, Any],
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, request_retries=0, request_timeout=5)
+    )
+    gmail_sim.faults.add(dict(rule))
+    try:
+        with pytest.raises(TransientError):
+            await platform.quarantine("bob@example.org", M2, "INC-2")
+        assert len(evidence_of(gmail_sim, M2)) <= 1, step
+        assert recoverable(gmail_sim, "bob@example.org", "M2", M2) >= 1, step
+
+        result = await platform.quarantine("bob@example.org", M2, "INC-2")
+    finally:
+        await platform.close()
+
+    rows = rows_of(gmail_sim, "bob@example.org", "M2")
+    assert [("TRASH" in r["labels"]) for r in rows] == [True], step
+    assert len(evidence_of(gmail_sim, M2)) == 1, step
+    assert [(c.folder, c.read) for c in result.copies] == [("INBOX", False)], step
+    imports = [e for e in calls(gmail_sim, "messages.import") if e.status == 200]
+    assert len(imports) == (0 if step == "after copy" else 1), step
+
+
+async def test_dropped_import_answer_keeps_one_copy(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    # httplib2 sends the import again after the drop, so Gmail stores two copies.
+    gmail_sim.faults.add(
+        {"path": r"/messages/import$", "drop": True, "after_effect": True}
+    )
+
+    await gmail.quarantine("bob@example.org", M2, "INC-2")
+
+    imports = calls(gmail_sim, "messages.import", QUARANTINE)
+    assert [e.status for e in imports] == [0, 200]
+    assert len(evidence_of(gmail_sim, M2)) == 1
+
+
+async def test_fault_after_delete_mode_delete(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(
+            gmail_sim, service_key, original_action="delete", request_retries=0
+        )
+    )
+    gmail_sim.faults.add(
+        {
+            "path": r"/bob@example.org/messages/[0-9a-f]+$",
+            "method": "DELETE",
+            "status": 500,
+            "after_effect": True,
+        }
+    )
+    try:
+        with pytest.raises(TransientError):
+            await platform.quarantine("bob@example.org", M2, "INC-2")
+        assert rows_of(gmail_sim, "bob@example.org", "M2") == []
+        assert len(evidence_of(gmail_sim, M2)) == 1
+
+        result = await platform.quarantine("bob@example.org", M2, "INC-2")
+        await platform.restore("bob@example.org", M2, "INC-2")
+    finally:
+        await platform.close()
+
+    assert result.already_done is True
+    rows = rows_of(gmail_sim, "bob@example.org", "M2")
+    assert rows == []  # a restored copy is imported, so it has no scenario key
+    back = [
+        r
+        for r in gmail_sim.snapshot("bob@example.org")
+        if r["internet_message_id"] == f"<{M2}>"
+    ]
+    assert [sorted(r["labels"]) for r in back] == [["INBOX", "UNREAD"]]
+
+
+async def test_dropped_connection_is_retried(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    gmail_sim.faults.add({"path": r"/bob@example.org/messages$", "drop": True})
+
+    copies = await gmail.find("bob@example.org", M2)
+
+    assert len(copies) == 1
+    assert [e.status for e in calls(gmail_sim, "messages.list", "bob@example.org")] == [
+        0,
+        200,
+    ]
+
+
+async def test_timeout_is_transient(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, request_timeout=0.5, request_retries=0)
+    )
+    gmail_sim.faults.add({"path": r"/bob@example.org/messages$", "delay_ms": 1500})
+    try:
+        with pytest.raises(TransientError) as caught:
+            await platform.find("bob@example.org", M2)
+    finally:
+        await platform.close()
+
+    assert caught.value.mailbox == "bob@example.org"
+
+
+# --- throttling -----------------------------------------------------------------------
+
+
+async def test_retry_after_is_honoured(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    gmail_sim.faults.add(
+        {"path": r"/bob@example.org/messages$", "status": 429, "retry_after": "1"}
+    )
+
+    started = time.monotonic()
+    copies = await gmail.find("bob@example.org", M2)
+    elapsed = time.monotonic() - started
+
+    lists = calls(gmail_sim, "messages.list", "bob@example.org")
+    assert len(copies) == 1
+    assert [e.status for e in lists] == [429, 200]
+    assert lists[1].time - lists[0].time >= 1.0
+    assert elapsed >= 1.0
+
+
+async def test_quota_exhaustion_waits_then_completes(
+    tmp_path: Path, service_key: rsa.RSAPrivateKey
+) -> None:
+    settings = GmailSimSettings(user_quota_units=60, quota_window_seconds=2.0)
+    sim = await start_sim(tmp_path, service_key, settings)
+    platform = GmailPlatform(adapter_settings(sim, service_key, request_retries=10))
+    try:
+        result = await platform.quarantine("alice@example.org", M1, "INC-1")
+    finally:
+        await platform.close()
+        await sim.stop()
+
+    throttled = [e for e in sim.log if e.status == 429]
+    assert len(result.copies) == 4
+    assert throttled
+    assert {e.reason for e in throttled} == {"userRateLimitExceeded"}
+    for entry in throttled:
+        retried = [
+            e
+            for e in sim.log
+            if e.seq > entry.seq and e.mailbox == entry.mailbox and e.status != 429
+        ]
+        assert retried, entry
+    assert all("TRASH" in r["labels"] for r in rows_of(sim, "alice@example.org", "M1"))
+
+
+async def test_long_retry_after_goes_to_caller(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    gmail_sim.faults.add(
+        {"path": r"/bob@example.org/messages$", "status": 429, "retry_after": "120"}
+    )
+
+    with pytest.raises(ThrottledError) as caught:
+        await gmail.find("bob@example.org", M2)
+
+    assert caught.value.retry_after == pytest.approx(120.0)
+    assert len(calls(gmail_sim, "messages.list", "bob@example.org")) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "expected"),
+    [
+        (403, "rateLimitExceeded", ThrottledError),
+        (403, "userRateLimitExceeded", ThrottledError),
+        (403, "quotaExceeded", ThrottledError),
+        (403, "insufficientPermissions", PermanentError),
+        (500, "backendError", TransientError),
+        (400, "invalidArgument", PermanentError),
+    ],
+)
+async def test_gmail_answers_are_classified(
+    gmail_sim: GmailSimulator,
+    service_key: rsa.RSAPrivateKey,
+    status: int,
+    reason: str,
+    expected: type[Exception],
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, request_retries=0)
+    )
+    gmail_sim.faults.add(
+        {"path": r"/bob@example.org/messages$", "status": status, "reason": reason}
+    )
+    try:
+        with pytest.raises(expected) as caught:
+            await platform.find("bob@example.org", M2)
+    finally:
+        await platform.close()
+
+    assert type(caught.value) is expected
+    assert reason in str(caught.value)
+
+
+# --- delegation and secrets -----------------------------------------------------------
+
+
+async def test_mailbox_outside_domain_fails_permanently(
+    gmail: GmailPlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    with pytest.raises(PermanentError) as caught:
+        await gmail.find("frank@example.com", M1)
+
+    message = str(caught.value)
+    assert "unauthorized_client" in message
+    assert CLIENT_ID in message
+    assert "domain-wide delegation" in message
+    assert "PRIVATE KEY" not in message
+    assert "PRIVATE KEY" not in caplog.text
+
+
+async def test_wrong_key_fails_and_stays_secret(
+    gmail_sim: GmailSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    settings = adapter_settings(gmail_sim, other)
+    platform = GmailPlatform(settings)
+    caplog.set_level(logging.DEBUG)
+    try:
+        with pytest.raises(PermanentError) as caught:
+            await platform.find("bob@example.org", M2)
+    finally:
+        await platform.close()
+
+    pem = settings.private_key.get_secret_value()
+    body = pem.splitlines()[1]
+    assert "invalid_grant" in str(caught.value)
+    assert body not in str(caught.value)
+    assert body not in caplog.text
+    assert body not in repr(settings)
+
+
+async def test_bad_private_key_names_the_fix(gmail_sim: GmailSimulator) -> None:
+    settings = GmailSettings(
+        api_url=f"{gmail_sim.base_url}/",
+        token_uri=f"{gmail_sim.base_url}/token",
+        service_account_email=SERVICE_ACCOUNT,
+        client_id=CLIENT_ID,
+        private_key="not a key 9c1f",
+        quarantine_mailbox=QUARANTINE,
+    )
+
+    with pytest.raises(PermanentError) as caught:
+        GmailPlatform(settings)
+
+    assert "private_key" in str(caught.value)
+    assert "9c1f" not in str(caught.value)
+
+
+async def test_one_token_per_mailbox(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    await gmail.find("bob@example.org", M2)
+    await gmail.find("bob@example.org", M2)
+    await gmail.find("alice@example.org", M1)
+
+    subjects = sorted(grant.subject for grant in gmail_sim.tokens.grants.values())
+    assert subjects == ["alice@example.org", "bob@example.org"]
+
+
+# --- forward tracing ------------------------------------------------------------------
+
+
+async def test_sent_since_lists_forward_headers(gmail: GmailPlatform) -> None:
+    sent = await gmail.sent_since("dave@example.org", datetime(2026, 12, 1, tzinfo=UTC))
+
+    assert [s.message_id for s in sent] == [FORWARD]
+    forward = sent[0]
+    assert forward.headers["X-Forwarded-Message-Id"] == f"<{M1}>"
+    assert forward.headers["References"] == f"<{M1}>"
+    assert forward.recipients == ("erin@example.org",)
+    assert forward.attachment_hashes == (hashlib.sha256(ATTACHMENT).hexdigest(),)
+    assert forward.sent_at == datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_process(scenario: Path, state: Path, port: int) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "autopull.sim", "gmail", "--world", str(scenario)]
+    command += ["--state", str(state), "--port", str(port)]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+async def test_simulator_runs_from_command_line(
+    tmp_path: Path, service_key: rsa.RSAPrivateKey
+) -> None:
+    import json
+
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps(make_scenario(service_key)), encoding="utf-8")
+    port = _free_port()
+    process = start_process(scenario, tmp_path / "state.json", port)
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 30
+        line = ""
+        while "listening" not in line and time.monotonic() < deadline:
+            line = await asyncio.wait_for(
+                asyncio.to_thread(process.stdout.readline), timeout=30
+            )
+        assert f"Gmail simulator listening on http://127.0.0.1:{port}" in line
+        settings = GmailSettings(
+            api_url=f"http://127.0.0.1:{port}/",
+            token_uri=f"http://127.0.0.1:{port}/token",
+            service_account_email=SERVICE_ACCOUNT,
+            client_id=CLIENT_ID,
+            private_key=_pem_private(service_key),
+            quarantine_mailbox=QUARANTINE,
+        )
+        platform = GmailPlatform(settings)
+        try:
+            result = await platform.quarantine("bob@example.org", M2, "INC-2")
+        finally:
+            await platform.close()
+        assert [c.folder for c in result.copies] == ["INBOX"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert process.returncode == 0
