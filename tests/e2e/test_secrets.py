@@ -15,6 +15,8 @@ import httpx
 import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from autopull.streams.settings import Settings
 from autopull.streams.topics import ensure_topics
@@ -34,6 +36,17 @@ SECRETS = {
     "ews": "ews-Secret-5f7b9d1a3c",
     "imap": "imap-Secret-0c2e4a6b8d",
 }
+GMAIL_KEY = (
+    rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    .decode("ascii")
+)
+# One line of the key's base64 body stands for the whole key.
+SECRETS["gmail"] = GMAIL_KEY.splitlines()[1]
 
 
 @pytest.fixture
@@ -79,10 +92,19 @@ def secret_settings(base: Settings) -> Settings:
             "master_password": SECRETS["imap"],
             "quarantine_mailbox": "quarantine@mail.example.org",
         },
+        gmail={
+            "api_url": "http://127.0.0.1:9/",
+            "token_uri": "http://127.0.0.1:9/token",
+            "service_account_email": "svc@autopull-test.iam.gserviceaccount.com",
+            "client_id": "104512345678901234567",
+            "private_key": GMAIL_KEY,
+            "quarantine_mailbox": "quarantine@gmail.example.org",
+        },
         routing={
             "example.com": "graph",
             "corp.example.com": "ews",
             "mail.example.org": "imap",
+            "gmail.example.org": "gmail",
         },
     )
     values["graph"]["client_secret"] = SECRETS["graph"]
