@@ -32,6 +32,7 @@ import hmac
 import json
 import logging
 import math
+import random
 import re
 import time
 import uuid
@@ -1141,7 +1142,10 @@ class FaultRule:
     `path` is a regular expression searched in the percent-decoded path.
 
     The response is `status` with an OData error (or an empty body). With `drop`,
-    the connection is closed and no response is sent at all.
+    the connection is closed and no response is sent at all. A rule with a
+    `probability` below 1 hits each matching request with that chance, and a rule
+    with `until` stops at that time on the simulator's clock, so a storm of faults
+    can cover a share of the requests for a while.
     """
 
     path: str
@@ -1153,10 +1157,14 @@ class FaultRule:
     message: str | None = None
     empty_body: bool = False
     drop: bool = False
+    probability: float = 1.0
+    until: float | None = None
     rule_id: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, now: float) -> bool:
         if self.count <= 0:
+            return False
+        if self.until is not None and now >= self.until:
             return False
         if self.method is not None and self.method.upper() != method:
             return False
@@ -1166,9 +1174,14 @@ class FaultRule:
 class FaultInjector:
     """The fault rules set through the admin API, used in the order they were added."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, seed: int = 0
+    ) -> None:
         self.rules: list[FaultRule] = []
         self._next_id = 1
+        self._clock = clock
+        # Seeded, so that a storm of faults hits the same requests on every run.
+        self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> FaultRule:
         allowed = {f.name for f in fields(FaultRule)} - {"rule_id"}
@@ -1188,10 +1201,14 @@ class FaultInjector:
         return rule
 
     def take(self, method: str, path: str) -> FaultRule | None:
+        now = self._clock()
         for rule in self.rules:
-            if rule.matches(method, path):
-                rule.count -= 1
-                return rule
+            if not rule.matches(method, path, now):
+                continue
+            if rule.probability < 1 and self._random.random() >= rule.probability:
+                continue
+            rule.count -= 1
+            return rule
         return None
 
     def clear(self) -> None:
@@ -1341,7 +1358,7 @@ class GraphSimulator:
         self.wall_clock = wall_clock
         self.tokens = TokenIssuer(world, wall_clock)
         self.throttle = MailboxThrottle(self.settings, clock)
-        self.faults = FaultInjector()
+        self.faults = FaultInjector(clock)
         self.log: deque[LoggedRequest] = deque(maxlen=self.settings.request_log_size)
         self._seq = 0
         self._runner: web.AppRunner | None = None

@@ -44,7 +44,13 @@ from autopull.streams.incidents import (
     new_incident,
 )
 from autopull.streams.policy import decide
-from autopull.streams.pulls import RetryPolicy, Router, execute
+from autopull.streams.pulls import (
+    PullResult,
+    RetryPolicy,
+    Router,
+    execute,
+    execute_many,
+)
 from autopull.streams.records import Record, ledger_key, utcnow
 from autopull.streams.routing import build_router
 
@@ -370,10 +376,12 @@ def _pull_agent(pipe: Pipeline) -> None:
         async for batch in stream.take(
             settings.pull_batch_size, within=settings.pull_batch_seconds
         ):
+            groups = _by_copy(pipe, batch)
+            done = await _run_heads_as_burst(pipe, groups, route, retry)
             await asyncio.gather(
                 *(
-                    _run_in_order(pipe, group, route, retry)
-                    for group in _by_copy(pipe, batch)
+                    _run_in_order(pipe, group[1:] if i in done else group, route, retry)
+                    for i, group in enumerate(groups)
                 )
             )
 
@@ -395,6 +403,46 @@ def _by_copy(pipe: Pipeline, batch: Sequence[bytes | None]) -> list[list[bytes |
                 key = position
         groups.setdefault(key, []).append(data)
     return list(groups.values())
+
+
+async def _run_heads_as_burst(
+    pipe: Pipeline,
+    groups: list[list[bytes | None]],
+    route: Router,
+    retry: RetryPolicy,
+) -> set[int]:
+    """Run the first command of each group together, so quarantines form bursts.
+
+    Only commands that decode and are due now take part; the rest stay at the head
+    of their group. Returns the positions of the groups whose head has run.
+    """
+    heads: list[tuple[int, Record]] = []
+    for position, group in enumerate(groups):
+        data = group[0]
+        if data is None:
+            continue
+        try:
+            command = pipe.decode("pull.commands", bytes(data))
+        except Exception:  # noqa: S112 - `_run_command` dead-letters it
+            continue
+        if _seconds_until(command.get("not_before")) <= 0:
+            heads.append((position, command))
+    if len(heads) < 2:
+        return set()
+
+    commands = [command for _, command in heads]
+    entries = [
+        pipe.ledger.get(ledger_key(c["mailbox"], c["message_id"])) for c in commands
+    ]
+    try:
+        results = await execute_many(commands, route, retry, entries)
+    except Exception:
+        # Every pull of a burst is idempotent, so each runs again on its own.
+        log.exception("A burst of %d pulls failed unexpectedly", len(commands))
+        return set()
+    for command, result in zip(commands, results, strict=True):
+        await _report(pipe, command, result)
+    return {position for position, _ in heads}
 
 
 async def _run_in_order(
@@ -448,6 +496,11 @@ async def _pull(
         await asyncio.sleep(min(wait, pipe.settings.pull_max_wait_seconds))
     entry = pipe.ledger.get(ledger_key(command["mailbox"], command["message_id"]))
     result = await execute(command, route, retry, entry)
+    await _report(pipe, command, result)
+
+
+async def _report(pipe: Pipeline, command: Record, result: PullResult) -> None:
+    """Send a pull's outcome, park it again if still throttled, and log it."""
     await pipe.send("pull.outcomes", command["mailbox"], result.outcome)
     if result.parked is not None:
         await pipe.send("pull.commands", command["mailbox"], result.parked)

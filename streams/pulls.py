@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -169,6 +169,88 @@ async def execute(
         )
         return PullResult(outcome)
     return PullResult(_outcome(command, platform.name, started, result=result))
+
+
+async def execute_many(
+    commands: Sequence[Record],
+    route: Router,
+    policy: RetryPolicy,
+    ledger_entries: Sequence[Any] | None = None,
+) -> list[PullResult]:
+    """Run commands for distinct copies, with quarantines on one platform as a burst.
+
+    Quarantines that route to the same platform go first to its `quarantine_many`
+    as one burst. A pull that the burst failed transiently runs again through
+    `execute`, with its retries, after the Retry-After the platform sent. Every
+    other command runs through `execute` directly, and all run concurrently.
+    Returns one result per command, in order.
+    """
+    entries = list(ledger_entries or [None] * len(commands))
+    started = utcnow()
+    results: list[PullResult | None] = [None] * len(commands)
+    waits: dict[int, float] = {}
+
+    bursts = _burst_groups(commands, route, entries)
+    outcomes = await asyncio.gather(
+        *(
+            platform.quarantine_many([_pull_of(commands[i]) for i in indices])
+            for platform, indices in bursts
+        )
+    )
+    for (platform, indices), burst in zip(bursts, outcomes, strict=True):
+        for index, outcome in zip(indices, burst, strict=True):
+            command = commands[index]
+            if isinstance(outcome, TransientError):
+                waits[index] = outcome.retry_after or 0.0
+            elif isinstance(outcome, ConnectorError):
+                results[index] = PullResult(
+                    _outcome(command, platform.name, started, error=outcome)
+                )
+            else:
+                results[index] = PullResult(
+                    _outcome(command, platform.name, started, result=outcome)
+                )
+
+    async def run_alone(index: int) -> None:
+        wait = min(waits.get(index, 0.0), policy.max_wait_seconds)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        result = await execute(commands[index], route, policy, entries[index])
+        if index in waits:
+            # The burst was the first attempt.
+            result.outcome["attempts"] = result.outcome["attempts"] + 1
+        results[index] = result
+
+    await asyncio.gather(
+        *(run_alone(i) for i, result in enumerate(results) if result is None)
+    )
+    return [result for result in results if result is not None]
+
+
+def _burst_groups(
+    commands: Sequence[Record], route: Router, entries: Sequence[Any]
+) -> list[tuple[MailPlatform, list[int]]]:
+    """Group the quarantines worth a burst by platform: at least two per platform."""
+    groups: dict[int, tuple[MailPlatform, list[int]]] = {}
+    for index, command in enumerate(commands):
+        entry = entries[index]
+        already = isinstance(entry, dict) and entry.get("status") in (
+            "quarantined",
+            "already_quarantined",
+        )
+        if command["kind"] != "quarantine" or already:
+            continue
+        try:
+            platform = route(command["mailbox"])
+        except Exception:  # noqa: S112 - `execute` logs and reports this command's error
+            continue
+        if platform is not None:
+            groups.setdefault(id(platform), (platform, []))[1].append(index)
+    return [group for group in groups.values() if len(group[1]) > 1]
+
+
+def _pull_of(command: Record) -> tuple[str, str, str]:
+    return command["mailbox"], command["message_id"], command["incident_id"]
 
 
 async def _call_within(

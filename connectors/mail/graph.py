@@ -478,6 +478,10 @@ class _Copy:
         )
 
 
+# The mailbox and the copy an evidence copy is made from.
+EvidenceSource = tuple[str, _Copy]
+
+
 @dataclass(frozen=True)
 class _Located:
     visible: list[_Copy]
@@ -527,6 +531,7 @@ class GraphPlatform(MailPlatform):
         # quarantines of the same message skip the quarantine mailbox, which has
         # the request limits of any other mailbox.
         self._evidence_verified: set[tuple[str, str]] = set()
+        self._incident_lookups: dict[str, asyncio.Future[str]] = {}
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -591,7 +596,7 @@ class GraphPlatform(MailPlatform):
             evidence = None
             if marked:
                 evidence = await self._ensure_evidence(
-                    mailbox, bare, marked[0], incident_id
+                    (mailbox, marked[0]), bare, incident_id
                 )
             return QuarantineResult(
                 mailbox=mailbox,
@@ -611,7 +616,7 @@ class GraphPlatform(MailPlatform):
 
             # Step 3: one verified evidence copy in the quarantine mailbox.
             evidence = await self._ensure_evidence(
-                mailbox, bare, located.visible[0], incident_id
+                (mailbox, located.visible[0]), bare, incident_id
             )
 
             # Step 4: move each copy into the hidden folder; each gets a new id.
@@ -1015,9 +1020,8 @@ class GraphPlatform(MailPlatform):
 
     async def _ensure_evidence(
         self,
-        mailbox: str,
+        source: EvidenceSource | Awaitable[EvidenceSource],
         bare: str,
-        source: _Copy,
         incident_id: str,
         source_read: asyncio.Event | None = None,
     ) -> str:
@@ -1027,9 +1031,11 @@ class GraphPlatform(MailPlatform):
         process from uploading two copies. Two worker processes can still each
         upload and file one at the same moment, so the check afterwards removes
         doubles from the incident folder. The incident folder, the search for an
-        existing copy and the source's MIME content are fetched at once, and
-        `source_read` is set as soon as the source copy is no longer needed, so
-        a caller may move it.
+        existing copy and the source's MIME content are fetched at once. `source`
+        is the (mailbox, copy) to copy from, or an awaitable of it, so that a burst
+        can start the quarantine mailbox's lookups before it has found a source.
+        `source_read` is set as soon as the source copy is no longer needed, so a
+        caller may move it.
 
         Once verified, the copy is remembered for the life of the adapter, so only
         the first quarantine of a message costs requests in the quarantine mailbox.
@@ -1048,12 +1054,12 @@ class GraphPlatform(MailPlatform):
             async with lock:
                 if (incident_id, bare) in self._evidence_verified:
                     return f"{quarantine}/{incident_id}"
-                folder_id, copies, mime = await _gather_or_raise(
+                folder_id, copies, (mailbox, mime) = await _gather_or_raise(
                     self._incident_folder(incident_id, bare),
                     self._search(
                         quarantine, bare, [*MESSAGE_FIELDS, "internetMessageHeaders"]
                     ),
-                    self._source_mime(mailbox, bare, source),
+                    self._source_mime(source, bare),
                 )
                 if source_read is not None:
                     source_read.set()
@@ -1083,31 +1089,47 @@ class GraphPlatform(MailPlatform):
         return f"{quarantine}/{incident_id}"
 
     async def _incident_folder(self, incident_id: str, bare: str) -> str:
-        if incident_id not in self._incident_folders:
-            self._incident_folders[incident_id] = await self._find_or_create_folder(
-                self.settings.quarantine_mailbox, bare, incident_id, hidden=False
+        """Return the incident's folder id; concurrent callers share one lookup."""
+        if incident_id in self._incident_folders:
+            return self._incident_folders[incident_id]
+        lookup = self._incident_lookups.get(incident_id)
+        if lookup is None:
+            lookup = asyncio.ensure_future(
+                self._find_or_create_folder(
+                    self.settings.quarantine_mailbox, bare, incident_id, hidden=False
+                )
             )
-        return self._incident_folders[incident_id]
+            self._incident_lookups[incident_id] = lookup
+        try:
+            folder_id = await asyncio.shield(lookup)
+        finally:
+            if lookup.done():
+                self._incident_lookups.pop(incident_id, None)
+        self._incident_folders[incident_id] = folder_id
+        return folder_id
 
-    async def _source_mime(self, mailbox: str, bare: str, source: _Copy) -> bytes:
+    async def _source_mime(
+        self, source: EvidenceSource | Awaitable[EvidenceSource], bare: str
+    ) -> tuple[str, bytes]:
+        mailbox, copy = source if isinstance(source, tuple) else await source
         mime = await self._call(
             mailbox,
             bare,
             lambda: (
                 self._graph.users.by_user_id(mailbox)
-                .messages.by_message_id(source.item_id)
+                .messages.by_message_id(copy.item_id)
                 .content.get()
             ),
         )
         if not mime:
             raise TransientError(
-                f"Graph returned no MIME content for message {source.item_id} of "
+                f"Graph returned no MIME content for message {copy.item_id} of "
                 f"mailbox {mailbox}; the request will be retried.",
                 mailbox=mailbox,
                 message_id=bare,
                 platform=PLATFORM,
             )
-        return bytes(mime)
+        return mailbox, bytes(mime)
 
     async def _upload_evidence(
         self, mailbox: str, bare: str, mime: bytes, incident_id: str

@@ -47,6 +47,7 @@ from .graph import (
     MARKER_PROPERTY_ID,
     MESSAGE_FIELDS,
     PLATFORM,
+    EvidenceSource,
     GraphPlatform,
     QuarantineMarker,
     _check_header_value,
@@ -315,8 +316,9 @@ async def quarantine_burst(
     sender = BatchSender(platform)
     burst = _Burst(platform, sender)
 
-    await burst.find(states)
     evidence = burst.start_evidence(states)
+    await burst.find(states)
+    burst.settle_sources(states, evidence)
     await burst.mark(states)
     await burst.move(states, evidence)
     await burst.verify(states)
@@ -365,6 +367,18 @@ def _prepare(
         seen.add(key)
         states.append(state)
     return states, repeats
+
+
+EvidenceKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """One evidence copy under way: its task, its source, and when it was read."""
+
+    task: asyncio.Future[str]
+    source: asyncio.Future[EvidenceSource]
+    source_read: asyncio.Event
 
 
 class _Burst:
@@ -551,42 +565,57 @@ class _Burst:
 
     # --- evidence ---------------------------------------------------------------------
 
-    def start_evidence(
-        self, states: list[_Pull]
-    ) -> dict[tuple[str, str], tuple[asyncio.Task[str], asyncio.Event, _Pull]]:
-        """Start one evidence copy per (incident, message) from its first source."""
-        started: dict[
-            tuple[str, str], tuple[asyncio.Task[str], asyncio.Event, _Pull]
-        ] = {}
+    def start_evidence(self, states: list[_Pull]) -> dict[EvidenceKey, _Evidence]:
+        """Start one evidence copy per (incident, message), before any source is found.
+
+        The quarantine mailbox's lookups run beside phase 1; `settle_sources`
+        hands each evidence copy its source once phase 1 has found one.
+        """
+        loop = asyncio.get_running_loop()
+        started: dict[EvidenceKey, _Evidence] = {}
         for state in states:
             key = (state.incident_id, state.bare)
             if not state.active or key in started:
                 continue
+            source: asyncio.Future[EvidenceSource] = loop.create_future()
             source_read = asyncio.Event()
             task = asyncio.ensure_future(
                 self.platform._ensure_evidence(
-                    state.mailbox,
-                    state.bare,
-                    state.visible[0],
-                    state.incident_id,
-                    source_read,
+                    source, state.bare, state.incident_id, source_read
                 )
             )
-            started[key] = (task, source_read, state)
+            started[key] = _Evidence(task, source, source_read)
         return started
+
+    def settle_sources(
+        self, states: list[_Pull], evidence: dict[EvidenceKey, _Evidence]
+    ) -> None:
+        """Give each evidence copy the first visible copy that phase 1 found."""
+        for state in states:
+            started = evidence.get((state.incident_id, state.bare))
+            if started is not None and state.active and not started.source.done():
+                started.source.set_result((state.mailbox, state.visible[0]))
+        for started in evidence.values():
+            if not started.source.done():
+                # No pull of this message needs an evidence copy any more.
+                started.source.cancel()
+                started.source_read.set()
 
     async def finish_evidence(
         self,
         states: list[_Pull],
-        evidence: dict[tuple[str, str], tuple[asyncio.Task[str], asyncio.Event, _Pull]],
+        evidence: dict[EvidenceKey, _Evidence],
     ) -> None:
         """Wait for the evidence copies; a pull without one is not complete."""
-        locations: dict[tuple[str, str], str | ConnectorError] = {}
-        for key, (task, _, _) in evidence.items():
+        locations: dict[EvidenceKey, str | ConnectorError] = {}
+        for key, started in evidence.items():
             try:
-                locations[key] = await task
+                locations[key] = await started.task
             except ConnectorError as error:
                 locations[key] = error
+            except asyncio.CancelledError:
+                if not started.source.cancelled():
+                    raise
         for state in states:
             if not state.active:
                 continue
@@ -674,12 +703,12 @@ class _Burst:
     async def move(
         self,
         states: list[_Pull],
-        evidence: dict[tuple[str, str], tuple[asyncio.Task[str], asyncio.Event, _Pull]],
+        evidence: dict[EvidenceKey, _Evidence],
     ) -> None:
         """Move every visible copy into its mailbox's hidden folder."""
         # An evidence source is moved only after its MIME content was read.
-        for _, source_read, _ in evidence.values():
-            await source_read.wait()
+        for started in evidence.values():
+            await started.source_read.wait()
         active = [s for s in states if s.active]
         requests: list[InnerRequest] = []
         owners: list[_Pull] = []

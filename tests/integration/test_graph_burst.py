@@ -137,9 +137,9 @@ def test_burst_runs_in_few_latencies() -> None:
 
     seconds, sim = with_graph(work, latency_ms=150)
 
-    # Evidence chain: find, then MIME and folder lookups, upload, move, verify;
-    # five requests of 150 ms after the token and folder creation in parallel.
-    assert seconds <= 7 * 0.150 + 1e-6
+    # The evidence chain is the longest: find, then the MIME content (beside the
+    # incident folder's lookup and creation), upload, move, verify.
+    assert seconds <= 5 * 0.150 + 1e-6
     assert_within_limits(sim)
 
 
@@ -192,8 +192,9 @@ def test_burst_retries_throttled_request_alone() -> None:
     assert [e.status for e in moves] == [429, 429, 201]
     assert moves[1].at is not None and moves[0].at is not None
     assert moves[2].at is not None
-    assert moves[1].at - moves[0].at >= 5
-    assert moves[2].at - moves[1].at >= 5
+    # Floating-point sums of the virtual clock may fall short by a rounding error.
+    assert moves[1].at - moves[0].at >= 5 - 1e-9
+    assert moves[2].at - moves[1].at >= 5 - 1e-9
     other_moves = [
         e for e in sim.log if e.path.endswith("/move") and e.mailbox != user_mailbox(2)
     ]

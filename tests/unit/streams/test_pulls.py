@@ -10,7 +10,7 @@ from autopull.connectors.errors import (
     ThrottledError,
 )
 from autopull.connectors.mail.base import MailPlatform, MessageCopy, QuarantineResult
-from autopull.streams.pulls import RetryPolicy, execute
+from autopull.streams.pulls import RetryPolicy, execute, execute_many
 
 FAST = RetryPolicy(max_attempts=3, max_wait_seconds=0.05, base_wait_seconds=0.001)
 
@@ -210,3 +210,89 @@ async def test_always_stalled_pull_is_parked():
     assert result.outcome["attempts"] == 3
     assert result.parked is not None
     assert result.parked["attempt"] == 2
+
+
+# --- execute_many: bursts ---------------------------------------------------------
+
+
+class BurstPlatform(ScriptedPlatform):
+    """A platform with burst outcomes from a table by mailbox, singles scripted."""
+
+    name = "burst"
+
+    def __init__(self, burst, *answers):
+        super().__init__(*answers)
+        self.burst = burst
+        self.bursts = []
+
+    async def quarantine_many(self, pulls):
+        self.bursts.append([mailbox for mailbox, _, _ in pulls])
+        return [self.burst[mailbox] for mailbox, _, _ in pulls]
+
+
+def command_for(mailbox, kind="quarantine"):
+    return dict(command(kind), mailbox=mailbox, command_id=f"cmd-{mailbox}")
+
+
+def copy_of(mailbox):
+    copy = MessageCopy(mailbox, "m1@example.net", "id1", "Inbox", False)
+    return QuarantineResult(mailbox, "m1@example.net", copies=(copy,))
+
+
+async def test_execute_many_sends_quarantines_as_burst():
+    platform = BurstPlatform({"a@x": copy_of("a@x"), "b@x": copy_of("b@x")})
+    commands = [command_for("a@x"), command_for("b@x")]
+
+    results = await execute_many(commands, lambda m: platform, FAST)
+
+    assert platform.bursts == [["a@x", "b@x"]]
+    assert platform.calls == 0
+    assert [r.outcome["status"] for r in results] == ["quarantined", "quarantined"]
+    assert [r.outcome["mailbox"] for r in results] == ["a@x", "b@x"]
+    assert [r.outcome["attempts"] for r in results] == [1, 1]
+
+
+async def test_execute_many_retries_transient_alone():
+    throttled = ThrottledError("slow down", retry_after=0.01, mailbox="b@x")
+    platform = BurstPlatform({"a@x": copy_of("a@x"), "b@x": throttled}, copy_of("b@x"))
+    commands = [command_for("a@x"), command_for("b@x")]
+
+    results = await execute_many(commands, lambda m: platform, FAST)
+
+    assert platform.calls == 1
+    assert results[1].outcome["status"] == "quarantined"
+    assert results[1].outcome["attempts"] == 2
+
+
+async def test_execute_many_reports_permanent_from_burst():
+    denied = PermanentError("denied", mailbox="b@x")
+    platform = BurstPlatform({"a@x": copy_of("a@x"), "b@x": denied})
+    commands = [command_for("a@x"), command_for("b@x")]
+
+    results = await execute_many(commands, lambda m: platform, FAST)
+
+    assert platform.calls == 0
+    assert results[1].outcome["status"] == "failed"
+    assert results[1].outcome["error"] == "denied"
+
+
+async def test_execute_many_runs_restores_and_single_alone():
+    platform = BurstPlatform({}, copy_of("a@x"), copy_of("b@x"))
+    commands = [command_for("a@x"), command_for("b@x", kind="restore")]
+
+    results = await execute_many(commands, lambda m: platform, FAST)
+
+    assert platform.bursts == []
+    assert platform.calls == 2
+    assert [r.outcome["kind"] for r in results] == ["quarantine", "restore"]
+
+
+async def test_execute_many_skips_ledger_done_copies():
+    platform = BurstPlatform({"a@x": copy_of("a@x"), "c@x": copy_of("c@x")})
+    commands = [command_for("a@x"), command_for("b@x"), command_for("c@x")]
+    entries = [None, {"status": "quarantined"}, None]
+
+    results = await execute_many(commands, lambda m: platform, FAST, entries)
+
+    assert platform.bursts == [["a@x", "c@x"]]
+    assert results[1].outcome["status"] == "already_quarantined"
