@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from autopull.streams.logs import logging_config
+from autopull.streams.policy_file import PolicyError
 from autopull.streams.settings import Settings, load_settings
 from autopull.streams.views import INCIDENT_STATES
 
@@ -125,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
+    if args.command in ("worker", "plan"):
+        # A malformed policy file is rejected before anything starts.
+        try:
+            settings.policy.policy_settings()
+        except PolicyError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return _dispatch(args, settings)
 
 

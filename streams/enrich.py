@@ -105,6 +105,9 @@ def _recipient(
             value = getattr(person, name)
             if value:
                 values[name] = value
+        if person.groups:
+            # Group DNs contain commas, so the attribute lists one a line.
+            values["groups"] = "\n".join(person.groups)
     return {
         "address": address,
         "mailbox": mailbox,

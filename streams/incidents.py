@@ -19,6 +19,7 @@ from autopull.streams.records import (
     command_id,
     utcnow,
 )
+from autopull.streams.scoring import score_alert, total
 
 SEVERITY = {"malware": 4, "phish": 3, "impostor": 2, "spam": 1, "unknown": 0}
 # Verdicts that take back an earlier one: the copies it caused to be pulled go back.
@@ -60,6 +61,7 @@ def new_incident(incident_id: str, campaign_key: str, at: datetime) -> Record:
         "title": "",
         "classification": "unknown",
         "score": 0,
+        "score_factors": {},
         "sources": [],
         "alert_ids": [],
         "message_ids": [],
@@ -83,28 +85,34 @@ def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Reco
 
     now = utcnow()
     _add_alert_facts(incident, alert)
+    _update_score(incident, enriched)
     if alert["threat_status"] in WITHDRAWN_STATUSES:
         commands = _withdraw(incident, alert, now)
         _update_state(incident, now)
         return commands
 
     decisions = decide(alert, enriched["recipients"])
-    kinds = {
-        r["mailbox"]: r.get("recipient_type", "original")
-        for r in enriched["recipients"]
-    }
+    recipients = {r["mailbox"]: r for r in enriched["recipients"]}
     commands = []
     for decision in decisions:
-        kind = kinds.get(decision.mailbox, "original")
+        recipient = recipients.get(decision.mailbox, {})
+        kind = recipient.get("recipient_type", "original")
         entry = _find_pull(incident, decision.mailbox, decision.message_id)
         if entry is None:
-            incident["pulls"].append(_pull_entry(decision, alert, kind))
+            entry = _pull_entry(decision, alert, kind)
+            incident["pulls"].append(entry)
         elif entry["action"] == "skip" and decision.action == "pull":
             # A copy another alert skipped (a blocked click, say) is pulled once
             # an alert calls for it. A held copy keeps waiting for its approval.
             entry.update(_pull_entry(decision, alert, kind))
         else:
             continue
+        entry["vip"] = bool(recipient.get("vip"))
+        # Decisions of the policy module carry `notify`; other deciders need not.
+        if getattr(decision, "notify", False):
+            incident["history"].append(
+                _history(now, "notice", f"{decision.mailbox}: {decision.reason}")
+            )
         if decision.action == "pull":
             commands.append(_quarantine_command(incident, decision, alert, kind, now))
 
@@ -113,6 +121,26 @@ def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Reco
     )
     _update_state(incident, now)
     return commands
+
+
+def incident_mailboxes(incident: Record, recipients: list[Record]) -> set[str]:
+    """Return the distinct mailboxes of `incident` together with `recipients`."""
+    mailboxes = {entry["mailbox"] for entry in incident["pulls"]}
+    return mailboxes | {recipient["mailbox"] for recipient in recipients}
+
+
+def _update_score(incident: Record, enriched: Record) -> None:
+    recipients = enriched["recipients"]
+    vips = {entry["mailbox"] for entry in incident["pulls"] if entry.get("vip")}
+    vips |= {recipient["mailbox"] for recipient in recipients if recipient.get("vip")}
+    factors = score_alert(
+        incident.get("score_factors") or {},
+        enriched,
+        incident_mailboxes(incident, recipients),
+        vips,
+    )
+    incident["score_factors"] = factors
+    incident["score"] = total(factors)
 
 
 def apply_outcome(incident: Record, outcome: Record) -> bool:
@@ -278,6 +306,7 @@ def _pull_entry(
         "rule": decision.rule,
         "reason": decision.reason,
         "recipient_type": recipient_type,
+        "vip": False,
         "alert_id": alert["alert_id"],
         "status": status,
         "platform": None,

@@ -41,6 +41,7 @@ from autopull.streams.incidents import (
     apply_command,
     apply_exposure,
     apply_outcome,
+    incident_mailboxes,
     new_incident,
 )
 from autopull.streams.policy import decide
@@ -277,15 +278,24 @@ def _exposure_agent(pipe: Pipeline) -> None:
 def _incident_agent(pipe: Pipeline) -> None:
     policy = pipe.settings.policy.policy_settings()
 
-    def decide_for(alert: Record, recipients: list[Record]) -> Sequence[DecisionLike]:
-        mailboxes = [recipient["mailbox"] for recipient in recipients]
+    def decide_for(
+        incident: Record, alert: Record, recipients: list[Record]
+    ) -> Sequence[DecisionLike]:
         too_large = {
             recipient["mailbox"]: recipient["attributes"].get("list", "")
             for recipient in recipients
             if recipient["attributes"].get(LIST_TOO_LARGE)
         }
         decisions = []
-        for decision in decide(alert, mailboxes, policy):
+        # The score and the mailbox count are the incident's, with this alert.
+        found = decide(
+            alert,
+            recipients,
+            policy,
+            score=incident["score"],
+            mailbox_count=len(incident_mailboxes(incident, recipients)),
+        )
+        for decision in found:
             if decision.action == "pull" and decision.mailbox in too_large:
                 decision = dataclasses.replace(
                     decision,
@@ -305,7 +315,12 @@ def _incident_agent(pipe: Pipeline) -> None:
             if incident is None:
                 campaign = change["alert"]["campaign_key"]
                 incident = new_incident(incident_id, campaign, utcnow())
-            commands = apply_alert(incident, change["alert"], decide_for)
+            joined = incident
+            commands = apply_alert(
+                joined,
+                change["alert"],
+                lambda alert, recipients: decide_for(joined, alert, recipients),
+            )
         elif change["kind"] == "outcome" and change["outcome"] and incident:
             if not apply_outcome(incident, change["outcome"]):
                 log.warning(

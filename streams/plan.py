@@ -1,4 +1,4 @@
-"""`autopull plan`: show what the default policy would do with alert files.
+"""`autopull plan`: show what the policy would do with alert files.
 
 Planning parses each file as the pipeline would and applies the policy to every
 recipient, without Kafka and without touching a mailbox. It imports neither Faust nor
@@ -23,6 +23,7 @@ from rich.text import Text
 from autopull.connectors.errors import AutopullError
 from autopull.connectors.sources.detect import parse_alert
 from autopull.streams.policy import Decision, PolicySettings, decide
+from autopull.streams.scoring import score_single_alert
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ def plan_files(
             continue
 
         for alert in alerts:
-            decisions.extend(decide(alert, alert["recipients"], settings))
+            score = score_single_alert(alert)
+            decisions.extend(decide(alert, alert["recipients"], settings, score=score))
         logger.debug("Planned file path=%s alerts=%d", path, len(alerts))
     return decisions, errors
 
@@ -162,6 +164,10 @@ def _print_json(decisions: list[Decision], out: TextIO) -> None:
         out.write(json.dumps(decision.as_dict(), ensure_ascii=False) + "\n")
 
 
+def _action_label(decision: Decision) -> str:
+    return f"{decision.action} (notify)" if decision.notify else decision.action
+
+
 def _print_table(decisions: list[Decision], out: TextIO) -> None:
     table = Table(title="Plan")
     table.add_column("Mailbox", no_wrap=True)
@@ -175,7 +181,7 @@ def _print_table(decisions: list[Decision], out: TextIO) -> None:
         table.add_row(
             Text(decision.mailbox),
             Text(decision.message_id or "(none)"),
-            Text(decision.action, style=_ACTION_STYLES.get(decision.action, "")),
+            Text(_action_label(decision), style=_ACTION_STYLES[decision.action]),
             Text(decision.rule),
             Text(decision.reason),
         )

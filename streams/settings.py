@@ -28,6 +28,7 @@ from autopull.connectors.mail.graph import GraphSettings
 from autopull.connectors.mail.imap import ImapSettings
 from autopull.connectors.sources.tap_api import TapSettings
 from autopull.streams.policy import PolicySettings
+from autopull.streams.policy_file import default_policy, load_policy
 from autopull.streams.webhook import WebhookSettings
 
 MIB = 1024 * 1024
@@ -45,9 +46,15 @@ class ApiKey(BaseModel):
 
 
 class PolicyConfig(BaseModel):
-    """Parameters of the default pull policy."""
+    """The pull policy file and its parameters."""
 
     model_config = ConfigDict(hide_input_in_errors=True)
+
+    file: Path | None = Field(
+        default=None,
+        description="YAML policy file (docs/policy.md); empty means the default "
+        "policy shipped with Autopull.",
+    )
 
     quarantine_mailbox: str = Field(
         default="",
@@ -69,11 +76,17 @@ class PolicyConfig(BaseModel):
         return value.strip().lower()
 
     def policy_settings(self) -> PolicySettings:
-        """Return the parameters in the form the policy engine takes."""
+        """Load the policy file and return it with the parameters of the settings.
+
+        Raises PolicyError, naming the line and the reason, when the file is
+        invalid.
+        """
+        policy = default_policy() if self.file is None else load_policy(self.file)
         return PolicySettings(
             quarantine_mailbox=self.quarantine_mailbox,
             excluded_mailboxes=frozenset(self.excluded_mailboxes),
             hold_above_mailboxes=self.hold_above_mailboxes,
+            rules=policy.rules,
         )
 
 
@@ -184,7 +197,7 @@ class Settings(BaseSettings):
         default="text", description="Log lines as plain text or as JSON objects."
     )
     policy: PolicyConfig = Field(
-        default_factory=PolicyConfig, description="The default pull policy."
+        default_factory=PolicyConfig, description="The pull policy."
     )
     graph: GraphSettings | None = Field(
         default=None, description="Microsoft 365 tenant reached through Graph."

@@ -62,13 +62,28 @@ class Chain:
 
 
 @pytest.fixture
-async def chain(tmp_path: Path) -> AsyncIterator[Chain]:
+def policy_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
+    """Return the policy file of the chain, written from a test's parameter.
+
+    Without a parameter it is None, which stands for the default policy.
+    """
+    text = getattr(request, "param", None)
+    if text is None:
+        return None
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+async def chain(tmp_path: Path, policy_file: Path | None) -> AsyncIterator[Chain]:
     settings = Settings(
         kafka_bootstrap="127.0.0.1:9",
         store="memory://",
         data_dir=tmp_path,
         web_enabled=False,
         topic_partitions=1,
+        policy={"file": policy_file},
     )
     pipe = Pipeline(settings)
     pipe.app.loop = asyncio.get_running_loop()
@@ -293,3 +308,65 @@ async def test_exposure_counts_distinct_campaigns(chain: Chain) -> None:
     alice = next(e for e in latest["exposures"] if e["mailbox"] == "alice@example.com")
     assert alice["campaigns"] == 2
     assert alice["messages"] == 2
+
+
+CAMPAIGN_POLICY = """
+version: 1
+rules:
+  - name: test.hold-high-score
+    when:
+      score: {at_least: 70}
+    action: hold
+    reason: The incident scores {score}, so its copies wait.
+  - name: test.hold-campaign
+    when:
+      mailboxes: {above: 4}
+    action: hold
+    reason: The campaign reached {mailbox_count} mailboxes.
+  - name: test.pull
+    action: quarantine
+    reason: Pulled.
+"""
+
+
+@pytest.mark.parametrize("policy_file", [CAMPAIGN_POLICY], indirect=True)
+async def test_policy_sees_incident_mailboxes(chain: Chain) -> None:
+    # Three mailboxes each, one shared: the first alert is pulled, and the second
+    # brings the incident to five mailboxes, more than the rule allows.
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(
+        await tap(
+            OPENED + timedelta(hours=1),
+            2,
+            recipients=["dan@example.com", "erin@example.com", "alice@example.com"],
+        )
+    )
+
+    incident = next(iter(chain.incidents().values()))
+    rules = {(p["mailbox"], p["alert_id"]): p["rule"] for p in incident["pulls"]}
+    assert rules[("alice@example.com", "tap:event-1")] == "test.pull"
+    assert rules[("dan@example.com", "tap:event-2")] == "test.hold-campaign"
+    assert rules[("alice@example.com", "tap:event-2")] == "test.hold-campaign"
+
+
+@pytest.mark.parametrize("policy_file", [CAMPAIGN_POLICY], indirect=True)
+async def test_policy_sees_incident_score(chain: Chain) -> None:
+    # phish 30 + active 10 + three mailboxes 5 = 45, then a permitted click by
+    # alice adds 15 and malware raises the class to 40: 70.
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(
+        await tap(
+            OPENED + timedelta(minutes=10),
+            2,
+            classification="malware",
+            event_class="click_permitted",
+            clicker="alice@example.com",
+            recipients=["alice@example.com"],
+        )
+    )
+
+    incident = next(iter(chain.incidents().values()))
+    assert incident["score"] == 70
+    held = [p for p in incident["pulls"] if p["alert_id"] == "tap:event-2"]
+    assert [p["rule"] for p in held] == ["test.hold-high-score"]
+    assert held[0]["reason"] == "The incident scores 70, so its copies wait."

@@ -21,6 +21,7 @@ class Decision:
     action: str
     reason: str = "because"
     rule: str = "test.rule"
+    notify: bool = False
 
 
 def enriched(alert_id="tap:1", recipients=("alice@example.com", "bob@example.com")):

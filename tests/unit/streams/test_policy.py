@@ -5,12 +5,12 @@ from typing import Any
 import pytest
 
 from autopull.streams.policy import (
-    DEFAULT_RULES,
     Decision,
     PolicySettings,
     RuleContext,
     Verdict,
     decide,
+    default_rules,
 )
 
 SETTINGS = PolicySettings(quarantine_mailbox="quarantine@example.com")
@@ -310,7 +310,7 @@ def test_default_rules_reasons_are_sentences() -> None:
     ]
 
     for context in contexts:
-        for rule in DEFAULT_RULES:
+        for rule in default_rules():
             verdict = rule(context)
             if verdict is not None:
                 assert verdict.reason[0].isupper(), verdict.reason
