@@ -3,7 +3,8 @@
 It serves the requests google-api-python-client sends for `gmail/v1` the way the
 Gmail API does: `users.messages` list (with the search operators below), get in the
 formats minimal, metadata, full and raw, insert, import, modify, batchModify, trash,
-untrash, delete and batchDelete, and `users.labels` list, get, create and delete.
+untrash, delete and batchDelete, `users.labels` list, get, create and delete, and
+the HTTP batch endpoint, whose parts run as requests of their own.
 An OAuth2 token endpoint takes the JWT-bearer grant of a service account with
 domain-wide delegation: it checks the assertion's RS256 signature with the public key
 of the tenant's service account, its audience, lifetime and scopes, and binds the
@@ -48,6 +49,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import Message
+from email.parser import BytesParser, HeaderParser
 from email.policy import compat32
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +59,7 @@ from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from multidict import CIMultiDict
 
 from .world import (
     ROOT_FOLDER,
@@ -189,9 +192,14 @@ class GmailSimSettings:
     time_scale: float = 1.0
     token_lifetime: int = 3599
     max_batch_ids: int = 1000
+    max_batch_parts: int = 100
     max_results: int = 500
     default_results: int = 100
     request_log_size: int = 10_000
+    # Close every connection after its response (Connection: close). A benchmark
+    # on the virtual clock needs this, because the timer of an idle connection
+    # would let the clock jump to it while the client threads are busy.
+    close_connections: bool = False
 
 
 class GmailError(Exception):
@@ -298,15 +306,26 @@ class Grant:
 
 
 class TokenIssuer:
-    """The JWT-bearer token endpoint and the bearer tokens it issued."""
+    """The JWT-bearer token endpoint and the bearer tokens it issued.
+
+    A JWT's `iat` and `exp` come from the client's real clock, so they are checked
+    against `wall` (real time), while issued tokens expire on the simulated clock.
+    """
 
     MAX_LIFETIME = 3600
     CLOCK_SKEW = 60
 
-    def __init__(self, world: World, clock: SimClock, settings: GmailSimSettings):
+    def __init__(
+        self,
+        world: World,
+        clock: SimClock,
+        settings: GmailSimSettings,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.world = world
         self.clock = clock
         self.settings = settings
+        self.wall = wall
         self.grants: dict[str, Grant] = {}
 
     def issue(self, form: dict[str, str], audience: str) -> dict[str, Any]:
@@ -385,7 +404,7 @@ class TokenIssuer:
                 "invalid_grant",
                 f"Invalid JWT: aud must be {GOOGLE_TOKEN_URL} or {audience}.",
             )
-        now = self.clock.now()
+        now = self.wall()
         issued, expires = claims.get("iat"), claims.get("exp")
         if not isinstance(issued, int | float) or not isinstance(expires, int | float):
             raise TokenError(400, "invalid_grant", "Invalid JWT: iat and exp required.")
@@ -713,11 +732,41 @@ class SearchQuery:
 # --- the simulator --------------------------------------------------------------------
 
 
+class InnerRequest:
+    """One part of a batch request, with the attributes the dispatcher reads."""
+
+    def __init__(
+        self,
+        method: str,
+        raw_path: str,
+        headers: dict[str, str],
+        body: bytes,
+        transport: asyncio.BaseTransport | None,
+    ) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.headers = CIMultiDict(headers)
+        self.transport = transport
+        self._body = body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def text(self) -> str:
+        return self._body.decode("utf-8", errors="replace")
+
+    async def post(self) -> dict[str, str]:
+        return dict(parse_qsl(await self.text(), keep_blank_values=True))
+
+
+AnyRequest = web.Request | InnerRequest
+
+
 @dataclass
 class GmailCall:
     """One Gmail request after decoding: caller, mailbox and parameters."""
 
-    request: web.Request
+    request: AnyRequest
     grant: Grant
     mailbox: str
     params: list[str]
@@ -732,7 +781,7 @@ class GmailCall:
         return (self.arg(name) or "false").lower() == "true"
 
 
-Handler = Callable[[GmailCall], Awaitable[web.StreamResponse]]
+Handler = Callable[[GmailCall], Awaitable[web.Response]]
 
 
 class GmailSimulator:
@@ -761,17 +810,21 @@ class GmailSimulator:
         settings: GmailSimSettings | None = None,
         *,
         scenario_path: Path | None = None,
+        clock: SimClock | None = None,
     ) -> None:
         self.world = world
         self.settings = settings or GmailSimSettings()
         self.scenario_path = scenario_path
-        self.clock = SimClock(self.settings.time_scale)
+        self.clock = clock or SimClock(self.settings.time_scale)
         self.tokens = TokenIssuer(world, self.clock, self.settings)
         self.limits = UserLimits(self.settings, self.clock)
         self.faults = FaultInjector()
         self.log: deque[LoggedRequest] = deque(maxlen=self.settings.request_log_size)
         self._seq = 0
         self._ids: dict[str, str] = {}
+        # Item ids by mailbox, built on first use, because a world keeps one flat
+        # dict of items and a benchmark world holds thousands of mailboxes.
+        self._index: dict[str, list[str]] | None = None
         self._runner: web.AppRunner | None = None
         self.base_url: str | None = None
 
@@ -784,7 +837,11 @@ class GmailSimulator:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on host:port (0 picks a free port) and return the base URL."""
-        self._runner = web.AppRunner(self.make_app(), access_log=None)
+        self._runner = web.AppRunner(
+            self.make_app(),
+            access_log=None,
+            keepalive_timeout=0 if self.settings.close_connections else 75,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
@@ -812,6 +869,7 @@ class GmailSimulator:
         self.tokens.grants.clear()
         self.log.clear()
         self._ids.clear()
+        self._index = None
 
     @property
     def token_url(self) -> str:
@@ -820,11 +878,22 @@ class GmailSimulator:
     # --- dispatch ---------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        path, _, raw_query = request.raw_path.partition("?")
+        path = request.raw_path.partition("?")[0]
         segments = [unquote(part) for part in path.split("/")[1:]]
         if segments and segments[0] == "_sim":
             return await self._admin(request, segments[1:])
+        if request.method == "POST" and segments[:1] == ["batch"]:
+            response = await self._batch(request)
+        else:
+            response = await self._process(request)
+        if self.settings.close_connections:
+            response.force_close()
+        return response
 
+    async def _process(self, request: AnyRequest) -> web.Response:
+        """Serve one request, or one part of a batch, and log it."""
+        path, _, raw_query = request.raw_path.partition("?")
+        segments = [unquote(part) for part in path.split("/")[1:]]
         self._seq += 1
         entry = LoggedRequest(
             self._seq,
@@ -863,8 +932,8 @@ class GmailSimulator:
         return response
 
     async def _serve(
-        self, request: web.Request, segments: list[str], entry: LoggedRequest
-    ) -> web.StreamResponse:
+        self, request: AnyRequest, segments: list[str], entry: LoggedRequest
+    ) -> web.Response:
         is_token = segments == ["token"] and request.method == "POST"
         is_api = len(segments) >= 4 and segments[:3] == ["gmail", "v1", "users"]
         if is_api:
@@ -919,7 +988,7 @@ class GmailSimulator:
         return response
 
     def _route(
-        self, request: web.Request, rest: list[str], entry: LoggedRequest
+        self, request: AnyRequest, rest: list[str], entry: LoggedRequest
     ) -> tuple[str, str, list[str]]:
         method = request.method
         override = request.headers.get("X-HTTP-Method-Override")
@@ -947,7 +1016,7 @@ class GmailSimulator:
             f"Delegation denied for {grant.subject}",
         )
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+    async def _json_body(self, request: AnyRequest) -> dict[str, Any]:
         raw = await request.read()
         if not raw:
             return {}
@@ -973,6 +1042,60 @@ class GmailSimulator:
         )
         return self._error(
             GmailError(fault.status, reason, message, domain=domain, headers=headers)
+        )
+
+    # --- the batch endpoint ---------------------------------------------------------
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        """Serve a multipart/mixed batch: every part runs as its own request.
+
+        The parts run concurrently, each with its own token, quota units, latency
+        and faults, and the answer holds one application/http part per request
+        with the Content-ID `response-<id>`. More than `max_batch_parts` parts, or
+        a body that is no multipart/mixed message, get 400 for the whole batch.
+        """
+        self._seq += 1
+        entry = LoggedRequest(self._seq, self.clock.now(), "POST", "/batch", {})
+        self.log.append(entry)
+        entry.api_method = "batch"
+        try:
+            parts = _batch_parts(
+                request.headers.get("Content-Type", ""), await request.read()
+            )
+            if len(parts) > self.settings.max_batch_parts:
+                raise invalid(
+                    f"A batch may contain at most {self.settings.max_batch_parts} "
+                    f"requests; this one contains {len(parts)}."
+                )
+        except GmailError as exc:
+            entry.status = exc.status
+            entry.reason = exc.reason
+            return self._error(exc)
+
+        inner = [
+            InnerRequest(method, target, headers, body, request.transport)
+            for _, method, target, headers, body in parts
+        ]
+        responses = await asyncio.gather(*(self._process(r) for r in inner))
+        boundary = f"batch_{secrets.token_hex(12)}"
+        chunks = []
+        for (content_id, *_), response in zip(parts, responses, strict=True):
+            payload = response.body if isinstance(response.body, bytes) else b""
+            reason = response.reason or ""
+            head = (
+                f"--{boundary}\r\nContent-Type: application/http\r\n"
+                f"Content-ID: <response-{content_id}>\r\n\r\n"
+                f"HTTP/1.1 {response.status} {reason}\r\n"
+                f"Content-Type: {response.content_type}; charset=UTF-8\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n"
+            )
+            chunks.append(head.encode("utf-8") + payload + b"\r\n")
+        chunks.append(f"--{boundary}--\r\n".encode("ascii"))
+        entry.status = 200
+        return web.Response(
+            body=b"".join(chunks),
+            status=200,
+            headers={"Content-Type": f"multipart/mixed; boundary={boundary}"},
         )
 
     # --- labels as the world stores them ----------------------------------------------
@@ -1048,6 +1171,15 @@ class GmailSimulator:
 
     # --- messages as the world stores them --------------------------------------------
 
+    def _items_of(self, mailbox: str) -> list[Item]:
+        if self._index is None:
+            index: dict[str, list[str]] = {}
+            for item in self.world.items.values():
+                index.setdefault(item.mailbox, []).append(item.item_id)
+            self._index = index
+        items = self.world.items
+        return [items[i] for i in self._index.get(mailbox, []) if i in items]
+
     def _gmail_id(self, item: Item) -> str:
         gmail_id = hashlib.sha256(item.item_id.encode("utf-8")).hexdigest()[:16]
         self._ids[gmail_id] = item.item_id
@@ -1058,7 +1190,7 @@ class GmailSimulator:
             raise invalid("Invalid id value")
         item_id = self._ids.get(gmail_id)
         if item_id is None:
-            for candidate in self.world.items_of(mailbox):
+            for candidate in self._items_of(mailbox):
                 self._gmail_id(candidate)
             item_id = self._ids.get(gmail_id)
         item = self.world.items.get(item_id or "")
@@ -1198,7 +1330,7 @@ class GmailSimulator:
         offset = _page_offset(call.arg("pageToken"))
 
         found = []
-        for item in self.world.items_of(call.mailbox):
+        for item in self._items_of(call.mailbox):
             labels = self._labels_of(item)
             if not include_spam_trash and ("SPAM" in labels or "TRASH" in labels):
                 continue
@@ -1269,6 +1401,8 @@ class GmailSimulator:
         item = self.world.add_item(
             call.mailbox, archive.folder_id, mime, received_at=received, is_read=True
         )
+        if self._index is not None:
+            self._index.setdefault(item.mailbox, []).append(item.item_id)
         self._set_labels(item, labels)
         self.world.save()
         logger.info(
@@ -1418,7 +1552,7 @@ class GmailSimulator:
         folder = self._user_labels(call.mailbox).get(label_id)
         if folder is None:
             raise not_found()
-        for item in list(self.world.items_of(call.mailbox)):
+        for item in list(self._items_of(call.mailbox)):
             labels = self._labels_of(item)
             if label_id in labels:
                 self._set_labels(item, [label for label in labels if label != label_id])
@@ -1500,9 +1634,7 @@ class GmailSimulator:
         box = self.world.mailbox(mailbox)
         user = self._user_labels(box.address)
         rows = []
-        for item in sorted(
-            self.world.items_of(box.address), key=lambda i: i.received_at
-        ):
+        for item in sorted(self._items_of(box.address), key=lambda i: i.received_at):
             labels = self._labels_of(item)
             rows.append(
                 {
@@ -1611,3 +1743,41 @@ def _loggable(body: dict[str, Any]) -> Any:
     if "raw" in body and isinstance(body["raw"], str):
         return {**body, "raw": f"<{len(body['raw'])} characters>"}
     return body
+
+
+def _batch_parts(
+    content_type: str, body: bytes
+) -> list[tuple[str, str, str, dict[str, str], bytes]]:
+    """Split a batch body into (Content-ID, method, target, headers, body) parts."""
+    if not content_type.lower().startswith("multipart/mixed"):
+        raise invalid("A batch request must be multipart/mixed.")
+    message = BytesParser(policy=compat32).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body
+    )
+    if not message.is_multipart():
+        raise invalid("The batch body is not a multipart/mixed message.")
+    parts = []
+    for part in message.get_payload():
+        assert isinstance(part, Message)
+        content_id = str(part.get("Content-ID", "")).strip().strip("<>")
+        payload = part.get_payload(decode=False)
+        text = payload if isinstance(payload, str) else ""
+        request_line, _, rest = text.lstrip("\r\n").partition("\n")
+        words = request_line.strip().split(" ")
+        if len(words) != 3 or not words[1].startswith("/"):
+            raise invalid(f"Invalid batch part {content_id!r}: no request line.")
+        head, _, inner_body = rest.replace("\r\n", "\n").partition("\n\n")
+        headers = {
+            name: str(value)
+            for name, value in HeaderParser(policy=compat32).parsestr(head).items()
+        }
+        parts.append(
+            (
+                content_id,
+                words[0].upper(),
+                words[1],
+                headers,
+                inner_body.encode("utf-8"),
+            )
+        )
+    return parts

@@ -47,7 +47,7 @@ import httplib2
 from google.oauth2 import service_account
 from googleapiclient import errors as api_errors
 from googleapiclient.discovery import build
-from googleapiclient.http import HttpRequest
+from googleapiclient.http import BatchHttpRequest, HttpRequest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from tenacity import (
     AsyncRetrying,
@@ -181,6 +181,13 @@ class GmailSettings(BaseModel):
     )
     page_size: int = Field(
         default=100, ge=1, le=500, description="maxResults of each messages.list page."
+    )
+    batch_size: int = Field(
+        default=50,
+        ge=1,
+        le=100,
+        description="Requests per HTTP batch when many mailboxes are pulled at once; "
+        "Gmail takes at most 100 and advises 50.",
     )
 
 
@@ -696,6 +703,47 @@ class GmailPlatform(MailPlatform):
             mailbox=mailbox, message_id=bare, copies=copies, notes=tuple(notes)
         )
 
+    async def quarantine_many(
+        self, pulls: Sequence[tuple[str, str, str]]
+    ) -> list[QuarantineResult | ConnectorError]:
+        """Quarantine many pulls as one burst of HTTP batches (see gmail_burst).
+
+        An unexpected error in the burst is logged, and the pulls then run one
+        mailbox at a time, so a fault in the burst code loses no pull.
+        """
+        from .gmail_burst import quarantine_burst
+
+        try:
+            return await quarantine_burst(self, pulls)
+        except Exception:
+            logger.exception(
+                "Gmail burst failed, quarantining one mailbox at a time pulls=%d",
+                len(pulls),
+            )
+            return await super().quarantine_many(pulls)
+
+    async def batch(
+        self, calls: Sequence[tuple[str, str, str, dict[str, Any]]]
+    ) -> list[Any]:
+        """Run (mailbox, resource, method, parameters) calls in HTTP batches.
+
+        Returns each call's answer, or its `ConnectorError`, in order. Batches of
+        `batch_size` parts run concurrently on the thread pool, and every part
+        carries its own mailbox's token. Nothing is retried here.
+        """
+        chunks = [
+            list(calls[start : start + self.settings.batch_size])
+            for start in range(0, len(calls), self.settings.batch_size)
+        ]
+        loop = asyncio.get_running_loop()
+        answers = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._threads, self._execute_batch, chunk)
+                for chunk in chunks
+            )
+        )
+        return [answer for chunk in answers for answer in chunk]
+
     async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
         """List what `mailbox` sent since `since`, with the headers tracing matches on
         and the SHA-256 of each attachment's decoded bytes.
@@ -726,11 +774,23 @@ class GmailPlatform(MailPlatform):
     ) -> _Located:
         """List every copy with its labels, and the record labels of the incident."""
         label_names = await self._label_names(mailbox, bare)
-        copies: list[_Copy] = []
+        messages = []
         for gmail_id in await self._list_ids(mailbox, bare, search_query(bare)):
             message = await self._get_metadata(mailbox, bare, gmail_id, ["Message-ID"])
-            if message is None:
-                continue
+            if message is not None:
+                messages.append(message)
+        return self.located_from(bare, incident_id, label_names, messages)
+
+    def located_from(
+        self,
+        bare: str,
+        incident_id: str | None,
+        label_names: dict[str, str],
+        messages: list[dict[str, Any]],
+    ) -> _Located:
+        """Build the copies of `bare` from messages.get answers in metadata format."""
+        copies: list[_Copy] = []
+        for message in messages:
             headers = message.get("payload", {}).get("headers", [])
             if _bare(_header(headers, "Message-ID")) != bare:
                 continue
@@ -806,9 +866,24 @@ class GmailPlatform(MailPlatform):
             str(x["id"]): str(x.get("name", x["id"])) for x in body.get("labels", [])
         }
 
+    def in_place(self, copy: _Copy) -> bool:
+        """Return whether an original still sits where the user reaches it."""
+        return self._in_place(copy)
+
     def _in_place(self, copy: _Copy) -> bool:
         """Return whether an original still sits where the user reaches it."""
         return self.settings.original_action == "delete" or "TRASH" not in copy.labels
+
+    def public(
+        self,
+        mailbox: str,
+        bare: str,
+        copy: _Copy,
+        located: _Located,
+        record: RecordLabel | None = None,
+    ) -> MessageCopy:
+        """Describe a copy with its labels, or with those its record label names."""
+        return self._public(mailbox, bare, copy, located, record)
 
     def _public(
         self,
@@ -837,6 +912,12 @@ class GmailPlatform(MailPlatform):
     def _is_user_facing(self, label_id: str, located: _Located) -> bool:
         name = located.label_names.get(label_id, "")
         return parse_record_label(self.settings.label_prefix, label_id, name) is None
+
+    def recorded_copies(
+        self, mailbox: str, bare: str, located: _Located
+    ) -> tuple[MessageCopy, ...]:
+        """Describe the copies as their record labels say they were."""
+        return self._recorded_copies(mailbox, bare, located)
 
     def _recorded_copies(
         self, mailbox: str, bare: str, located: _Located
@@ -934,6 +1015,10 @@ class GmailPlatform(MailPlatform):
             )
 
     # --- evidence ---------------------------------------------------------------------
+
+    def note_evidence(self, bare: str, incident_id: str) -> None:
+        """Note that the quarantine copy of a message for an incident is verified."""
+        self._verified_evidence.add((bare, incident_id))
 
     async def _ensure_evidence(
         self, mailbox: str, bare: str, source_id: str, incident_id: str
@@ -1274,19 +1359,73 @@ class GmailPlatform(MailPlatform):
         self, mailbox: str, resource: str, method: str, params: dict[str, Any]
     ) -> Any:
         """Send one request on this thread's connection, as the mailbox's user."""
+        connection = self._connection()
+        key = mailbox.lower()
+        authorized = google_auth_httplib2.AuthorizedHttp(
+            self._subject(key), http=connection
+        )
+        collection = getattr(self._service.users(), resource)()
+        request: HttpRequest = getattr(collection, method)(userId=key, **params)
+        return request.execute(http=authorized, num_retries=0)
+
+    def _execute_batch(
+        self, calls: list[tuple[str, str, str, dict[str, Any]]]
+    ) -> list[Any]:
+        """Send one HTTP batch on this thread's connection; map every error.
+
+        googleapiclient refreshes the token of every part's credentials on each
+        batch, so the parts carry Authorization headers set here from credentials
+        that refresh only when their token expires.
+        """
+        connection = self._connection()
+        uri = self.settings.api_url.rstrip("/") + "/batch"
+        batch = BatchHttpRequest(batch_uri=uri)
+        answers: list[Any] = [None] * len(calls)
+
+        def store(request_id: str, response: Any, exception: Any) -> None:
+            index = int(request_id)
+            mailbox = calls[index][0]
+            if exception is not None:
+                answers[index] = map_gmail_error(
+                    exception, mailbox=mailbox, client_id=self.settings.client_id
+                )
+            else:
+                answers[index] = response
+
+        try:
+            for index, (mailbox, resource, method, params) in enumerate(calls):
+                key = mailbox.lower()
+                collection = getattr(self._service.users(), resource)()
+                request = getattr(collection, method)(userId=key, **params)
+                # A plain connection has no credentials, so googleapiclient leaves
+                # the Authorization header below alone.
+                request.http = connection
+                self._subject(key).before_request(  # type: ignore[no-untyped-call]
+                    google_auth_httplib2.Request(connection),
+                    request.method,
+                    request.uri,
+                    request.headers,
+                )
+                batch.add(request, callback=store, request_id=str(index))
+            batch.execute(http=connection)
+        except Exception as exc:  # the batch as a whole failed
+            error = map_gmail_error(exc, client_id=self.settings.client_id)
+            return [answer or error for answer in answers]
+        return answers
+
+    def _connection(self) -> httplib2.Http:
         connection = getattr(self._local, "http", None)
         if connection is None:
             connection = httplib2.Http(timeout=self.settings.request_timeout)
             self._local.http = connection
-        key = mailbox.lower()
+        return connection
+
+    def _subject(self, key: str) -> service_account.Credentials:
         credentials = self._subjects.get(key)
         if credentials is None:
             credentials = self._credentials.with_subject(key)
             self._subjects[key] = credentials
-        authorized = google_auth_httplib2.AuthorizedHttp(credentials, http=connection)
-        collection = getattr(self._service.users(), resource)()
-        request: HttpRequest = getattr(collection, method)(userId=key, **params)
-        return request.execute(http=authorized, num_retries=0)
+        return credentials
 
 
 # --- helpers --------------------------------------------------------------------------

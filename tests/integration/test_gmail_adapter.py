@@ -929,3 +929,92 @@ async def test_simulator_runs_from_command_line(
         process.terminate()
         process.wait(timeout=10)
     assert process.returncode == 0
+
+
+# --- many mailboxes at once -----------------------------------------------------------
+
+
+async def test_burst_quarantines_in_batches(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    pulls = [
+        ("alice@example.org", M1, "INC-1"),
+        ("bob@example.org", M1, "INC-1"),
+        ("carol@example.org", M3, "INC-3"),
+        ("bob@example.org", M3, "INC-3"),
+        ("dave@example.org", " ", "INC-1"),
+    ]
+
+    results = await gmail.quarantine_many(pulls)
+
+    alice, bob, carol, missing, empty = results
+    assert not isinstance(alice, Exception)
+    assert not isinstance(bob, Exception)
+    assert not isinstance(carol, Exception)
+    assert sorted((c.folder, c.read) for c in alice.copies) == [
+        ("INBOX, STARRED", False),
+        ("Projects", False),
+        ("SPAM", True),
+        ("TRASH", True),
+    ]
+    assert [(c.folder, c.read) for c in bob.copies] == [("INBOX", True)]
+    assert len(carol.copies) == 2
+    assert isinstance(missing, NotFoundError)
+    assert isinstance(empty, PermanentError)
+    for mailbox, key in [("alice@example.org", "M1"), ("carol@example.org", "M3")]:
+        assert all("TRASH" in r["labels"] for r in rows_of(gmail_sim, mailbox, key))
+    assert len(evidence_of(gmail_sim, M1)) == 1
+    assert len(evidence_of(gmail_sim, M3)) == 1
+    batches = [e for e in gmail_sim.log if e.api_method == "batch"]
+    assert batches
+    assert all(e.status == 200 for e in batches)
+
+
+async def test_burst_again_is_already_done(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    pulls = [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    await gmail.quarantine_many(pulls)
+    before = gmail_sim.world.to_state()
+
+    again = await gmail.quarantine_many(pulls)
+
+    assert [getattr(r, "already_done", None) for r in again] == [True, True]
+    assert gmail_sim.world.to_state() == before
+
+
+async def test_burst_failed_part_takes_slow_path(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    gmail_sim.faults.add(
+        {"path": r"/bob@example.org/messages/[0-9a-f]+/trash$", "status": 503}
+    )
+
+    results = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    )
+
+    assert all(not isinstance(r, Exception) for r in results)
+    assert [
+        "TRASH" in r["labels"] for r in rows_of(gmail_sim, "bob@example.org", "M2")
+    ] == [True]
+    trashes = calls(gmail_sim, "messages.trash", "bob@example.org")
+    assert [e.status for e in trashes] == [503, 200]
+
+
+async def test_burst_restores_like_one_mailbox(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    before = sorted(
+        tuple(sorted(r["labels"]))
+        for r in rows_of(gmail_sim, "alice@example.org", "M1")
+    )
+    await gmail.quarantine_many([("alice@example.org", M1, "INC-1")])
+
+    await gmail.restore("alice@example.org", M1, "INC-1")
+
+    after = sorted(
+        tuple(sorted(r["labels"]))
+        for r in rows_of(gmail_sim, "alice@example.org", "M1")
+    )
+    assert after == before

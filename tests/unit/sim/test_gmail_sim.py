@@ -521,3 +521,60 @@ async def test_http_quota_exhaustion(
     assert third.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
     assert int(third.headers["Retry-After"]) >= 59
     assert [e.units for e in simulator.log if e.api_method] == [5, 1, 0]
+
+
+# --- the batch endpoint ---------------------------------------------------------------
+
+
+def batch_body(parts: list[tuple[str, dict[str, str]]]) -> tuple[str, bytes]:
+    boundary = "===============7330845974216740156=="
+    chunks = []
+    for number, (target, headers) in enumerate(parts):
+        lines = "".join(f"{name}: {value}\n" for name, value in headers.items())
+        chunks.append(
+            f"--{boundary}\nContent-Type: application/http\n"
+            f"Content-Transfer-Encoding: binary\nContent-ID: <part+{number}>\n\n"
+            f"GET {target} HTTP/1.1\n{lines}\n"
+        )
+    body = "".join(chunks) + f"--{boundary}--\n"
+    return f'multipart/mixed; boundary="{boundary}"', body.encode()
+
+
+async def test_batch_parts_use_own_tokens(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey, sim: GmailSimulator
+) -> None:
+    alice = await bearer(client, key, "alice@example.org")
+    bob = await bearer(client, key, "bob@example.org")
+    content_type, body = batch_body(
+        [
+            ("/gmail/v1/users/alice@example.org/labels", alice),
+            ("/gmail/v1/users/bob@example.org/labels", bob),
+            ("/gmail/v1/users/bob@example.org/labels", alice),
+        ]
+    )
+
+    response = await client.post(
+        "/batch", content=body, headers={"Content-Type": content_type}
+    )
+
+    text = response.text
+    assert response.status_code == 200
+    assert text.count("Content-ID: <response-part+") == 3
+    assert text.count("HTTP/1.1 200 OK") == 2
+    assert text.count("HTTP/1.1 403 Forbidden") == 1
+    assert [e.units for e in sim.log if e.api_method == "labels.list"] == [1, 1, 0]
+
+
+async def test_batch_over_100_parts(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey, sim: GmailSimulator
+) -> None:
+    alice = await bearer(client, key)
+    content_type, body = batch_body([("/gmail/v1/users/me/labels", alice)] * 101)
+
+    response = await client.post(
+        "/batch", content=body, headers={"Content-Type": content_type}
+    )
+
+    assert response.status_code == 400
+    assert "at most 100" in response.json()["error"]["message"]
+    assert [e for e in sim.log if e.api_method == "labels.list"] == []
