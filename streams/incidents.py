@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from autopull.streams.policy import search_key
 from autopull.streams.records import (
     FINAL_STATUSES,
     PULLED_STATUSES,
@@ -42,6 +43,8 @@ class DecisionLike(Protocol):
 
 
 Decide = Callable[[Record, list[Record]], Sequence[DecisionLike]]
+# Returns the MessageSearch record of an alert without a usable Message-ID, else None.
+Searcher = Callable[[Record], Record | None]
 
 
 def incident_id_for(campaign_key: str, opened_at: datetime) -> str:
@@ -74,20 +77,28 @@ def new_incident(incident_id: str, campaign_key: str, at: datetime) -> Record:
     }
 
 
-def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Record]:
+def apply_alert(
+    incident: Record,
+    enriched: Record,
+    decide: Decide,
+    search_for: Searcher | None = None,
+) -> list[Record]:
     """Join an enriched alert to `incident` and return the pull commands it needs.
 
-    An alert already joined is a replay and changes nothing.
+    An alert already joined is a replay and changes nothing. `search_for` gives
+    the search that finds a message without a usable Message-ID, which its pull
+    entries keep for their commands.
     """
     alert = enriched["alert"]
     if alert["alert_id"] in incident["alert_ids"]:
         return []
 
     now = utcnow()
+    search = search_for(alert) if search_for is not None else None
     _add_alert_facts(incident, alert)
     _update_score(incident, enriched)
     if alert["threat_status"] in WITHDRAWN_STATUSES:
-        commands = _withdraw(incident, alert, now)
+        commands = _withdraw(incident, alert, search, now)
         _update_state(incident, now)
         return commands
 
@@ -99,12 +110,12 @@ def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Reco
         kind = recipient.get("recipient_type", "original")
         entry = _find_pull(incident, decision.mailbox, decision.message_id)
         if entry is None:
-            entry = _pull_entry(decision, alert, kind)
+            entry = _pull_entry(decision, alert, kind, search)
             incident["pulls"].append(entry)
         elif entry["action"] == "skip" and decision.action == "pull":
             # A copy another alert skipped (a blocked click, say) is pulled once
             # an alert calls for it. A held copy keeps waiting for its approval.
-            entry.update(_pull_entry(decision, alert, kind))
+            entry.update(_pull_entry(decision, alert, kind, search))
         else:
             continue
         entry["vip"] = bool(recipient.get("vip"))
@@ -114,7 +125,7 @@ def apply_alert(incident: Record, enriched: Record, decide: Decide) -> list[Reco
                 _history(now, "notice", f"{decision.mailbox}: {decision.reason}")
             )
         if decision.action == "pull":
-            commands.append(_quarantine_command(incident, decision, alert, kind, now))
+            commands.append(_command_for(incident, entry, "quarantine", now, alert))
 
     incident["history"].append(
         _history(now, "alert joined", f"{alert['source']} alert {alert['alert_id']}")
@@ -151,7 +162,15 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
 
     entry["platform"] = outcome["platform"]
     entry["error"] = outcome.get("error")
-    if outcome["kind"] == "restore":
+    if outcome.get("resolved_message_id"):
+        entry["resolved_message_id"] = outcome["resolved_message_id"]
+    if outcome["kind"] == "quarantine" and outcome["status"] == "held":
+        # A search that found no message or several leaves the decision to people.
+        entry.update(action="hold", status="held", rule="search.not-unique")
+        entry["reason"] = outcome.get("error") or ""
+        entry["candidates"] = list(outcome.get("candidates") or [])
+        entry["error"] = None
+    elif outcome["kind"] == "restore":
         # A restore that has not succeeded leaves the copy quarantined, as it was.
         if outcome["status"] == "restored":
             entry["status"] = "restored"
@@ -187,6 +206,8 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     text = command.get("text") or ""
     commands: list[Record] = []
     if action == "approve":
+        # NOTE: approving a copy held by an ambiguous search searches again, and so
+        # it is held again. No command yet lets a person pick one of the candidates.
         for entry in _entries(incident, mailbox, {"held"}):
             entry.update(action="pull", status=None, rule="approved")
             entry["reason"] = f"Approved by {actor}." + (f" {text}" if text else "")
@@ -229,12 +250,15 @@ def apply_exposure(incident: Record, exposure: Record) -> None:
     incident["updated_at"] = utcnow()
 
 
-def _withdraw(incident: Record, alert: Record, now: datetime) -> list[Record]:
+def _withdraw(
+    incident: Record, alert: Record, search: Record | None, now: datetime
+) -> list[Record]:
     """Restore the copies of a message whose verdict was withdrawn; drop its holds."""
     commands = []
     status = alert["threat_status"]
+    message_id = alert["message_id"] or (search_key(search) if search else "")
     for entry in incident["pulls"]:
-        if entry["message_id"] != alert["message_id"]:
+        if entry["message_id"] != message_id:
             continue
         if entry["status"] in PULLED_STATUSES and not entry["undone"]:
             commands.append(_command_for(incident, entry, "restore", now))
@@ -260,7 +284,18 @@ def _entries(incident: Record, mailbox: str | None, statuses: set[str]) -> list[
     ]
 
 
-def _command_for(incident: Record, entry: Record, kind: str, now: datetime) -> Record:
+def _command_for(
+    incident: Record,
+    entry: Record,
+    kind: str,
+    now: datetime,
+    alert: Record | None = None,
+) -> Record:
+    """Build the pull command of a pull entry; `alert` is the one that called for it.
+
+    A copy without a usable Message-ID carries its search, and once a search found
+    the real Message-ID, the command acts on that one.
+    """
     return {
         "command_id": command_id(
             incident["incident_id"], kind, entry["mailbox"], entry["message_id"]
@@ -270,12 +305,14 @@ def _command_for(incident: Record, entry: Record, kind: str, now: datetime) -> R
         "mailbox": entry["mailbox"],
         "message_id": entry["message_id"],
         "alert_id": entry["alert_id"],
-        "alert_received_at": now,
+        "alert_received_at": alert["received_at"] if alert else now,
         "issued_at": now,
         "recipient_type": entry["recipient_type"],
         "reason": entry["reason"],
         "attempt": 1,
         "not_before": None,
+        "search": entry.get("search") if kind == "quarantine" else None,
+        "resolved_message_id": entry.get("resolved_message_id"),
     }
 
 
@@ -296,7 +333,10 @@ def _add_alert_facts(incident: Record, alert: Record) -> None:
 
 
 def _pull_entry(
-    decision: DecisionLike, alert: Record, recipient_type: str = "original"
+    decision: DecisionLike,
+    alert: Record,
+    recipient_type: str = "original",
+    search: Record | None = None,
 ) -> Record:
     status = {"hold": "held", "skip": "skipped"}.get(decision.action)
     return {
@@ -318,31 +358,9 @@ def _pull_entry(
         "seconds_from_alert": None,
         "undone": False,
         "error": None,
-    }
-
-
-def _quarantine_command(
-    incident: Record,
-    decision: DecisionLike,
-    alert: Record,
-    recipient_type: str,
-    now: datetime,
-) -> Record:
-    return {
-        "command_id": command_id(
-            incident["incident_id"], "quarantine", decision.mailbox, decision.message_id
-        ),
-        "incident_id": incident["incident_id"],
-        "kind": "quarantine",
-        "mailbox": decision.mailbox,
-        "message_id": decision.message_id,
-        "alert_id": alert["alert_id"],
-        "alert_received_at": alert["received_at"],
-        "issued_at": now,
-        "recipient_type": recipient_type,
-        "reason": decision.reason,
-        "attempt": 1,
-        "not_before": None,
+        "search": search,
+        "resolved_message_id": None,
+        "candidates": [],
     }
 
 

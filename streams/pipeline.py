@@ -44,7 +44,7 @@ from autopull.streams.incidents import (
     incident_mailboxes,
     new_incident,
 )
-from autopull.streams.policy import decide
+from autopull.streams.policy import decide, message_search
 from autopull.streams.pulls import (
     PullResult,
     RetryPolicy,
@@ -320,6 +320,7 @@ def _incident_agent(pipe: Pipeline) -> None:
                 joined,
                 change["alert"],
                 lambda alert, recipients: decide_for(joined, alert, recipients),
+                lambda alert: message_search(alert, policy),
             )
         elif change["kind"] == "outcome" and change["outcome"] and incident:
             if not apply_outcome(incident, change["outcome"]):
@@ -544,13 +545,17 @@ def _outcomes_agent(pipe: Pipeline) -> None:
     async def handle(event: EventT, outcome: Record) -> None:
         pipe.metrics.record_outcome(outcome)
         if outcome["status"] in ("quarantined", "already_quarantined", "restored"):
-            pipe.ledger[ledger_key(outcome["mailbox"], outcome["message_id"])] = {
-                "status": outcome["status"],
-                "incident_id": outcome["incident_id"],
-                "original_folder": outcome["original_folder"],
-                "read": outcome["read"],
-                "at": outcome["finished_at"].timestamp(),
-            }
+            # A copy found by search is recorded under its stand-in id, which its
+            # commands carry, and under the real Message-ID, which other alerts use.
+            message_ids = [outcome["message_id"], outcome.get("resolved_message_id")]
+            for message_id in dict.fromkeys(filter(None, message_ids)):
+                pipe.ledger[ledger_key(outcome["mailbox"], message_id)] = {
+                    "status": outcome["status"],
+                    "incident_id": outcome["incident_id"],
+                    "original_folder": outcome["original_folder"],
+                    "read": outcome["read"],
+                    "at": outcome["finished_at"].timestamp(),
+                }
         change = records.incident_event(
             outcome["incident_id"], "outcome", outcome=outcome
         )

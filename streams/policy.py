@@ -14,8 +14,11 @@ without Kafka.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import parseaddr
 from typing import Any, Literal
 
 Action = Literal["pull", "hold", "skip"]
@@ -44,18 +47,26 @@ class PolicySettings:
     one message is pulled from without an analyst's approval, where a policy rule
     refers to it. `rules` are the rules of a loaded policy file, and None means
     the default policy file. Addresses are compared in lower case.
+    `search_window_seconds` is how far, either way, the arrival of a message
+    without a usable Message-ID may lie from the delivery time the alert gives.
     """
 
     quarantine_mailbox: str = ""
     excluded_mailboxes: frozenset[str] = field(default_factory=frozenset)
     hold_above_mailboxes: int = 50
     rules: tuple[Rule, ...] | None = None
+    search_window_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         if self.hold_above_mailboxes < 0:
             raise ValueError(
                 f"hold_above_mailboxes is {self.hold_above_mailboxes}, but it must be "
                 "0 or more."
+            )
+        if self.search_window_seconds <= 0:
+            raise ValueError(
+                f"search_window_seconds is {self.search_window_seconds}, but it must "
+                "be more than 0."
             )
         object.__setattr__(
             self, "quarantine_mailbox", self.quarantine_mailbox.strip().lower()
@@ -136,22 +147,33 @@ def decide(
     `alert` is a NormalizedAlert dict. `recipients` are the mailboxes that received
     the message, as addresses or as Recipient records. `rules` defaults to the
     settings' policy rules, else to the default policy file. `mailbox_count`
-    defaults to the number of distinct mailboxes given.
+    defaults to the number of distinct mailboxes given. An alert without a
+    Message-ID that can be searched gets the stand-in id of `search_key` in its
+    decisions.
     """
     records = _recipient_records(recipients)
     count = len(records) if mailbox_count is None else mailbox_count
     active_rules = _active_rules(settings, rules)
+    search = message_search(alert, settings)
+    message_id = alert.get("message_id") or (search_key(search) if search else "")
 
     decisions: list[Decision] = []
     for mailbox, recipient in records.items():
         context = RuleContext(alert, mailbox, count, settings, recipient, score)
         verdict = _first_verdict(context, active_rules)
+        reason = verdict.reason
+        if verdict.action == "pull" and needs_search(alert):
+            reason += (
+                " The alert has no usable Message-ID, so the copy is searched by "
+                "sender, exact subject and delivery time, and it is pulled only when "
+                "exactly one message matches."
+            )
         decisions.append(
             Decision(
                 mailbox=mailbox,
-                message_id=alert.get("message_id") or "",
+                message_id=message_id,
                 action=verdict.action,
-                reason=verdict.reason,
+                reason=reason,
                 rule=verdict.rule,
                 source=alert.get("source") or "",
                 alert_id=alert.get("alert_id") or "",
@@ -223,6 +245,67 @@ def exclude_configured_mailboxes(context: RuleContext) -> Verdict | None:
         f"The mailbox {context.mailbox} is in the excluded mailboxes, so it is never "
         "pulled from.",
     )
+
+
+def needs_search(alert: Mapping[str, Any]) -> bool:
+    """Return True when the alert names its message by no usable Message-ID."""
+    return not alert.get("message_id") or bool(alert.get("message_id_synthetic"))
+
+
+def searchable(alert: Mapping[str, Any]) -> bool:
+    """Return True when the alert gives a sender, a subject and a delivery time."""
+    subject = (alert.get("subject") or "").strip()
+    return bool(search_senders(alert)) and bool(subject) and bool(delivery_time(alert))
+
+
+def search_senders(alert: Mapping[str, Any]) -> tuple[str, ...]:
+    """Return the envelope sender and the From address, lower-cased, without repeats.
+
+    A platform shows the From or Sender header of a message, and the envelope sender
+    of a list or a bounce often differs from both, so either may match.
+    """
+    header_from = parseaddr(alert.get("header_from") or "")[1]
+    addresses = [alert.get("sender") or "", header_from]
+    cleaned = (address.strip().lower() for address in addresses)
+    return tuple(dict.fromkeys(address for address in cleaned if "@" in address))
+
+
+def delivery_time(alert: Mapping[str, Any]) -> datetime | None:
+    """Return when the message reached the mailbox, as the alert gives it."""
+    moment: datetime | None = alert.get("delivered_at") or alert.get("occurred_at")
+    return moment
+
+
+def message_search(
+    alert: Mapping[str, Any], settings: PolicySettings
+) -> dict[str, Any] | None:
+    """Return the MessageSearch record of an alert that needs one, else None."""
+    moment = delivery_time(alert)
+    if not needs_search(alert) or not searchable(alert) or moment is None:
+        return None
+    window = timedelta(seconds=settings.search_window_seconds)
+    return {
+        "senders": list(search_senders(alert)),
+        "subject": (alert.get("subject") or "").strip(),
+        "received_after": moment - window,
+        "received_before": moment + window,
+    }
+
+
+def search_key(search: Mapping[str, Any]) -> str:
+    """Return a stand-in Message-ID for a searched message, the same on every replay.
+
+    The incident and the ledger key each copy by Message-ID, so two different
+    messages without one must not share the empty string.
+    """
+    parts = [
+        *search["senders"],
+        search["subject"],
+        search["received_after"].isoformat(),
+        search["received_before"].isoformat(),
+    ]
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
+    return f"search-{digest}@no-message-id"
 
 
 def default_rules() -> tuple[Rule, ...]:

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from autopull.connectors.errors import AutopullError
-from autopull.streams.policy import Action, Rule, RuleContext, Verdict
+from autopull.streams.policy import Action, Rule, RuleContext, Verdict, searchable
 
 DEFAULT_POLICY_FILE = Path(__file__).resolve().parent / "default-policy.yaml"
 
@@ -160,6 +160,7 @@ class Conditions(_Strict):
     classification: ClassificationMatch | None = None
     threat_status: ThreatStatusMatch | None = None
     message_id: Literal["missing", "synthetic", "present"] | None = None
+    searchable: bool | None = None
     score: ScoreRange | None = None
     sender: list[str] | None = Field(default=None, min_length=1)
     recipient: RecipientCondition | None = None
@@ -421,6 +422,7 @@ def matches(when: Conditions, context: RuleContext) -> bool:
         _in(when.classification, alert.get("classification") or "unknown"),
         _in(when.threat_status, alert.get("threat_status")),
         _message_id(when.message_id, alert),
+        when.searchable is None or searchable(alert) == when.searchable,
         _score(when.score, context.score),
         _sender(when.sender, alert.get("sender") or ""),
         _recipient(when.recipient, context),

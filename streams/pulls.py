@@ -30,7 +30,12 @@ from autopull.connectors.errors import (
     PermanentError,
     TransientError,
 )
-from autopull.connectors.mail.base import MailPlatform, QuarantineResult
+from autopull.connectors.mail.base import (
+    MailPlatform,
+    MessageCopy,
+    MessageSearch,
+    QuarantineResult,
+)
 from autopull.streams.records import Record, utcnow
 
 log = logging.getLogger(__name__)
@@ -62,6 +67,15 @@ class PullResult:
 
     outcome: Record
     parked: Record | None = None
+
+
+class _SearchHeld(Exception):
+    """A search that did not find exactly one message, with what it found."""
+
+    def __init__(self, copies: list[MessageCopy], reason: str) -> None:
+        super().__init__(reason)
+        self.copies = copies
+        self.reason = reason
 
 
 def _wait_for(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
@@ -125,6 +139,7 @@ async def execute(
         return PullResult(_outcome(command, platform.name, started, result=result))
 
     attempts = 0
+    target = command.get("resolved_message_id") or message_id
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
@@ -134,9 +149,13 @@ async def execute(
         ):
             with attempt:
                 attempts += 1
+                if _searched(command) and target == message_id:
+                    target = await _resolve(platform, command)
                 result = await _call_within(
-                    platform, command, policy.attempt_timeout_seconds
+                    platform, command, target, policy.attempt_timeout_seconds
                 )
+    except _SearchHeld as held:
+        return PullResult(_held(command, platform.name, started, held, attempts))
     except TransientError as error:
         return _parked(command, platform.name, started, error, attempts)
     except ConnectorError as error:
@@ -167,8 +186,99 @@ async def execute(
             copies=len(result.copies),
             original_folder=_folders(result) or None,
         )
-        return PullResult(outcome)
-    return PullResult(_outcome(command, platform.name, started, result=result))
+        return PullResult(_with_target(outcome, target))
+    outcome = _outcome(command, platform.name, started, result=result)
+    return PullResult(_with_target(outcome, target))
+
+
+def _searched(command: Record) -> bool:
+    return command["kind"] == "quarantine" and command.get("search") is not None
+
+
+async def _resolve(platform: MailPlatform, command: Record) -> str:
+    """Return the Message-ID of the one message the command's search matches.
+
+    Raises `_SearchHeld` when no message or more than one matches, or when the
+    platform cannot search, because pulling a guess could remove a message that
+    is not the reported one.
+    """
+    record = command["search"]
+    search = MessageSearch(
+        senders=tuple(record["senders"]),
+        subject=record["subject"],
+        received_after=record["received_after"],
+        received_before=record["received_before"],
+    )
+    try:
+        copies = await platform.search(command["mailbox"], search)
+    except NotImplementedError as error:
+        raise _SearchHeld([], f"{error} An analyst finds the copy.") from error
+
+    message_ids = list(dict.fromkeys(copy.message_id for copy in copies))
+    if len(message_ids) == 1 and message_ids[0]:
+        log.info(
+            "Search found one message mailbox=%s key=%s message_id=%s copies=%d",
+            command["mailbox"],
+            command["message_id"],
+            message_ids[0],
+            len(copies),
+        )
+        return message_ids[0]
+
+    if not copies:
+        reason = (
+            f"No message in {command['mailbox']} is from {', '.join(search.senders)} "
+            f"with the subject {search.subject!r} and arrived between "
+            f"{search.received_after.isoformat()} and "
+            f"{search.received_before.isoformat()}, so nothing is pulled and an "
+            "analyst decides."
+        )
+    elif len(message_ids) > 1:
+        reason = (
+            f"{len(message_ids)} different messages in {command['mailbox']} match the "
+            "sender, subject and arrival time, so none is pulled and an analyst "
+            "picks from the candidates."
+        )
+    else:
+        reason = (
+            f"The message in {command['mailbox']} that matches the sender, subject "
+            "and arrival time has no Message-ID to pull it by, so an analyst decides."
+        )
+    log.warning(
+        "Search did not find exactly one message mailbox=%s key=%s copies=%d "
+        "messages=%d",
+        command["mailbox"],
+        command["message_id"],
+        len(copies),
+        len(message_ids),
+    )
+    raise _SearchHeld(copies, reason)
+
+
+def _held(
+    command: Record, platform: str, started: Any, held: _SearchHeld, attempts: int
+) -> Record:
+    outcome = _outcome(command, platform, started, attempts=attempts)
+    outcome["status"] = "held"
+    outcome["error_class"] = "none"
+    outcome["error"] = held.reason
+    outcome["candidates"] = [
+        {
+            "message_id": copy.message_id,
+            "folder": copy.folder,
+            "subject": copy.subject,
+            "sender": copy.sender,
+            "received_at": copy.received_at,
+        }
+        for copy in held.copies
+    ]
+    return outcome
+
+
+def _with_target(outcome: Record, target: str) -> Record:
+    if target != outcome["message_id"]:
+        outcome["resolved_message_id"] = target
+    return outcome
 
 
 async def execute_many(
@@ -240,6 +350,10 @@ def _burst_groups(
         )
         if command["kind"] != "quarantine" or already:
             continue
+        if _searched(command) or command.get("resolved_message_id"):
+            # The copy is named by a search or by the Message-ID a search found,
+            # which only `execute` resolves.
+            continue
         try:
             platform = route(command["mailbox"])
         except Exception:  # noqa: S112 - `execute` logs and reports this command's error
@@ -254,12 +368,12 @@ def _pull_of(command: Record) -> tuple[str, str, str]:
 
 
 async def _call_within(
-    platform: MailPlatform, command: Record, seconds: float
+    platform: MailPlatform, command: Record, target: str, seconds: float
 ) -> QuarantineResult:
-    mailbox, message_id = command["mailbox"], command["message_id"]
+    mailbox, message_id = command["mailbox"], target
     try:
         async with asyncio.timeout(seconds):
-            return await _call(platform, command)
+            return await _call(platform, command, target)
     except TimeoutError as error:
         raise TransientError(
             f"The {command['kind']} of {message_id} in mailbox {mailbox} on "
@@ -270,8 +384,10 @@ async def _call_within(
         ) from error
 
 
-async def _call(platform: MailPlatform, command: Record) -> QuarantineResult:
-    mailbox, message_id = command["mailbox"], command["message_id"]
+async def _call(
+    platform: MailPlatform, command: Record, message_id: str
+) -> QuarantineResult:
+    mailbox = command["mailbox"]
     if command["kind"] == "restore":
         return await platform.restore(mailbox, message_id, command["incident_id"])
     return await platform.quarantine(mailbox, message_id, command["incident_id"])
@@ -336,6 +452,8 @@ def _outcome(
         "recipient_type": command.get("recipient_type", "original"),
         "alert_id": command.get("alert_id", ""),
         "retry_at": None,
+        "resolved_message_id": command.get("resolved_message_id"),
+        "candidates": [],
     }
 
 

@@ -69,6 +69,12 @@ class PolicyConfig(BaseModel):
         ge=1,
         description="A message in more mailboxes than this waits for approval.",
     )
+    search_window_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds either way from the alert's delivery time in which a "
+        "message without a usable Message-ID is searched, by sender and subject.",
+    )
 
     @field_validator("quarantine_mailbox")
     @classmethod
@@ -87,6 +93,7 @@ class PolicyConfig(BaseModel):
             excluded_mailboxes=frozenset(self.excluded_mailboxes),
             hold_above_mailboxes=self.hold_above_mailboxes,
             rules=policy.rules,
+            search_window_seconds=self.search_window_seconds,
         )
 
 

@@ -53,6 +53,11 @@ def result_rows(incident: Record) -> list[dict[str, Any]]:
             "rule": entry["rule"],
             "reason": entry["reason"],
             "error": entry["error"],
+            "resolved_message_id": entry.get("resolved_message_id"),
+            "candidates": [
+                dict(candidate, received_at=_iso(candidate.get("received_at")))
+                for candidate in entry.get("candidates") or []
+            ],
         }
         for entry in incident["pulls"]
     ]

@@ -29,6 +29,35 @@ class MessageCopy:
     received_at: datetime | None = None
     # Platforms with labels instead of folders (Gmail) list the copy's label ids.
     labels: tuple[str, ...] = ()
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class MessageSearch:
+    """A message named by sender, exact subject and delivery time, not by Message-ID.
+
+    A message matches when its From or Sender address is one of `senders` (compared
+    in lower case), its subject equals `subject` exactly (white space around it
+    aside), and it arrived between `received_after` and `received_before`,
+    inclusive.
+    """
+
+    senders: tuple[str, ...]
+    subject: str
+    received_after: datetime
+    received_before: datetime
+
+    def matches(
+        self, sender: str | None, subject: str | None, received_at: datetime | None
+    ) -> bool:
+        """Return True when a message with these properties is the one searched."""
+        if sender is None or subject is None or received_at is None:
+            return False
+        if sender.strip().lower() not in {s.lower() for s in self.senders}:
+            return False
+        if subject.strip() != self.subject.strip():
+            return False
+        return self.received_after <= received_at <= self.received_before
 
 
 @dataclass(frozen=True)
@@ -158,6 +187,16 @@ class MailPlatform(abc.ABC):
                 return error
 
         return list(await asyncio.gather(*(one(pull) for pull in pulls)))
+
+    async def search(self, mailbox: str, search: MessageSearch) -> list[MessageCopy]:
+        """Find the copies, in all folders, of the messages that match `search`.
+
+        Each copy carries its own bare Message-ID ("" when the message has none), so
+        the caller can tell one message in several folders from several messages.
+        """
+        raise NotImplementedError(
+            f"{self.name} cannot search by sender, subject and delivery time yet."
+        )
 
     async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
         """List the messages `mailbox` sent since `since`, for forward tracing."""

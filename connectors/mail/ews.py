@@ -56,6 +56,7 @@ from exchangelib import (
 )
 from exchangelib import errors as ews_errors
 from exchangelib.ewsdatetime import UTC as EWS_UTC
+from exchangelib.ewsdatetime import EWSDateTime
 from exchangelib.folders import (
     DEEP,
     SHALLOW,
@@ -79,7 +80,13 @@ from ..errors import (
     ThrottledError,
     TransientError,
 )
-from .base import MailPlatform, MessageCopy, QuarantineResult, required_message_id
+from .base import (
+    MailPlatform,
+    MessageCopy,
+    MessageSearch,
+    QuarantineResult,
+    required_message_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -579,6 +586,19 @@ class EwsPlatform(MailPlatform):
         job = _Job(mailbox.lower(), required_message_id(message_id, PLATFORM))
         copies = await self._locate(job, job.mailbox)
         return [copy.public(job.mailbox, job.bare) for copy in copies]
+
+    async def search(self, mailbox: str, search: MessageSearch) -> list[MessageCopy]:
+        """Find the copies that arrived in the window and match sender and subject.
+
+        FindItem restricts on DateTimeReceived in every mail folder. Exchange
+        compares strings without regard to case, so sender and exact subject are
+        compared here.
+        """
+        job = _Job(mailbox.lower(), "")
+        box = self._mailbox(job.mailbox)
+        return await self._call(
+            job, job.mailbox, lambda: _search_window_sync(box, job.mailbox, search)
+        )
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str
@@ -1134,6 +1154,61 @@ def _search_sync(
             )
         )
     return copies
+
+
+def _search_window_sync(
+    box: _Mailbox, mailbox: str, search: MessageSearch
+) -> list[MessageCopy]:
+    """FindItem over every mail folder for the arrival window, then GetItem."""
+    folders = _mail_folders_sync(box)
+    names = {str(f.id): str(f.name or "") for f in folders}
+    window = Q(
+        datetime_received__gte=EWSDateTime.from_datetime(search.received_after)
+    ) & Q(datetime_received__lte=EWSDateTime.from_datetime(search.received_before))
+    collection = FolderCollection(account=box.account, folders=folders)
+    ids = _checked(collection.find_items(window, shape=ID_ONLY, depth=SHALLOW))
+    if not ids:
+        return []
+    fields = [*COPY_FIELDS, "author", "sender"]
+    messages = box.account.fetch(
+        ids=ids, folder=Folder(root=box.root), only_fields=fields
+    )
+
+    copies = []
+    for message in _checked(messages):
+        sender = _matching_sender(message, search)
+        if sender is None:
+            continue
+        folder_id = str(message.parent_folder_id.id) if message.parent_folder_id else ""
+        copies.append(
+            MessageCopy(
+                mailbox=mailbox,
+                message_id=_bare(message.message_id),
+                item_id=str(message.id),
+                folder=names.get(folder_id, ""),
+                read=bool(message.is_read),
+                subject=message.subject,
+                received_at=message.datetime_received,
+                sender=sender,
+            )
+        )
+    return copies
+
+
+def _matching_sender(message: Any, search: MessageSearch) -> str | None:
+    """Return the From or Sender address by which `message` matches, else None."""
+    for person in (message.author, message.sender):
+        address = (getattr(person, "email_address", None) or "").strip().lower()
+        if search.matches(address, message.subject, message.datetime_received):
+            return address
+    return None
+
+
+def _bare(message_id: str | None) -> str:
+    text = (message_id or "").strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    return text
 
 
 def _search_below_sync(box: _Mailbox, container: Any, bare: str) -> list[_Copy]:

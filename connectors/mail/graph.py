@@ -69,7 +69,13 @@ from ..errors import (
     ThrottledError,
     TransientError,
 )
-from .base import MailPlatform, MessageCopy, QuarantineResult, required_message_id
+from .base import (
+    MailPlatform,
+    MessageCopy,
+    MessageSearch,
+    QuarantineResult,
+    required_message_id,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -557,6 +563,54 @@ class GraphPlatform(MailPlatform):
         bare = required_message_id(message_id, PLATFORM)
         located = await self._locate(mailbox, bare)
         return [copy.public(mailbox, bare) for copy in located.quarantined]
+
+    async def search(self, mailbox: str, search: MessageSearch) -> list[MessageCopy]:
+        """Find the copies that arrived in the window and match sender and subject.
+
+        The $filter names only receivedDateTime. Graph compares strings without
+        regard to case, so the sender and the exact subject are compared here, on
+        every page of the window.
+        """
+        builder = self._graph.users.by_user_id(mailbox).messages
+        query = MessagesRequestBuilder.MessagesRequestBuilderGetQueryParameters(
+            filter=received_window_filter(search),
+            select=[*MESSAGE_FIELDS, "receivedDateTime", "from", "sender"],
+            top=self.settings.page_size,
+        )
+        config = RequestConfiguration(query_parameters=query)
+        page = await self._call(mailbox, None, lambda: builder.get(config))
+        matches: list[Message] = []
+        while page is not None:
+            matches.extend(
+                message
+                for message in page.value or []
+                if _matching_address(message, search) is not None
+            )
+            if not page.odata_next_link:
+                break
+            page = await self._call(
+                mailbox, None, partial(_next_page, builder, page.odata_next_link)
+            )
+
+        folders: dict[str, _FolderInfo] = {}
+        copies = []
+        for message in matches:
+            folder_id = message.parent_folder_id or ""
+            if folder_id not in folders:
+                folders[folder_id] = await self._folder_info(mailbox, "", folder_id)
+            copies.append(
+                MessageCopy(
+                    mailbox=mailbox,
+                    message_id=_bare(message.internet_message_id),
+                    item_id=message.id or "",
+                    folder=folders[folder_id].name,
+                    read=bool(message.is_read),
+                    subject=message.subject,
+                    received_at=message.received_date_time,
+                    sender=_matching_address(message, search),
+                )
+            )
+        return copies
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str
@@ -1290,6 +1344,30 @@ def odata_string(value: str) -> str:
 def internet_message_id_filter(bare: str) -> str:
     """Build the $filter for a Message-ID, with the brackets Graph stores put back."""
     return f"internetMessageId eq {odata_string(f'<{bare}>')}"
+
+
+def received_window_filter(search: MessageSearch) -> str:
+    """Build the $filter for messages that arrived inside the search's window."""
+    after = search.received_after.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = search.received_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"receivedDateTime ge {after} and receivedDateTime le {before}"
+
+
+def _matching_address(message: Message, search: MessageSearch) -> str | None:
+    """Return the From or Sender address by which `message` matches, else None."""
+    for recipient in (message.from_, message.sender):
+        address = recipient.email_address.address if recipient else None
+        email_address = (address or "").strip().lower()
+        if search.matches(email_address, message.subject, message.received_date_time):
+            return email_address
+    return None
+
+
+def _bare(message_id: str | None) -> str:
+    text = (message_id or "").strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    return text
 
 
 def _next_page(builder: Any, link: str) -> Awaitable[Any]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import email.header
 import imaplib
 import logging
@@ -38,7 +39,8 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from email.utils import parseaddr
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -46,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ..errors import ConnectorError, NotFoundError, PermanentError, TransientError
 from ..sources.common import bare_message_id
-from .base import MailPlatform, MessageCopy, QuarantineResult
+from .base import MailPlatform, MessageCopy, MessageSearch, QuarantineResult
 
 logger = logging.getLogger(__name__)
 
@@ -915,6 +917,30 @@ class ImapSession:
                 )
         return found
 
+    def search_window(self, search: MessageSearch) -> list[MessageCopy]:
+        """Find the copies of messages that match `search`, in every folder.
+
+        SEARCH SINCE and BEFORE compare dates without times, so the server is asked
+        for a day more on each side, and INTERNALDATE, the From or Sender address
+        and the exact decoded subject are compared here.
+        """
+        since = (search.received_after - timedelta(days=1)).strftime("%d-%b-%Y")
+        before = (search.received_before + timedelta(days=2)).strftime("%d-%b-%Y")
+        headers = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID SUBJECT FROM SENDER)]"
+        found: list[MessageCopy] = []
+        for folder in self.list_folders():
+            if not folder.selectable:
+                continue
+            uidvalidity = self.select(folder, readonly=True)
+            typ, data = self.imap.uid("SEARCH", "SINCE", since, "BEFORE", before)
+            _check(typ, data, "UID SEARCH")
+            uids = [int(uid) for item in data if item for uid in bytes(item).split()]
+            for item in self.fetch(uids, headers):
+                copy = _matching_copy(self.mailbox, folder, uidvalidity, item, search)
+                if copy is not None:
+                    found.append(copy)
+        return found
+
     def incident_folder(self, root: str, incident: str) -> Folder | None:
         """Find the incident's folder below `root`; None when it does not exist."""
         wire = self._incident_wire(root, incident)
@@ -1162,6 +1188,34 @@ def _subject(fields: list[tuple[str, str]]) -> str | None:
     return decode_header_text(value) if value is not None else None
 
 
+def _matching_copy(
+    mailbox: str,
+    folder: Folder,
+    uidvalidity: int,
+    item: _Fetched,
+    search: MessageSearch,
+) -> MessageCopy | None:
+    """Describe a fetched message as a copy if it matches `search`, else None."""
+    fields = parse_header_block(item.body)
+    subject = _subject(fields)
+    received_at = parse_internaldate(item.internaldate)
+    for name in ("From", "Sender"):
+        value = first_header(fields, name)
+        address = parseaddr(decode_header_text(value))[1].lower() if value else ""
+        if search.matches(address, subject, received_at):
+            return MessageCopy(
+                mailbox=mailbox,
+                message_id=bare_message_id(first_header(fields, "Message-ID")),
+                item_id=item_id(folder.wire, uidvalidity, item.uid),
+                folder=folder.name,
+                read=any(flag.lower() == "\\seen" for flag in item.flags),
+                subject=subject,
+                received_at=received_at,
+                sender=address,
+            )
+    return None
+
+
 def _restorable(flags: Iterable[str]) -> list[str]:
     return [flag for flag in flags if flag.lower() not in UNCOPIED_FLAGS]
 
@@ -1235,6 +1289,12 @@ class ImapPlatform(MailPlatform):
         async with self._sessions(bare, mailbox) as (user,):
             originals = await self._call(user.mailbox, bare, user.locate, bare)
         return [original.public(mailbox, bare) for original in originals]
+
+    async def search(self, mailbox: str, search: MessageSearch) -> list[MessageCopy]:
+        """Find the copies that arrived in the window and match sender and subject."""
+        async with self._sessions("", mailbox) as (user,):
+            copies = await self._call(user.mailbox, "", user.search_window, search)
+        return [dataclasses.replace(copy, mailbox=mailbox) for copy in copies]
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from autopull.connectors.errors import NotFoundError, PermanentError, TransientError
+from autopull.connectors.mail.base import MessageSearch
 from autopull.connectors.mail.imap import (
     INCIDENT_HEADER,
     ORIGINAL_FLAGS_HEADER,
@@ -43,6 +44,7 @@ from autopull.connectors.mail.imap import (
     ImapSettings,
     QuarantineMarker,
 )
+from autopull.streams.pulls import RetryPolicy, execute
 
 pytestmark = pytest.mark.integration
 
@@ -825,3 +827,165 @@ async def test_closed_port_is_transient(dovecot: Dovecot) -> None:
 
     with pytest.raises(TransientError):
         await ImapPlatform(settings).find("pia@example.com", message_id())
+
+
+# --- search by sender, subject and arrival time ---------------------------------------
+
+SEARCH_WINDOW = MessageSearch(
+    senders=("billing@example.net",),
+    subject="Invoice 4471",
+    received_after=datetime.datetime(2026, 12, 1, 9, 20, tzinfo=datetime.UTC),
+    received_before=datetime.datetime(2026, 12, 1, 9, 40, tzinfo=datetime.UTC),
+)
+
+
+def seed_at(
+    server: Dovecot, address: str, wire_folder: str, raw: bytes, internaldate: str
+) -> None:
+    """Append a message to a folder of the user with the given INTERNALDATE."""
+    imap = server.login(address)
+    try:
+        if wire_folder != "INBOX":
+            imap.create(_quote(wire_folder))
+        typ, data = imap.append(_quote(wire_folder), None, f'"{internaldate}"', raw)
+        assert typ == "OK", data
+    finally:
+        imap.logout()
+
+
+def searched_message(bare: str, subject: str, sender: str = "") -> bytes:
+    raw = make_message(f" <{bare}>", subject)
+    if sender:
+        raw = raw.replace(b"From: Billing <billing@example.net>", sender.encode())
+    return raw
+
+
+def search_command(mailbox: str) -> dict[str, object]:
+    moment = SEARCH_WINDOW.received_after
+    return {
+        "command_id": f"INC-1:quarantine:{mailbox}:queue-id-1@no-message-id",
+        "incident_id": "INC-1",
+        "kind": "quarantine",
+        "mailbox": mailbox,
+        "message_id": "queue-id-1@no-message-id",
+        "alert_id": f"fireeye:1:{mailbox}",
+        "alert_received_at": moment,
+        "issued_at": moment,
+        "recipient_type": "original",
+        "reason": "",
+        "attempt": 1,
+        "not_before": None,
+        "search": {
+            "senders": list(SEARCH_WINDOW.senders),
+            "subject": SEARCH_WINDOW.subject,
+            "received_after": SEARCH_WINDOW.received_after,
+            "received_before": SEARCH_WINDOW.received_before,
+        },
+        "resolved_message_id": None,
+    }
+
+
+def seed_near_misses(server: Dovecot, user: str) -> dict[str, str]:
+    """Seed the one matching message in two folders and three that must not match."""
+    ids = {name: message_id() for name in ("match", "subject", "late", "sender")}
+    match = searched_message(ids["match"], "Invoice 4471")
+    seed_at(server, user, "INBOX", match, "01-Dec-2026 09:30:02 +0000")
+    seed_at(server, user, "Projects", match, "01-Dec-2026 09:30:02 +0000")
+    seed_at(
+        server,
+        user,
+        "INBOX",
+        searched_message(ids["subject"], "Invoice 4471 paid"),
+        "01-Dec-2026 09:31:00 +0000",
+    )
+    seed_at(
+        server,
+        user,
+        "INBOX",
+        searched_message(ids["late"], "Invoice 4471"),
+        "01-Dec-2026 11:00:00 +0000",
+    )
+    seed_at(
+        server,
+        user,
+        "INBOX",
+        searched_message(ids["sender"], "Invoice 4471", "From: other@example.net"),
+        "01-Dec-2026 09:30:30 +0000",
+    )
+    return ids
+
+
+async def test_search_window_sender_subject(dovecot: Dovecot) -> None:
+    user = dovecot.add_user("quinn")
+    ids = seed_near_misses(dovecot, user)
+    platform = ImapPlatform(dovecot.settings(dovecot.add_user("vault")))
+
+    copies = await platform.search(user, SEARCH_WINDOW)
+
+    assert sorted(c.folder for c in copies) == ["INBOX", "Projects"]
+    assert {c.message_id for c in copies} == {ids["match"]}
+    assert {c.sender for c in copies} == {"billing@example.net"}
+    assert {c.mailbox for c in copies} == {user}
+
+
+async def test_search_encoded_subject_sender_header(dovecot: Dovecot) -> None:
+    user = dovecot.add_user("rhea")
+    bare = message_id()
+    raw = searched_message(
+        bare,
+        "=?utf-8?q?Invoice_4471?=",
+        "From: Other <other@example.net>\r\nSender: Billing@Example.net",
+    )
+    seed_at(dovecot, user, "INBOX", raw, "01-Dec-2026 09:35:00 +0000")
+    platform = ImapPlatform(dovecot.settings(dovecot.add_user("vault")))
+
+    copies = await platform.search(user, SEARCH_WINDOW)
+
+    assert [c.message_id for c in copies] == [bare]
+    assert copies[0].sender == "billing@example.net"
+    assert copies[0].subject == "Invoice 4471"
+
+
+async def test_search_pull_unique_quarantines_only_it(dovecot: Dovecot) -> None:
+    user = dovecot.add_user("sam")
+    vault = dovecot.add_user("vault")
+    ids = seed_near_misses(dovecot, user)
+    platform = ImapPlatform(dovecot.settings(vault))
+
+    result = await execute(search_command(user), {user: platform}.get, RetryPolicy())
+
+    assert result.outcome["status"] == "quarantined"
+    assert result.outcome["resolved_message_id"] == ids["match"]
+    assert result.outcome["copies"] == 2
+    left = await platform.search(user, SEARCH_WINDOW)
+    assert left == []
+    for name in ("subject", "late", "sender"):
+        assert [c.folder for c in await platform.find(user, ids[name])] == ["INBOX"]
+
+
+async def test_search_pull_two_messages_held(dovecot: Dovecot) -> None:
+    user = dovecot.add_user("tess")
+    first, second = message_id(), message_id()
+    seed_at(
+        dovecot,
+        user,
+        "INBOX",
+        searched_message(first, "Invoice 4471"),
+        "01-Dec-2026 09:25:00 +0000",
+    )
+    seed_at(
+        dovecot,
+        user,
+        "INBOX",
+        searched_message(second, "Invoice 4471"),
+        "01-Dec-2026 09:38:00 +0000",
+    )
+    platform = ImapPlatform(dovecot.settings(dovecot.add_user("vault")))
+
+    result = await execute(search_command(user), {user: platform}.get, RetryPolicy())
+
+    assert result.outcome["status"] == "held"
+    candidates = result.outcome["candidates"]
+    assert sorted(c["message_id"] for c in candidates) == sorted([first, second])
+    assert [c.folder for c in await platform.find(user, first)] == ["INBOX"]
+    assert [c.folder for c in await platform.find(user, second)] == ["INBOX"]

@@ -129,6 +129,13 @@ PULL_COMMAND: dict[str, Any] = {
     "reason": "policy quarantine-phish matched",
     "attempt": 2,
     "not_before": RECEIVED + timedelta(minutes=1),
+    "search": {
+        "senders": ["billing@invoices.example.org"],
+        "subject": "Invoice 4471 overdue",
+        "received_after": RECEIVED - timedelta(minutes=10),
+        "received_before": RECEIVED + timedelta(minutes=10),
+    },
+    "resolved_message_id": None,
 }
 
 PULL_OUTCOME: dict[str, Any] = {
@@ -151,6 +158,16 @@ PULL_OUTCOME: dict[str, Any] = {
     "recipient_type": "original",
     "alert_id": NORMALIZED_ALERT["alert_id"],
     "retry_at": None,
+    "resolved_message_id": "CAF4n9.remittance@invoices.example.org",
+    "candidates": [
+        {
+            "message_id": "CAF4n9.remittance@invoices.example.org",
+            "folder": "Inbox",
+            "subject": "Invoice 4471 overdue",
+            "sender": "billing@invoices.example.org",
+            "received_at": RECEIVED,
+        }
+    ],
 }
 
 FORWARD_FINDING: dict[str, Any] = {
@@ -201,6 +218,9 @@ INCIDENT: dict[str, Any] = {
             "seconds_from_alert": 42.5,
             "undone": False,
             "error": None,
+            "search": None,
+            "resolved_message_id": None,
+            "candidates": [],
         }
     ],
     "history": [

@@ -152,6 +152,7 @@ def test_demo_every_mailbox_has_three_benign_messages() -> None:
             "erin",
             "frank",
             "uma",
+            "tara",
             "quarantine",
         )
     }

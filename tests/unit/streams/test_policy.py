@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ from autopull.streams.policy import (
     Verdict,
     decide,
     default_rules,
+    message_search,
+    search_key,
 )
 
 SETTINGS = PolicySettings(quarantine_mailbox="quarantine@example.com")
@@ -166,16 +169,19 @@ def test_decide_cleared_click_skips() -> None:
     assert decision.rule == "default.skip-cleared"
 
 
-def test_decide_no_message_id_holds() -> None:
+def test_decide_no_message_id_nothing_to_search_holds() -> None:
     decision = decide_one(message_id="")
 
     assert decision.action == "hold"
     assert decision.rule == "default.hold-no-message-id"
     assert decision.message_id == ""
-    assert "sender, subject and delivery time" in decision.reason
+    assert decision.reason == (
+        "The alert has no Message-ID and lacks the sender, subject or delivery time "
+        "to search the copy by, so the message waits for approval."
+    )
 
 
-def test_decide_synthetic_message_id_holds() -> None:
+def test_decide_synthetic_message_id_nothing_to_search_holds() -> None:
     decision = decide_one(
         message_id="queue-id-7Q2@no-message-id", message_id_synthetic=True
     )
@@ -183,6 +189,113 @@ def test_decide_synthetic_message_id_holds() -> None:
     assert decision.action == "hold"
     assert decision.rule == "default.hold-synthetic-message-id"
     assert decision.message_id == "queue-id-7Q2@no-message-id"
+
+
+SEARCHABLE = {
+    "sender": "billing@example.net",
+    "header_from": '"Billing" <Accounts@Example.net>',
+    "subject": "Invoice 4471",
+    "delivered_at": datetime(2026, 12, 1, 9, 30, tzinfo=UTC),
+}
+
+
+def test_decide_no_message_id_searchable_pulls() -> None:
+    decision = decide_one(message_id="", **SEARCHABLE)
+
+    assert decision.action == "pull"
+    assert decision.rule == "default.pull-malicious"
+    assert decision.message_id.startswith("search-")
+    assert decision.message_id.endswith("@no-message-id")
+    assert decision.reason.endswith(
+        "it is pulled only when exactly one message matches."
+    )
+
+
+def test_decide_synthetic_searchable_keeps_id() -> None:
+    decision = decide_one(
+        message_id="queue-id-7Q2@no-message-id",
+        message_id_synthetic=True,
+        **SEARCHABLE,
+    )
+
+    assert decision.action == "pull"
+    assert decision.message_id == "queue-id-7Q2@no-message-id"
+    assert "searched by sender, exact subject and delivery time" in decision.reason
+
+
+def test_decide_message_id_no_search_sentence() -> None:
+    decision = decide_one(**SEARCHABLE)
+
+    assert decision.message_id == MESSAGE_ID
+    assert "searched" not in decision.reason
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        {"subject": "  "},
+        {"delivered_at": None},
+        {"sender": "", "header_from": "Billing"},
+    ],
+)
+def test_decide_searchable_missing_fact_holds(missing: dict[str, Any]) -> None:
+    decision = decide_one(message_id="", **(SEARCHABLE | missing))
+
+    assert decision.action == "hold"
+    assert decision.rule == "default.hold-no-message-id"
+    assert decision.message_id == ""
+
+
+def test_decide_searchable_occurred_at_used() -> None:
+    moment = SEARCHABLE["delivered_at"]
+    facts = SEARCHABLE | {"delivered_at": None, "occurred_at": moment}
+
+    assert decide_one(message_id="", **facts).action == "pull"
+
+
+def test_decide_searchable_large_campaign_holds() -> None:
+    settings = PolicySettings(hold_above_mailboxes=1)
+    decisions = decide(
+        alert(message_id="", **SEARCHABLE),
+        ["alice@example.com", "bob@example.com"],
+        settings,
+    )
+
+    assert [d.action for d in decisions] == ["hold", "hold"]
+    assert {d.rule for d in decisions} == {"default.hold-large-campaign"}
+
+
+def test_message_search_window_and_senders() -> None:
+    search = message_search(alert(message_id="", **SEARCHABLE), SETTINGS)
+
+    assert search is not None
+    assert search["senders"] == ["billing@example.net", "accounts@example.net"]
+    assert search["subject"] == "Invoice 4471"
+    assert search["received_after"] == datetime(2026, 12, 1, 9, 20, tzinfo=UTC)
+    assert search["received_before"] == datetime(2026, 12, 1, 9, 40, tzinfo=UTC)
+
+
+def test_message_search_with_message_id_none() -> None:
+    assert message_search(alert(**SEARCHABLE), SETTINGS) is None
+
+
+def test_search_key_same_on_replay() -> None:
+    first = message_search(alert(message_id="", **SEARCHABLE), SETTINGS)
+    again = message_search(alert(message_id="", **SEARCHABLE), SETTINGS)
+    other = message_search(
+        alert(message_id="", **(SEARCHABLE | {"subject": "Invoice 4472"})), SETTINGS
+    )
+    assert first is not None
+    assert again is not None
+    assert other is not None
+
+    assert search_key(first) == search_key(again)
+    assert search_key(first) != search_key(other)
+
+
+def test_policy_settings_search_window_positive() -> None:
+    with pytest.raises(ValueError, match="search_window_seconds is 0"):
+        PolicySettings(search_window_seconds=0)
 
 
 def test_decide_spam_without_message_id_skips() -> None:

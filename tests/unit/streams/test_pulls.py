@@ -296,3 +296,96 @@ async def test_execute_many_skips_ledger_done_copies():
 
     assert platform.bursts == [["a@x", "c@x"]]
     assert results[1].outcome["status"] == "already_quarantined"
+
+
+# --- searched commands ------------------------------------------------------------
+
+
+class SearchPlatform(BurstPlatform):
+    """A burst platform whose search returns copies from a table by mailbox."""
+
+    def __init__(self, found, *answers):
+        super().__init__({}, *answers)
+        self.found = found
+        self.quarantined = []
+
+    async def search(self, mailbox, search):
+        return self.found[mailbox]
+
+    async def quarantine(self, mailbox, message_id, incident_id):
+        self.quarantined.append((mailbox, message_id))
+        return await super().quarantine(mailbox, message_id, incident_id)
+
+
+def searched_command(mailbox):
+    moment = datetime(2026, 12, 1, tzinfo=UTC)
+    search = {
+        "senders": ["billing@example.net"],
+        "subject": "Invoice",
+        "received_after": moment,
+        "received_before": moment,
+    }
+    return dict(command_for(mailbox), message_id="q1@no-message-id", search=search)
+
+
+def found(mailbox, message_id, folder="Inbox"):
+    return MessageCopy(mailbox, message_id, f"id-{folder}", folder, False)
+
+
+async def test_execute_many_runs_searched_alone():
+    platform = SearchPlatform(
+        {"a@x": [found("a@x", "real-a")], "b@x": [found("b@x", "real-b")]},
+        copy_of("a@x"),
+        copy_of("b@x"),
+    )
+    commands = [searched_command("a@x"), searched_command("b@x")]
+
+    results = await execute_many(commands, lambda m: platform, FAST)
+
+    assert platform.bursts == []
+    assert platform.quarantined == [("a@x", "real-a"), ("b@x", "real-b")]
+    assert [r.outcome["resolved_message_id"] for r in results] == ["real-a", "real-b"]
+    assert [r.outcome["message_id"] for r in results] == ["q1@no-message-id"] * 2
+
+
+async def test_searched_one_message_two_folders_pulls():
+    platform = SearchPlatform(
+        {"a@x": [found("a@x", "real-a"), found("a@x", "real-a", "Archive")]},
+        copy_of("a@x"),
+    )
+
+    result = await execute(searched_command("a@x"), lambda m: platform, FAST)
+
+    assert result.outcome["status"] == "quarantined"
+    assert platform.quarantined == [("a@x", "real-a")]
+
+
+@pytest.mark.parametrize(
+    ("copies", "reason"),
+    [
+        ([], "No message in a@x"),
+        ([found("a@x", "one"), found("a@x", "two")], "2 different messages"),
+        ([found("a@x", "")], "has no Message-ID"),
+    ],
+)
+async def test_searched_not_unique_held(copies, reason):
+    platform = SearchPlatform({"a@x": copies})
+
+    result = await execute(searched_command("a@x"), lambda m: platform, FAST)
+
+    assert result.outcome["status"] == "held"
+    assert reason in result.outcome["error"]
+    assert platform.quarantined == []
+    assert [c["message_id"] for c in result.outcome["candidates"]] == [
+        copy.message_id for copy in copies
+    ]
+
+
+async def test_searched_without_search_support_held():
+    platform = ScriptedPlatform()
+
+    result = await execute(searched_command("a@x"), lambda m: platform, FAST)
+
+    assert result.outcome["status"] == "held"
+    assert "cannot search" in result.outcome["error"]
+    assert platform.calls == 0
