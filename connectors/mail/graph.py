@@ -361,7 +361,7 @@ def _map_api_error(
         # No such user in the tenant: a routing or address problem, not a message
         # that is simply gone, so the pull fails and the incident stays open.
         return PermanentError(
-            f"Graph has no mailbox {where} in this tenant ({detail}); check the "
+            f"Graph found no user for {where} in this tenant ({detail}); check the "
             "address, the routing table, or whether it is a list to expand.",
             **context,
         )

@@ -900,6 +900,15 @@ def test_map_graph_error_classifies(
     assert getattr(mapped, "retry_after", None) == retry_after
 
 
+def test_map_graph_error_invalid_user_names_mailbox_once() -> None:
+    error = odata_error(404, "ErrorInvalidUser")
+
+    mapped = map_graph_error(error, mailbox="a@example.com")
+
+    assert "mailbox a@example.com" in str(mapped)
+    assert "mailbox mailbox" not in str(mapped)
+
+
 def test_map_graph_error_passes_own_errors() -> None:
     own = PermanentError("Already classified.")
 
