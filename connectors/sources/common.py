@@ -116,6 +116,9 @@ _WHITESPACE = re.compile(r"\s")
 _HEADER_FOLD = re.compile(r"\r?\n[ \t]+")
 _FIREEYE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 _SHORTEN_LIMIT = 80
+# RFC 5322 (section 2.1.1) limits a header line to 998 characters, and a msg-id cannot
+# be folded, so a longer Message-ID cannot come from a real header.
+MAX_MESSAGE_ID_LENGTH = 998
 
 
 def shorten(value: object) -> str:
@@ -193,8 +196,18 @@ def checked_message_id(value: str, *, field: str) -> str:
     """Return the bare Message-ID, raising `InvalidAlertError` on control characters.
 
     A line break inside an id could inject a header or a search clause downstream.
+    An id longer than `MAX_MESSAGE_ID_LENGTH` raises too, because it matches no real
+    message and would only make the mail platform's request fail.
     """
     bare = bare_message_id(value)
+    if len(bare) > MAX_MESSAGE_ID_LENGTH:
+        raise InvalidAlertError(
+            f"The Message-ID {shorten(value)} in the field {field} is {len(bare):,} "
+            f"characters long, above the maximum of {MAX_MESSAGE_ID_LENGTH} that a "
+            "header line can carry (RFC 5322). Send the Message-ID header as the "
+            "message has it.",
+            field=field,
+        )
     if _CONTROL_CHARACTERS.search(bare):
         raise InvalidAlertError(
             f"The Message-ID {shorten(value)} in the field {field} contains a line "

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from autopull.connectors.sources.common import (
+    MAX_MESSAGE_ID_LENGTH,
     ObjectReader,
     bare_message_id,
     checked_message_id,
@@ -83,6 +84,26 @@ def test_checked_message_id_inner_line_break_raises() -> None:
         checked_message_id("<a@example.com>\r\nBcc: x@example.net", field="messageID")
 
     assert "messageID" in str(caught.value)
+    assert caught.value.field == "messageID"
+
+
+def test_checked_message_id_at_limit_is_kept() -> None:
+    longest = "a" * (MAX_MESSAGE_ID_LENGTH - len("@example.com")) + "@example.com"
+
+    assert checked_message_id(f"<{longest}>", field="messageID") == longest
+
+
+def test_checked_message_id_over_limit_raises() -> None:
+    value = "<" + "a" * 100_000 + "@example.com>"
+
+    with pytest.raises(InvalidAlertError) as caught:
+        checked_message_id(value, field="messageID")
+
+    reason = caught.value.reason
+    assert "100,012 characters" in reason
+    assert f"maximum of {MAX_MESSAGE_ID_LENGTH}" in reason
+    assert "messageID" in reason
+    assert len(reason) < 400
     assert caught.value.field == "messageID"
 
 

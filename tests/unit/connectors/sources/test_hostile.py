@@ -60,6 +60,8 @@ INJECTIONS = [
 ]
 WRONG_TYPES: list[object] = [5, 1.5, True, [1], {"a": 1}, [[["x"]]]]
 BAD_ADDRESSES = ["", "not an address", "a@b@c", "@example.com", "a@", "<>", "a b@c"]
+# A Message-ID far above the 998 characters that one header line can carry.
+HUGE_MESSAGE_ID = "<" + "a" * 100_000 + "@example.com>"
 BAD_TIMES = ["soon", "2024-13-45T00:00:00Z", "2024-03-10T01:30:00", "", "1700000000"]
 
 
@@ -80,6 +82,16 @@ def generic_bodies() -> Iterator[tuple[str, bytes]]:
     for index, value in enumerate(BAD_ADDRESSES):
         body = replaced(base, "email.recipient", [value])
         yield f"generic-bad-address-{index}", encoded(body)
+    yield (
+        "generic-message-id-huge",
+        encoded(replaced(base, "email.message_id", HUGE_MESSAGE_ID)),
+    )
+    headers = f"Subject: x\r\nMessage-ID: {HUGE_MESSAGE_ID}\r\n\r\n"
+    without_id = replaced(base, "email.message_id", None)
+    yield (
+        "generic-headers-message-id-huge",
+        encoded(replaced(without_id, "email.headers", headers)),
+    )
     for index, value in enumerate(BAD_TIMES):
         body = replaced(base, "email.delivery_time", value)
         yield f"generic-bad-time-{index}", encoded(body)
@@ -117,6 +129,10 @@ def fireeye_bodies() -> Iterator[tuple[str, bytes]]:
             encoded(replaced(base, "alert.occurred", value)),
         )
     yield "fireeye-no-recipient", encoded(replaced(base, "alert.dst", {}))
+    yield (
+        "fireeye-message-id-huge",
+        encoded(replaced(base, "alert.smtp-message.id", HUGE_MESSAGE_ID)),
+    )
     yield "fireeye-alert-string", encoded({"alert": "x"})
     yield "fireeye-alert-list-of-null", encoded({"alert": [None]})
     wsapi = example("fireeye-wsapi.json")
@@ -131,6 +147,14 @@ XML_ALERT = (
     b"<alerts><alert uuid='u'><dst><smtp-to>a@example.com</smtp-to></dst>"
     b"<action>notified</action></alert></alerts>"
 )
+
+
+def tap_bodies() -> Iterator[tuple[str, bytes]]:
+    base = example("tap-delivered-phish.json")
+    yield (
+        "tap-message-id-huge",
+        encoded(replaced(base, "messagesDelivered.0.messageID", HUGE_MESSAGE_ID)),
+    )
 
 
 def xml_bodies() -> Iterator[tuple[str, bytes]]:
@@ -196,6 +220,7 @@ def hostile_bodies() -> list[tuple[str, bytes]]:
     return [
         *generic_bodies(),
         *fireeye_bodies(),
+        *tap_bodies(),
         *xml_bodies(),
         *shape_bodies(),
     ]
