@@ -12,7 +12,12 @@ from pydantic_settings import SettingsError
 
 from autopull.streams.logs import logging_config
 from autopull.streams.policy_file import PolicyError
-from autopull.streams.settings import Settings, load_settings
+from autopull.streams.settings import (
+    Settings,
+    SettingsFileError,
+    describe_settings_error,
+    load_settings,
+)
 from autopull.streams.views import INCIDENT_STATES
 
 
@@ -121,15 +126,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"log_format": args.log_format} if args.log_format else {}
     try:
         settings = load_settings(**overrides)
-    except (ValidationError, SettingsError, FileNotFoundError) as error:
-        print(f"error: invalid settings: {error}", file=sys.stderr)
+    except ValidationError as error:
+        print(f"error: {describe_settings_error(error)}", file=sys.stderr)
+        return 2
+    except SettingsError as error:
+        # pydantic-settings raises this for an environment value that is not JSON
+        # where a list or mapping is expected.
+        print(
+            f"error: invalid settings: {error}. Settings that are lists or mappings "
+            "take JSON in the environment, for example "
+            'AUTOPULL_ROUTING=\'{"example.com": "graph"}\'.',
+            file=sys.stderr,
+        )
+        return 2
+    except (SettingsFileError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     logging.config.dictConfig(logging_config(settings.log_level, settings.log_format))
     if args.command in ("worker", "plan"):
         # A malformed policy file is rejected before anything starts.
         try:
-            settings.policy.policy_settings()
+            settings.pull_policy()
         except PolicyError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -152,7 +170,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             args.files,
             args.json,
             args.source,
-            settings.policy.policy_settings(),
+            settings.pull_policy(),
             max_bytes=settings.ingest_max_bytes,
         )
     if args.command in ("incidents", "incident"):

@@ -223,7 +223,7 @@ def _stop_services(paths: DemoPaths, console: Console, *, wipe: bool) -> None:
 
 
 def _expected_pulls(paths: DemoPaths, settings: Settings) -> set[tuple[str, str]]:
-    policy = settings.policy.policy_settings()
+    policy = settings.pull_policy()
     decisions, errors = plan_files(
         [str(p) for p in paths.alerts], policy, max_bytes=settings.ingest_max_bytes
     )

@@ -276,7 +276,7 @@ def _exposure_agent(pipe: Pipeline) -> None:
 
 
 def _incident_agent(pipe: Pipeline) -> None:
-    policy = pipe.settings.policy.policy_settings()
+    policy = pipe.settings.pull_policy()
 
     def decide_for(
         incident: Record, alert: Record, recipients: list[Record]
@@ -451,7 +451,9 @@ async def _run_heads_as_burst(
         pipe.ledger.get(ledger_key(c["mailbox"], c["message_id"])) for c in commands
     ]
     try:
-        results = await execute_many(commands, route, retry, entries)
+        results = await execute_many(
+            commands, route, retry, entries, pipe.settings.quarantine_mailboxes()
+        )
     except Exception:
         # Every pull of a burst is idempotent, so each runs again on its own.
         log.exception("A burst of %d pulls failed unexpectedly", len(commands))
@@ -511,7 +513,9 @@ async def _pull(
     if wait > 0:
         await asyncio.sleep(min(wait, pipe.settings.pull_max_wait_seconds))
     entry = pipe.ledger.get(ledger_key(command["mailbox"], command["message_id"]))
-    result = await execute(command, route, retry, entry)
+    result = await execute(
+        command, route, retry, entry, pipe.settings.quarantine_mailboxes()
+    )
     await _report(pipe, command, result)
 
 

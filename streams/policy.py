@@ -42,7 +42,8 @@ class PolicySettings:
     """Parameters of the policy.
 
     `quarantine_mailbox` is never pulled from, because it contains the evidence
-    copies, and "" means that none is configured. `excluded_mailboxes` are never
+    copies, and "" means that none is configured. `quarantine_mailboxes` adds the
+    quarantine mailboxes of the mail platforms. `excluded_mailboxes` are never
     pulled from either. `hold_above_mailboxes` is the maximum number of mailboxes
     one message is pulled from without an analyst's approval, where a policy rule
     refers to it. `rules` are the rules of a loaded policy file, and None means
@@ -54,6 +55,7 @@ class PolicySettings:
     quarantine_mailbox: str = ""
     excluded_mailboxes: frozenset[str] = field(default_factory=frozenset)
     hold_above_mailboxes: int = 50
+    quarantine_mailboxes: frozenset[str] = field(default_factory=frozenset)
     rules: tuple[Rule, ...] | None = None
     search_window_seconds: float = 600.0
 
@@ -76,6 +78,9 @@ class PolicySettings:
             "excluded_mailboxes",
             frozenset(mailbox.strip().lower() for mailbox in self.excluded_mailboxes),
         )
+        quarantine = {mailbox.strip().lower() for mailbox in self.quarantine_mailboxes}
+        quarantine.add(self.quarantine_mailbox)
+        object.__setattr__(self, "quarantine_mailboxes", frozenset(quarantine - {""}))
 
 
 @dataclass(frozen=True)
@@ -224,8 +229,7 @@ def _first_verdict(context: RuleContext, rules: tuple[Rule, ...]) -> Verdict:
 
 def exclude_quarantine_mailbox(context: RuleContext) -> Verdict | None:
     """Skip the quarantine mailbox, whose copies are the evidence."""
-    quarantine = context.settings.quarantine_mailbox
-    if not quarantine or context.mailbox != quarantine:
+    if context.mailbox not in context.settings.quarantine_mailboxes:
         return None
     return Verdict(
         "skip",

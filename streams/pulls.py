@@ -94,11 +94,21 @@ def _wait_for(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
 
 
 async def execute(
-    command: Record, route: Router, policy: RetryPolicy, ledger_entry: Any = None
+    command: Record,
+    route: Router,
+    policy: RetryPolicy,
+    ledger_entry: Any = None,
+    quarantine_mailboxes: frozenset[str] = frozenset(),
 ) -> PullResult:
-    """Quarantine or restore the copies named by `command` and describe the outcome."""
+    """Quarantine or restore the copies named by `command` and describe the outcome.
+
+    A quarantine in one of `quarantine_mailboxes` is skipped without touching the
+    platform, because the copies there are the evidence.
+    """
     started = utcnow()
     mailbox, message_id = command["mailbox"], command["message_id"]
+    if command["kind"] == "quarantine" and mailbox.lower() in quarantine_mailboxes:
+        return PullResult(_evidence_kept(command, started))
     if command["kind"] not in ("quarantine", "restore"):
         error = PermanentError(
             f"Pull command {command['command_id']} has kind {command['kind']!r}, which "
@@ -286,6 +296,7 @@ async def execute_many(
     route: Router,
     policy: RetryPolicy,
     ledger_entries: Sequence[Any] | None = None,
+    quarantine_mailboxes: frozenset[str] = frozenset(),
 ) -> list[PullResult]:
     """Run commands for distinct copies, with quarantines on one platform as a burst.
 
@@ -300,7 +311,7 @@ async def execute_many(
     results: list[PullResult | None] = [None] * len(commands)
     waits: dict[int, float] = {}
 
-    bursts = _burst_groups(commands, route, entries)
+    bursts = _burst_groups(commands, route, entries, quarantine_mailboxes)
     outcomes = await asyncio.gather(
         *(
             platform.quarantine_many([_pull_of(commands[i]) for i in indices])
@@ -325,7 +336,9 @@ async def execute_many(
         wait = min(waits.get(index, 0.0), policy.max_wait_seconds)
         if wait > 0:
             await asyncio.sleep(wait)
-        result = await execute(commands[index], route, policy, entries[index])
+        result = await execute(
+            commands[index], route, policy, entries[index], quarantine_mailboxes
+        )
         if index in waits:
             # The burst was the first attempt.
             result.outcome["attempts"] = result.outcome["attempts"] + 1
@@ -338,9 +351,15 @@ async def execute_many(
 
 
 def _burst_groups(
-    commands: Sequence[Record], route: Router, entries: Sequence[Any]
+    commands: Sequence[Record],
+    route: Router,
+    entries: Sequence[Any],
+    quarantine_mailboxes: frozenset[str],
 ) -> list[tuple[MailPlatform, list[int]]]:
-    """Group the quarantines worth a burst by platform: at least two per platform."""
+    """Group the quarantines worth a burst by platform: at least two per platform.
+
+    Quarantines in a quarantine mailbox stay out, so `execute` skips them.
+    """
     groups: dict[int, tuple[MailPlatform, list[int]]] = {}
     for index, command in enumerate(commands):
         entry = entries[index]
@@ -348,7 +367,8 @@ def _burst_groups(
             "quarantined",
             "already_quarantined",
         )
-        if command["kind"] != "quarantine" or already:
+        evidence = command["mailbox"].lower() in quarantine_mailboxes
+        if command["kind"] != "quarantine" or already or evidence:
             continue
         if _searched(command) or command.get("resolved_message_id"):
             # The copy is named by a search or by the Message-ID a search found,
@@ -455,6 +475,25 @@ def _outcome(
         "resolved_message_id": command.get("resolved_message_id"),
         "candidates": [],
     }
+
+
+def _evidence_kept(command: Record, started: Any) -> Record:
+    log.warning(
+        "Pull skipped: the mailbox is a quarantine mailbox incident_id=%s "
+        "mailbox=%s message_id=%s",
+        command["incident_id"],
+        command["mailbox"],
+        command["message_id"],
+    )
+    refusal = PermanentError(
+        f"The mailbox {command['mailbox']} is a quarantine mailbox, whose copies are "
+        "evidence, so nothing is pulled from it.",
+        mailbox=command["mailbox"],
+        message_id=command["message_id"],
+    )
+    outcome = _outcome(command, "none", started, error=refusal, attempts=0)
+    outcome["status"] = "skipped"
+    return outcome
 
 
 def _folders(result: QuarantineResult) -> str:

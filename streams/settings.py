@@ -9,10 +9,19 @@ unwrapped only where a client library needs them.
 from __future__ import annotations
 
 import os
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,7 +57,9 @@ class ApiKey(BaseModel):
 class PolicyConfig(BaseModel):
     """The pull policy file and its parameters."""
 
-    model_config = ConfigDict(hide_input_in_errors=True)
+    # A misspelt key would silently drop a protection such as the quarantine
+    # mailbox, so unknown keys are errors here as everywhere else.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     file: Path | None = Field(
         default=None,
@@ -81,8 +92,13 @@ class PolicyConfig(BaseModel):
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
-    def policy_settings(self) -> PolicySettings:
+    def policy_settings(
+        self, quarantine_mailboxes: frozenset[str] = frozenset()
+    ) -> PolicySettings:
         """Load the policy file and return it with the parameters of the settings.
+
+        `quarantine_mailboxes` are the platforms' quarantine mailboxes, skipped like
+        `quarantine_mailbox`.
 
         Raises PolicyError, naming the line and the reason, when the file is
         invalid.
@@ -90,6 +106,7 @@ class PolicyConfig(BaseModel):
         policy = default_policy() if self.file is None else load_policy(self.file)
         return PolicySettings(
             quarantine_mailbox=self.quarantine_mailbox,
+            quarantine_mailboxes=quarantine_mailboxes,
             excluded_mailboxes=frozenset(self.excluded_mailboxes),
             hold_above_mailboxes=self.hold_above_mailboxes,
             rules=policy.rules,
@@ -254,6 +271,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    def quarantine_mailboxes(self) -> frozenset[str]:
+        """Return every quarantine mailbox: the policy's and each platform's.
+
+        Their copies are evidence, so no pull may target them, whether or not the
+        policy names them.
+        """
+        mailboxes = {self.policy.quarantine_mailbox}
+        for platform in (self.graph, self.ews, self.gmail, self.imap):
+            if platform is not None:
+                mailboxes.add(platform.quarantine_mailbox.strip().lower())
+        return frozenset(mailboxes - {""})
+
+    def pull_policy(self) -> PolicySettings:
+        """Return the loaded policy, with every quarantine mailbox excluded.
+
+        Raises PolicyError, naming the line and the reason, when the policy file
+        is invalid.
+        """
+        return self.policy.policy_settings(self.quarantine_mailboxes())
+
     @property
     def faust_id(self) -> str:
         """Return the Faust application id."""
@@ -276,8 +313,96 @@ class Settings(BaseSettings):
                     f"The settings file {config_file!r} named by AUTOPULL_CONFIG was "
                     "not found; fix the path or unset the variable."
                 )
-            sources.append(YamlConfigSettingsSource(settings_cls, config_file))
+            sources.append(SettingsFileSource(settings_cls, config_file))
         return tuple(sources)
+
+
+class SettingsFileError(ValueError):
+    """A settings file that cannot be read as a YAML mapping of settings."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice in one mapping.
+
+    Plain `yaml.safe_load` keeps the last of two equal keys, so a second
+    `quarantine_mailbox:` further down a file would silently win.
+    """
+
+    def construct_mapping(
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key {key!r} appears twice in one mapping (first on line "
+                    f"{first})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+class SettingsFileSource(YamlConfigSettingsSource):
+    """The YAML settings file, read strictly: UTF-8, one mapping, unique keys."""
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        data = file_path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise SettingsFileError(
+                f"The settings file {file_path} is not UTF-8 (invalid byte at offset "
+                f"{error.start}); save it as UTF-8."
+            ) from error
+        try:
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        except yaml.YAMLError as error:
+            raise SettingsFileError(
+                f"The settings file {file_path} is not valid YAML: "
+                f"{_yaml_problem(error)}. Fix that line; docs/configuration.md "
+                "shows the format."
+            ) from error
+        if loaded is None:
+            return {}
+        if not isinstance(loaded, dict):
+            raise SettingsFileError(
+                f"The settings file {file_path} holds a {type(loaded).__name__}, but "
+                "it must be a mapping of setting names to values, such as "
+                "'kafka_bootstrap: 127.0.0.1:9092'."
+            )
+        return loaded
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is None:
+        return str(problem)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """Describe each invalid setting by its environment variable and file key.
+
+    Input values are left out, because they may be secrets.
+    """
+    count = error.error_count()
+    lines = [f"{count} invalid setting{'s' if count != 1 else ''}:"]
+    for problem in error.errors(include_url=False, include_input=False):
+        path = [str(part) for part in problem["loc"]]
+        variable = "AUTOPULL_" + "__".join(path).upper()
+        key = ".".join(path)
+        lines.append(f"  {variable} (file key {key}): {problem['msg']}")
+    lines.append(
+        "Fix these in the environment or in the file named by AUTOPULL_CONFIG; "
+        "docs/configuration.md lists every setting."
+    )
+    return "\n".join(lines)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -389,3 +389,51 @@ async def test_searched_without_search_support_held():
     assert result.outcome["status"] == "held"
     assert "cannot search" in result.outcome["error"]
     assert platform.calls == 0
+
+
+async def test_quarantine_mailbox_never_touched():
+    platform = ScriptedPlatform(done())
+    evidence = dict(command(), mailbox="Quarantine@Example.com")
+    result = await execute(
+        evidence, lambda m: platform, FAST, None, frozenset({"quarantine@example.com"})
+    )
+    assert platform.calls == 0
+    assert result.outcome["status"] == "skipped"
+    assert result.outcome["error_class"] == "permanent"
+    assert "quarantine mailbox" in result.outcome["error"]
+
+
+async def test_burst_leaves_quarantine_mailbox_out():
+    class BurstPlatform(ScriptedPlatform):
+        def __init__(self):
+            super().__init__()
+            self.burst_mailboxes = []
+
+        async def quarantine_many(self, pulls):
+            self.burst_mailboxes += [mailbox for mailbox, _, _ in pulls]
+            return [
+                QuarantineResult(mailbox, message_id, already_done=True)
+                for mailbox, message_id, _ in pulls
+            ]
+
+    platform = BurstPlatform()
+    commands = [
+        dict(command(), command_id=f"cmd-{n}", mailbox=mailbox)
+        for n, mailbox in enumerate(
+            ["alice@example.com", "quarantine@example.com", "bob@example.com"]
+        )
+    ]
+    results = await execute_many(
+        commands,
+        lambda m: platform,
+        FAST,
+        None,
+        frozenset({"quarantine@example.com"}),
+    )
+    assert platform.burst_mailboxes == ["alice@example.com", "bob@example.com"]
+    assert platform.calls == 0
+    assert [r.outcome["status"] for r in results] == [
+        "already_quarantined",
+        "skipped",
+        "already_quarantined",
+    ]

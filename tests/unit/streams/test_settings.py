@@ -41,3 +41,99 @@ def test_secrets_are_masked_in_repr():
     )
     assert SECRET not in repr(settings)
     assert SECRET not in str(settings.model_dump())
+
+
+GRAPH = {
+    "tenant_id": "t",
+    "client_id": "c",
+    "client_secret": SECRET,
+    "quarantine_mailbox": "Evidence@Example.com",
+}
+
+
+def test_policy_key_typo_rejected():
+    with pytest.raises(ValidationError) as caught:
+        Settings(policy={"quarantine_mailbx": "q@example.com"})
+    assert "quarantine_mailbx" in str(caught.value)
+
+
+def test_quarantine_mailboxes_include_platforms():
+    settings = Settings(graph=GRAPH, policy={"quarantine_mailbox": "vault@example.com"})
+    assert settings.quarantine_mailboxes() == frozenset(
+        {"evidence@example.com", "vault@example.com"}
+    )
+
+
+def test_platform_quarantine_mailbox_never_planned():
+    from autopull.streams.policy import decide
+
+    settings = Settings(graph=GRAPH)
+    alert = {
+        "alert_id": "generic:1",
+        "source": "generic",
+        "message_id": "m1@example.net",
+        "classification": "phish",
+        "threat_status": "active",
+        "event_class": "message_delivered",
+        "sender": "billing@example.net",
+        "recipients": ["evidence@example.com", "alice@example.com"],
+    }
+    decisions = {
+        d.mailbox: d for d in decide(alert, alert["recipients"], settings.pull_policy())
+    }
+    assert decisions["evidence@example.com"].action == "skip"
+    assert decisions["evidence@example.com"].rule == "exclude.quarantine-mailbox"
+    assert decisions["alice@example.com"].action == "pull"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"graph:\n\t- x\n", "is not valid YAML: line 2, column 1: found character"),
+        (b"a: 1\na: 2\n", "the key 'a' appears twice in one mapping (first on line 1)"),
+        (
+            b"policy:\n  quarantine_mailbox: a@example.com\n"
+            b"  quarantine_mailbox: b@example.com\n",
+            "line 3, column 3: the key 'quarantine_mailbox' appears twice",
+        ),
+        (b"- 1\n- 2\n", "holds a list, but it must be a mapping"),
+        (b"!!python/object:os.system x\n", "could not determine a constructor"),
+        (b"log_level: \xff\n", "is not UTF-8 (invalid byte at offset 11)"),
+    ],
+)
+def test_bad_settings_file_named(tmp_path, monkeypatch, capsys, content, expected):
+    from autopull.streams.cli import main
+
+    path = tmp_path / "settings.yaml"
+    path.write_bytes(content)
+    monkeypatch.setenv("AUTOPULL_CONFIG", str(path))
+    assert main(["incidents"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: The settings file {path} ")
+    assert expected in error
+    assert "Traceback" not in error
+
+
+def test_invalid_setting_names_variable(monkeypatch, capsys):
+    from autopull.streams.cli import main
+
+    monkeypatch.setenv("AUTOPULL_WEB_PORT", "abc")
+    monkeypatch.setenv("AUTOPULL_GRAPH__CLIENT_SECRET", SECRET)
+    assert main(["incidents"]) == 2
+    error = capsys.readouterr().err
+    port = "AUTOPULL_WEB_PORT (file key web_port): Input should be a valid integer"
+    tenant = "AUTOPULL_GRAPH__TENANT_ID (file key graph.tenant_id): Field required"
+    assert port in error
+    assert tenant in error
+    assert "errors.pydantic.dev" not in error
+    assert SECRET not in error
+
+
+def test_environment_json_error_shows_example(monkeypatch, capsys):
+    from autopull.streams.cli import main
+
+    monkeypatch.setenv("AUTOPULL_ROUTING", "{bad")
+    assert main(["incidents"]) == 2
+    error = capsys.readouterr().err
+    assert 'field "routing"' in error
+    assert "take JSON in the environment" in error
