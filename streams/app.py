@@ -22,7 +22,7 @@ from autopull.streams.logs import logging_config
 from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
 from autopull.streams.tap_poller import register_tap_poller
-from autopull.streams.topics import full_name, topic_specs
+from autopull.streams.topics import ChangelogTopic, full_name, topic_specs
 from autopull.streams.webhook import register_webhook
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,29 @@ class Pipeline:
         if settings.web_enabled:
             register_api(self)
             register_webhook(self)
+
+    def changelog_topics(self) -> list[ChangelogTopic]:
+        """Return the changelog topic of every table, configured as Faust sets it."""
+        changelogs = []
+        for table in self.app.tables.values():
+            topic = table.changelog_topic
+            cleanup = {"compact"} if topic.compacting else set()
+            if topic.deleting:
+                cleanup.add("delete")
+            config = {str(k): str(v) for k, v in (topic.config or {}).items()}
+            if cleanup:
+                config["cleanup.policy"] = ",".join(sorted(cleanup))
+            if topic.retention:
+                # Faust keeps the retention in seconds.
+                config["retention.ms"] = str(int(float(topic.retention) * 1000))
+            changelogs.append(
+                ChangelogTopic(
+                    topic.get_topic_name(),
+                    topic.partitions or self.settings.topic_partitions,
+                    config,
+                )
+            )
+        return changelogs
 
     def _table(self, name: str, value_type: type | None) -> faust.Table:
         # Faust picks each table's serializers from these types: str keys and plain

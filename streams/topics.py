@@ -7,6 +7,7 @@ limits are set here, and a worker creates what is missing before it consumes.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaException
@@ -63,6 +64,15 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
 
 
+@dataclass(frozen=True)
+class ChangelogTopic:
+    """The changelog topic of one table, as Faust would declare it."""
+
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
 def full_name(settings: Settings, name: str) -> str:
     """Return the topic name with the configured prefix."""
     return f"{settings.topic_prefix}{name}"
@@ -102,6 +112,52 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
                 f"settings ask for {settings.topic_partitions}; set "
                 "AUTOPULL_TOPIC_PARTITIONS to match, or use another topic prefix."
             )
+    return _create(admin, wanted, timeout)
+
+
+def ensure_changelog_topics(
+    settings: Settings, changelogs: list[ChangelogTopic], timeout: float = 30.0
+) -> list[str]:
+    """Create the missing changelog topics of the tables and wait until all are seen.
+
+    Faust creates a changelog when the worker starts, without waiting until the
+    broker's metadata lists its partitions. A table written in that gap has a
+    changelog of 0 partitions, and every write to it fails. Creating them before
+    the worker starts closes the gap. Returns the names created.
+    """
+    admin = admin_client(settings)
+    existing = admin.list_topics(timeout=timeout).topics
+    wanted = [
+        NewTopic(
+            topic.name,
+            num_partitions=topic.partitions,
+            replication_factor=settings.topic_replication,
+            config=topic.config,
+        )
+        for topic in changelogs
+        if topic.name not in existing
+    ]
+    created = _create(admin, wanted, timeout)
+    expected = {topic.name: topic.partitions for topic in changelogs}
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = admin.list_topics(timeout=timeout).topics
+        missing = sorted(
+            name
+            for name, partitions in expected.items()
+            if name not in listed or len(listed[name].partitions) < partitions
+        )
+        if not missing:
+            return created
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"The broker did not list the changelog topics {', '.join(missing)} "
+                f"within {timeout:g} s of creating them; check the broker's log."
+            )
+        time.sleep(0.2)
+
+
+def _create(admin: AdminClient, wanted: list[NewTopic], timeout: float) -> list[str]:
     if not wanted:
         return []
 

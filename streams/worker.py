@@ -8,7 +8,7 @@ import faust
 
 from autopull.streams.app import Pipeline
 from autopull.streams.settings import Settings
-from autopull.streams.topics import ensure_topics
+from autopull.streams.topics import ensure_changelog_topics, ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +17,14 @@ def run_worker(settings: Settings) -> int:
     """Create missing topics, then run the Faust worker until it is stopped."""
     (settings.data_dir / settings.faust_id).mkdir(parents=True, exist_ok=True)
     created = ensure_topics(settings)
+    pipe = Pipeline(settings)
+    created += ensure_changelog_topics(settings, pipe.changelog_topics())
     log.info(
         "Starting worker app_id=%s bootstrap=%s topics_created=%d",
         settings.faust_id,
         settings.kafka_bootstrap,
         len(created),
     )
-    pipe = Pipeline(settings)
     worker = faust.Worker(pipe.app, loglevel=settings.log_level.lower())
     worker.execute_from_commandline()
     return 0
