@@ -106,9 +106,11 @@ cmd_install() {
         log "installing dovecot-imapd from Debian's packages"
         local status=0
         {
-            apt-get update -q &&
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-                    --no-install-recommends dovecot-imapd
+            # Another apt-get on the machine holds the package lock for a while;
+            # wait for it instead of failing at once.
+            apt-get -o DPkg::Lock::Timeout=600 update -q &&
+                DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \
+                    install -y -q --no-install-recommends dovecot-imapd
         } || status=$?
         if [[ "$created_policy" == yes ]]; then
             rm -f "$policy"

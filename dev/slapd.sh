@@ -131,8 +131,12 @@ cmd_install() {
 
     local started=$SECONDS
     log "installing slapd and ldap-utils with apt-get"
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    # Another apt-get on the machine holds the package lock for a while; wait for
+    # it instead of failing at once.
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout=600 update -q
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get -o DPkg::Lock::Timeout=600 install -y -q \
         --no-install-recommends slapd ldap-utils
     if ((added_policy)); then
         "${as_root[@]}" rm -f "$policy"
