@@ -622,6 +622,12 @@ class EwsFaultRule:
     with `retry_after` seconds in Retry-After. `status` is an empty answer with
     `status`. `drop` closes the connection. With `after`, the operation runs first
     and only its response is replaced, as when a reply is lost on the way.
+
+    With `contains`, only requests whose raw body contains that text match, and
+    `skip` lets that many matching requests through first. With `hold`, the request
+    waits until the rules are cleared, so a test can stop a client at that request
+    and kill it there. A held request then gets the fault, or, with `after`, the
+    response of the operation that already ran. `held` counts the waiting requests.
     """
 
     kind: str = "server_busy"
@@ -634,10 +640,31 @@ class EwsFaultRule:
     message: str | None = None
     status: int = 500
     after: bool = False
+    contains: str | None = None
+    skip: int = 0
+    hold: bool = False
+    held: int = 0
     rule_id: int = 0
+    released: asyncio.Event = field(
+        default_factory=asyncio.Event, repr=False, compare=False
+    )
 
-    def matches(self, operation: str, mailbox: str | None) -> bool:
+    def view(self) -> dict[str, Any]:
+        """Return the rule as JSON data for the admin API."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+
+    async def wait_for_release(self) -> None:
+        """Wait, counted in `held`, until the rules are cleared."""
+        self.held += 1
+        try:
+            await self.released.wait()
+        finally:
+            self.held -= 1
+
+    def matches(self, operation: str, mailbox: str | None, body: bytes = b"") -> bool:
         if self.count <= 0:
+            return False
+        if self.contains is not None and self.contains.encode() not in body:
             return False
         if self.operation is not None and self.operation.lower() != operation.lower():
             return False
@@ -654,7 +681,11 @@ class FaultInjector:
         self._next_id = 1
 
     def add(self, data: dict[str, Any]) -> EwsFaultRule:
-        allowed = {f.name for f in fields(EwsFaultRule)} - {"rule_id"}
+        allowed = {f.name for f in fields(EwsFaultRule)} - {
+            "rule_id",
+            "held",
+            "released",
+        }
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(
@@ -668,14 +699,23 @@ class FaultInjector:
         self.rules.append(rule)
         return rule
 
-    def take(self, operation: str, mailbox: str | None) -> EwsFaultRule | None:
+    def take(
+        self, operation: str, mailbox: str | None, body: bytes = b""
+    ) -> EwsFaultRule | None:
         for rule in self.rules:
-            if rule.matches(operation, mailbox):
-                rule.count -= 1
-                return rule
+            if not rule.matches(operation, mailbox, body):
+                continue
+            if rule.skip > 0:
+                rule.skip -= 1
+                continue
+            rule.count -= 1
+            return rule
         return None
 
     def clear(self) -> None:
+        """Remove every rule and release the requests that held rules keep waiting."""
+        for rule in self.rules:
+            rule.released.set()
         self.rules.clear()
 
 
@@ -891,7 +931,8 @@ class EwsSimulator:
         self, request: web.Request, entry: EwsLoggedRequest
     ) -> web.Response:
         entry.caller = self._authenticate(request.headers.get("Authorization"))
-        envelope = self._parse(await request.read())
+        raw = await request.read()
+        envelope = self._parse(raw)
         header = envelope.find(f"{{{SOAP_NS}}}Header")
         body = envelope.find(f"{{{SOAP_NS}}}Body")
         if body is None or len(body) == 0:
@@ -908,10 +949,12 @@ class EwsSimulator:
             entry.early = True
             raise SoapFault("ErrorServerBusy", back_off_ms=max(1, round(left * 1000)))
 
-        rule = self.faults.take(call.operation, call.mailbox)
+        rule = self.faults.take(call.operation, call.mailbox, raw)
         if rule is not None:
             entry.fault_rule = rule.rule_id
             if not rule.after:
+                if rule.hold:
+                    await rule.wait_for_release()
                 return self._apply_fault(rule, call, key)
 
         self.budgets.acquire(key)
@@ -921,7 +964,9 @@ class EwsSimulator:
             messages = self._run(call)
         finally:
             self.budgets.release(key)
-        if rule is not None:
+        if rule is not None and rule.hold:
+            await rule.wait_for_release()
+        elif rule is not None:
             return self._apply_fault(rule, call, key)
         return self._envelope_response(call.operation, messages)
 
@@ -1970,10 +2015,10 @@ class EwsSimulator:
             self.log.clear()
             return web.json_response({"status": "cleared"})
         if (method, path) == ("GET", "faults"):
-            return web.json_response([asdict(rule) for rule in self.faults.rules])
+            return web.json_response([rule.view() for rule in self.faults.rules])
         if (method, path) == ("POST", "faults"):
             rule = self.faults.add(await request.json())
-            return web.json_response(asdict(rule), status=201)
+            return web.json_response(rule.view(), status=201)
         if (method, path) == ("DELETE", "faults"):
             self.faults.clear()
             return web.json_response({"status": "cleared"})

@@ -1139,18 +1139,25 @@ _FAULT_DEFAULTS = {
 class FaultRule:
     """A fault for the next `count` requests whose decoded path matches `path`.
 
-    `path` is a regular expression searched in the percent-decoded path.
+    `path` is a regular expression searched in the percent-decoded path. With
+    `message_id`, only requests whose path names a message with that Message-ID
+    (brackets optional) match.
 
     The response is `status` with an OData error (or an empty body). With `drop`,
     the connection is closed and no response is sent at all. A rule with a
     `probability` below 1 hits each matching request with that chance, and a rule
     with `until` stops at that time on the simulator's clock, so a storm of faults
-    can cover a share of the requests for a while.
+    can cover a share of the requests for a while. With `hold`, the request waits
+    until the rules are cleared and then gets the fault, so a test can stop a
+    client at that request and kill it there. With `after`, the request is carried
+    out first and only its response is held or replaced. `held` counts the
+    requests waiting on the rule.
     """
 
     path: str
     count: int = 1
     method: str | None = None
+    message_id: str | None = None
     status: int = 503
     retry_after: str | None = None
     code: str | None = None
@@ -1159,16 +1166,41 @@ class FaultRule:
     drop: bool = False
     probability: float = 1.0
     until: float | None = None
+    hold: bool = False
+    after: bool = False
+    held: int = 0
     rule_id: int = 0
+    released: asyncio.Event = field(
+        default_factory=asyncio.Event, repr=False, compare=False
+    )
 
-    def matches(self, method: str, path: str, now: float) -> bool:
+    def matches(
+        self, method: str, path: str, now: float, message_id: str | None = None
+    ) -> bool:
         if self.count <= 0:
             return False
         if self.until is not None and now >= self.until:
             return False
         if self.method is not None and self.method.upper() != method:
             return False
+        if self.message_id is not None and (
+            message_id is None
+            or self.message_id.strip().strip("<>") != message_id.strip().strip("<>")
+        ):
+            return False
         return re.search(self.path, path) is not None
+
+    def view(self) -> dict[str, Any]:
+        """Return the rule as JSON data for the admin API."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+
+    async def wait_for_release(self) -> None:
+        """Wait, counted in `held`, until the rules are cleared."""
+        self.held += 1
+        try:
+            await self.released.wait()
+        finally:
+            self.held -= 1
 
 
 class FaultInjector:
@@ -1184,7 +1216,7 @@ class FaultInjector:
         self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> FaultRule:
-        allowed = {f.name for f in fields(FaultRule)} - {"rule_id"}
+        allowed = {f.name for f in fields(FaultRule)} - {"rule_id", "held", "released"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(
@@ -1200,10 +1232,12 @@ class FaultInjector:
         self.rules.append(rule)
         return rule
 
-    def take(self, method: str, path: str) -> FaultRule | None:
+    def take(
+        self, method: str, path: str, message_id: str | None = None
+    ) -> FaultRule | None:
         now = self._clock()
         for rule in self.rules:
-            if not rule.matches(method, path, now):
+            if not rule.matches(method, path, now, message_id):
                 continue
             if rule.probability < 1 and self._random.random() >= rule.probability:
                 continue
@@ -1212,6 +1246,9 @@ class FaultInjector:
         return None
 
     def clear(self) -> None:
+        """Remove every rule and release the requests that held rules keep waiting."""
+        for rule in self.rules:
+            rule.released.set()
         self.rules.clear()
 
 
@@ -1486,10 +1523,38 @@ class GraphSimulator:
     ) -> web.StreamResponse:
         if len(segments) > 2 and [s.lower() for s in segments[:2]] == ["v1.0", "users"]:
             entry.mailbox = segments[2].lower()
-        fault = self.faults.take(request.method, entry.path)
+        fault = self.faults.take(
+            request.method, entry.path, self._named_message_id(segments)
+        )
         if fault is not None:
             entry.fault = fault.rule_id
+        if fault is not None and not fault.after:
+            if fault.hold:
+                await fault.wait_for_release()
             return self._fault_response(request, fault)
+        response = await self._serve_request(request, segments, entry)
+        if fault is not None:
+            if fault.hold:
+                await fault.wait_for_release()
+                return response
+            return self._fault_response(request, fault)
+        return response
+
+    def _named_message_id(self, segments: list[str]) -> str | None:
+        """Return the Message-ID of the message a `users/{u}/messages/{id}` names."""
+        if len(segments) < 5:
+            return None
+        if segments[1].lower() != "users" or segments[3].lower() != "messages":
+            return None
+        try:
+            item = self.world.item(segments[2], segments[4])
+        except (WorldError, KeyError):
+            return None
+        return item.summary.internet_message_id
+
+    async def _serve_request(
+        self, request: web.Request, segments: list[str], entry: LoggedRequest
+    ) -> web.StreamResponse:
 
         if len(segments) == 4 and [s.lower() for s in segments[1:]] == [
             "oauth2",
@@ -1599,19 +1664,36 @@ class GraphSimulator:
                 )
             if len(segments) > 2 and segments[1].lower() == "users":
                 entry.mailbox = segments[2].lower()
-            fault = self.faults.take(item.method, entry.path)
+            fault = self.faults.take(
+                item.method, entry.path, self._named_message_id(segments)
+            )
             if fault is not None:
                 entry.fault = fault.rule_id
-                if fault.drop:
-                    raise GraphError(504, "GatewayTimeout", "The gateway timed out.")
-                return self._fault_response(request, fault)
+            if fault is not None and not fault.after:
+                return await self._inner_fault(request, fault)
             call = GraphRequest(
                 request, segments[1:], entry.query, outer.tenant, outer.claims
             )
-            return await self._run(call, entry)
+            response = await self._run(call, entry)
+            if fault is not None and fault.hold:
+                await fault.wait_for_release()
+                return response
+            if fault is not None:
+                return await self._inner_fault(request, fault)
+            return response
 
         response = await self._answer(request, entry, raw_query, serve)
         return _batch_response(item.request_id, response)
+
+    async def _inner_fault(
+        self, request: web.Request, fault: FaultRule
+    ) -> web.StreamResponse:
+        """Answer a batch request with its fault, after its hold if it has one."""
+        if fault.hold and not fault.after:
+            await fault.wait_for_release()
+        if fault.drop:
+            raise GraphError(504, "GatewayTimeout", "The gateway timed out.")
+        return self._fault_response(request, fault)
 
     def _route(self, call: GraphRequest) -> tuple[Handler, list[str]]:
         lowered = [segment.lower() for segment in call.segments]
@@ -2143,10 +2225,10 @@ class GraphSimulator:
         return {"status": "cleared"}
 
     async def _admin_faults(self, request: web.Request) -> Any:
-        return [asdict(rule) for rule in self.faults.rules]
+        return [rule.view() for rule in self.faults.rules]
 
     async def _admin_add_fault(self, request: web.Request) -> Any:
-        return asdict(self.faults.add(await request.json()))
+        return self.faults.add(await request.json()).view()
 
     async def _admin_clear_faults(self, request: web.Request) -> Any:
         self.faults.clear()
