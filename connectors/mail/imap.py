@@ -30,10 +30,10 @@ import asyncio
 import base64
 import dataclasses
 import email.header
+import hashlib
 import imaplib
 import logging
 import re
-import secrets
 import ssl
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -892,29 +892,37 @@ class ImapSession:
 
     # Steps of a quarantine or restore.
 
-    def locate(self, bare: str) -> list[_Original]:
-        """Find every copy of a Message-ID in every selectable folder, exactly."""
+    def locate(self, bare: str, folders: list[Folder] | None = None) -> list[_Original]:
+        """Find every copy of a Message-ID in every selectable folder, exactly.
+
+        `folders` is the folder list when the caller has it already.
+        """
         found: list[_Original] = []
-        for folder in self.list_folders():
+        for folder in self.list_folders() if folders is None else folders:
             if not folder.selectable:
                 continue
-            uidvalidity = self.select(folder, readonly=True)
-            uids = self.search_message_id(bare)
-            headers = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID SUBJECT)]"
-            for item in self.fetch(uids, headers):
-                fields = parse_header_block(item.body)
-                if bare_message_id(first_header(fields, "Message-ID")) != bare:
-                    continue
-                found.append(
-                    _Original(
-                        folder=folder,
-                        uidvalidity=uidvalidity,
-                        uid=item.uid,
-                        flags=item.flags,
-                        internaldate=item.internaldate,
-                        subject=_subject(fields),
-                    )
+            found.extend(self._copies_in(folder, bare))
+        return found
+
+    def _copies_in(self, folder: Folder, bare: str) -> list[_Original]:
+        uidvalidity = self.select(folder, readonly=True)
+        uids = self.search_message_id(bare)
+        headers = "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID SUBJECT)]"
+        found: list[_Original] = []
+        for item in self.fetch(uids, headers):
+            fields = parse_header_block(item.body)
+            if bare_message_id(first_header(fields, "Message-ID")) != bare:
+                continue
+            found.append(
+                _Original(
+                    folder=folder,
+                    uidvalidity=uidvalidity,
+                    uid=item.uid,
+                    flags=item.flags,
+                    internaldate=item.internaldate,
+                    subject=_subject(fields),
                 )
+            )
         return found
 
     def search_window(self, search: MessageSearch) -> list[MessageCopy]:
@@ -1019,7 +1027,7 @@ class ImapSession:
             raise FolderChangedError(f"message UID {uid} left {folder.wire!r}")
         return fetched[0]
 
-    def remove(self, originals: list[_Original]) -> list[_Original]:
+    def remove(self, originals: list[_Original], bare: str) -> list[_Original]:
         """Delete copies from their folders; return those only flagged \\Deleted."""
         left: list[_Original] = []
         for group in _by_folder(originals):
@@ -1033,7 +1041,7 @@ class ImapSession:
                 typ, data = self.imap.uid("EXPUNGE", uid_set(uids))
                 _check(typ, data, "UID EXPUNGE")
             elif self.move:
-                scratch = self._move_to_new_folder(uids)
+                scratch = self._move_to_new_folder(uids, removal_folder_name(bare))
             else:
                 self.store(uids, "+FLAGS.SILENT", ["\\Deleted"])
                 left.extend(group)
@@ -1045,13 +1053,13 @@ class ImapSession:
         self.deselect()
         return left
 
-    def _move_to_new_folder(self, uids: list[int]) -> Folder:
-        """Move messages of the selected folder into a new folder and return it.
+    def _move_to_new_folder(self, uids: list[int], name: str) -> Folder:
+        """Move messages of the selected folder into folder `name` and return it.
 
         The response's COPYUID is not used, because servers may send none, or one
         with UIDVALIDITY 0.
         """
-        scratch = Folder(f"{REMOVAL_FOLDER_PREFIX} {secrets.token_hex(6)}", "", None)
+        scratch = Folder(name, name, None)
         self.create(scratch.wire)
         typ, data = self.imap.uid("MOVE", uid_set(uids), quote_string(scratch.wire))
         if typ != "OK":
@@ -1059,6 +1067,36 @@ class ImapSession:
             self.imap.delete(quote_string(scratch.wire))
             _check(typ, data, "UID MOVE")
         return scratch
+
+    def finish_removal(self, scratch: Folder, leftovers: list[_Original]) -> None:
+        """Expunge and delete a removal folder that an interrupted quarantine left.
+
+        A quarantine moves originals into its removal folder only after their
+        quarantine copies were verified, so `leftovers`, the copies found there, are
+        safe to expunge. A crash right after CREATE leaves the folder empty.
+        Raises `PermanentError` when the folder contains other messages, which
+        someone must have put there.
+        """
+        self.select(scratch, readonly=True)
+        typ, data = self.imap.uid("SEARCH", "ALL")
+        _check(typ, data, "UID SEARCH")
+        present = {int(uid) for item in data if item for uid in bytes(item).split()}
+        others = present - {original.uid for original in leftovers}
+        if others:
+            raise PermanentError(
+                f"Folder {scratch.name!r} of mailbox {self.mailbox} contains "
+                f"{len(others)} messages besides copies of the message being "
+                "quarantined, so it is not expunged; move them out and retry.",
+                mailbox=self.mailbox,
+                platform=PLATFORM,
+            )
+        self._empty_and_delete(scratch)
+        logger.info(
+            "Finished an interrupted removal mailbox=%s folder=%s copies=%d",
+            self.mailbox,
+            scratch.name,
+            len(leftovers),
+        )
 
     def _empty_and_delete(self, scratch: Folder) -> None:
         """Expunge and delete a folder that `_move_to_new_folder` made.
@@ -1220,6 +1258,21 @@ def _restorable(flags: Iterable[str]) -> list[str]:
     return [flag for flag in flags if flag.lower() not in UNCOPIED_FLAGS]
 
 
+def removal_folder_name(bare: str) -> str:
+    """Name the folder that a message's copies pass through when MOVE removes them.
+
+    The name comes from the Message-ID, so a quarantine run again after a crash
+    finds the folder that the first run left.
+    """
+    digest = hashlib.sha256(bare.encode("utf-8")).hexdigest()[:12]
+    return f"{REMOVAL_FOLDER_PREFIX} {digest}"
+
+
+def _removal_folder(folders: list[Folder], bare: str) -> Folder | None:
+    wire = encode_mailbox_name(removal_folder_name(bare))
+    return next((folder for folder in folders if folder.wire == wire), None)
+
+
 def _by_folder(originals: list[_Original]) -> list[list[_Original]]:
     groups: dict[str, list[_Original]] = {}
     for original in originals:
@@ -1317,15 +1370,23 @@ class ImapPlatform(MailPlatform):
             self._sessions(bare, mailbox, vault_name) as (user, vault),
         ):
             # Step 1: find the originals and what an earlier attempt already copied.
-            originals = await self._call(user.mailbox, bare, user.locate, bare)
+            folders = await self._call(user.mailbox, bare, user.list_folders)
+            found = await self._call(user.mailbox, bare, user.locate, bare, folders)
+            scratch = _removal_folder(folders, bare)
+            originals = [o for o in found if o.folder != scratch]
+            leftovers = [o for o in found if o.folder == scratch]
             folder = await self._incident_folder(vault, bare, incident_id)
             stored = await self._stored(vault, folder, bare, mailbox, incident_id)
-            if not originals:
+            # A quarantine copy of this incident vouches for the copies that a crash
+            # left in the removal folder. Without one, they are copied like the rest.
+            copies = originals if stored else originals + leftovers
+            if not copies:
+                await self._finish_removal(user, bare, scratch, leftovers)
                 return self._nothing_left(mailbox, bare, incident_id, stored, folder)
 
             # Steps 2 and 3: fetch and append each copy that has no quarantine copy.
             done = {copy.marker.key for copy in stored}
-            missing = [o for o in originals if o.key not in done]
+            missing = [o for o in copies if o.key not in done]
             if folder is None:
                 root = self.settings.quarantine_folder
                 folder = await self._call(
@@ -1338,14 +1399,29 @@ class ImapPlatform(MailPlatform):
 
             # Step 4: verify that every original has its quarantine copy.
             stored = await self._stored(vault, folder, bare, mailbox, incident_id)
-            self._verify_copied(originals, stored, mailbox, bare, incident_id)
+            self._verify_copied(copies, stored, mailbox, bare, incident_id)
 
-            # Step 5: delete the originals.
-            left = await self._call(user.mailbox, bare, user.remove, originals)
+            # Step 5: delete the originals, and what a crash left in the removal
+            # folder.
+            await self._finish_removal(user, bare, scratch, leftovers)
+            left = await self._call(user.mailbox, bare, user.remove, originals, bare)
 
         return self._quarantined(
-            mailbox, bare, incident_id, originals, missing, left, folder
+            mailbox, bare, incident_id, copies, missing, left, folder
         )
+
+    async def _finish_removal(
+        self,
+        user: ImapSession,
+        bare: str,
+        scratch: Folder | None,
+        leftovers: list[_Original],
+    ) -> None:
+        """Empty and delete the removal folder that a crash left, if there is one."""
+        if scratch is not None:
+            await self._call(
+                user.mailbox, bare, user.finish_removal, scratch, leftovers
+            )
 
     async def restore(
         self, mailbox: str, message_id: str, incident_id: str
@@ -1522,7 +1598,7 @@ class ImapPlatform(MailPlatform):
         incident_id: str,
         stored: list[_Stored],
         folder: Folder | None,
-    ) -> QuarantineResult:
+    ) -> ImapQuarantineResult:
         if not stored or folder is None:
             raise NotFoundError(
                 f"Mailbox {mailbox} has no copy of <{bare}>, in or out of quarantine.",
