@@ -31,7 +31,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -53,6 +53,7 @@ from .graph import (
     _check_header_value,
     _Copy,
     _FolderInfo,
+    _marked_for,
     _same_message_id,
     internet_message_id_filter,
     map_graph_error,
@@ -302,6 +303,10 @@ class _Pull:
     hidden_folder: str | None = None
     moved_ids: list[str] = field(default_factory=list)
     outcome: Outcome | None = None
+    # A hidden copy of this incident, when every copy was hidden already: the
+    # evidence copy may still be missing, because a crash can stop a burst
+    # between its moves and its evidence copy.
+    hidden_source: _Copy | None = None
 
     @property
     def active(self) -> bool:
@@ -560,6 +565,10 @@ class _Burst:
                 ),
                 already_done=True,
             )
+            state.hidden_source = next(
+                (c for c in state.quarantined if _marked_for(c, state.incident_id)),
+                None,
+            )
         elif state.hidden_folder is not None:
             self.platform._hidden_folders[state.mailbox.lower()] = state.hidden_folder
 
@@ -590,11 +599,21 @@ class _Burst:
     def settle_sources(
         self, states: list[_Pull], evidence: dict[EvidenceKey, _Evidence]
     ) -> None:
-        """Give each evidence copy the first visible copy that phase 1 found."""
+        """Give each evidence copy the first visible copy that phase 1 found.
+
+        A message whose copies are all hidden already gets a hidden copy of its
+        incident as the source, so a burst run again after a crash still makes
+        the evidence copy.
+        """
         for state in states:
             started = evidence.get((state.incident_id, state.bare))
             if started is not None and state.active and not started.source.done():
                 started.source.set_result((state.mailbox, state.visible[0]))
+        for state in states:
+            started = evidence.get((state.incident_id, state.bare))
+            source = state.hidden_source
+            if started is not None and source is not None and not started.source.done():
+                started.source.set_result((state.mailbox, source))
         for started in evidence.values():
             if not started.source.done():
                 # No pull of this message needs an evidence copy any more.
@@ -617,9 +636,14 @@ class _Burst:
                 if not started.source.cancelled():
                     raise
         for state in states:
+            location = locations.get((state.incident_id, state.bare))
+            if state.hidden_source is not None and isinstance(
+                state.outcome, QuarantineResult
+            ):
+                state.outcome = self._hidden_outcome(state, state.outcome, location)
+                continue
             if not state.active:
                 continue
-            location = locations.get((state.incident_id, state.bare))
             if isinstance(location, ConnectorError):
                 state.outcome = TransientError(
                     f"The copies of <{state.bare}> in mailbox {state.mailbox} are in "
@@ -638,6 +662,26 @@ class _Burst:
                 ),
                 evidence_location=location,
             )
+
+    @staticmethod
+    def _hidden_outcome(
+        state: _Pull,
+        done: QuarantineResult,
+        location: str | ConnectorError | None,
+    ) -> Outcome:
+        """Report a pull whose copies were hidden already, with its evidence copy."""
+        if isinstance(location, ConnectorError):
+            return TransientError(
+                f"The copies of <{state.bare}> in mailbox {state.mailbox} are in "
+                f"quarantine, but the evidence copy failed ({location}); the "
+                "quarantine will be retried.",
+                mailbox=state.mailbox,
+                message_id=state.bare,
+                platform=PLATFORM,
+            )
+        if location is None:
+            return done
+        return replace(done, evidence_location=location)
 
     # --- phase 2 ----------------------------------------------------------------------
 

@@ -219,3 +219,37 @@ def test_burst_gives_up_after_attempts() -> None:
     assert results[1].retriable is True
     assert isinstance(results[0], QuarantineResult)
     assert folders_of(sim, user_mailbox(1)) == ["Inbox"]
+
+
+def test_burst_after_lost_evidence_makes_it() -> None:
+    """A crash after the moves and before the evidence copy leaves no evidence."""
+
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        # Every upload to the quarantine mailbox fails, as if the worker had died
+        # after phase 3; the originals are hidden all the same.
+        quarantine = QUARANTINE_MAILBOX.replace(".", r"\.")
+        sim.faults.add(
+            {"method": "POST", "path": rf"/users/{quarantine}/messages$", "count": 99}
+        )
+        first = await graph.quarantine_many(pulls(3))
+        assert all(isinstance(r, ConnectorError) for r in first), first
+        sim.faults.clear()
+        # A new adapter, as a new worker has after a restart.
+        fresh = GraphPlatform(platform_settings(str(sim.base_url)))
+        try:
+            return await fresh.quarantine_many(pulls(3))
+        finally:
+            await fresh.close()
+
+    results, sim = with_graph(work, mailboxes=3)
+
+    for result in results:
+        assert isinstance(result, QuarantineResult), result
+        assert result.already_done is True
+        assert result.evidence_location == f"{QUARANTINE_MAILBOX}/INC-B"
+    for index in range(3):
+        assert folders_of(sim, user_mailbox(index)) == [HIDDEN]
+    evidence = [
+        r for r in sim.world.snapshot(QUARANTINE_MAILBOX) if r["folder"] == "INC-B"
+    ]
+    assert len(evidence) == 1
