@@ -157,7 +157,10 @@ class GraphPlatform(SimPlatform):
         super().__init__(
             url,
             {
-                # The MIME export comes right before the evidence upload.
+                # The MIME export comes right before the evidence upload. A burst
+                # moves the originals once that export ends, so the held export
+                # delays every move until the request times out: at the kill, the
+                # original is hidden and no evidence copy exists.
                 "before_copy": {
                     "method": "GET",
                     "path": rf"/users/{user('before_copy')}/messages/[^/]+/\$value$",
@@ -364,8 +367,11 @@ class ImapPlatform:
             imap.logout()
 
 
-def start_dovecot(profile: str) -> tuple[int, Path, Callable[[], None]]:
-    """Start a private Dovecot; return its port, its log file and a stop function."""
+def start_dovecot(profile: str, keep_log: Path) -> tuple[int, Path, Callable[[], None]]:
+    """Start a private Dovecot; return its port, its log file and a stop function.
+
+    Stopping copies the log to `keep_log`, to read after a failure.
+    """
     directory = Path(tempfile.mkdtemp(prefix="apcr-"))
     port = free_port()
     env = {
@@ -389,6 +395,7 @@ def start_dovecot(profile: str) -> tuple[int, Path, Callable[[], None]]:
         (directory / "users" / address).write_text(line)
 
     def stop() -> None:
+        shutil.copyfile(directory / "dovecot.log", keep_log)
         subprocess.run(
             ["bash", str(DOVECOT_SCRIPT), "stop"],
             env=env,
@@ -438,7 +445,9 @@ def platform_case(
         # imap-move: MOVE without UIDPLUS, so the original goes through a removal
         # folder.
         moves = name == "imap-move"
-        port, log_file, stop = start_dovecot("move" if moves else "full")
+        port, log_file, stop = start_dovecot(
+            "move" if moves else "full", tmp_path / "dovecot.log"
+        )
         request.addfinalizer(stop)
         proxy = HoldingProxy(port)
         imap_platform = ImapPlatform(port, proxy, log_file, moves=moves)
