@@ -9,6 +9,7 @@ times and the threat vocabularies. Helpers that check input raise
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -269,6 +270,20 @@ def normalize_addresses(values: Iterable[str], *, field: str) -> list[str]:
         if address not in addresses:
             addresses.append(address)
     return addresses
+
+
+def recipients_key(recipients: list[str]) -> str:
+    """Return the part of an alert identity that names its recipients.
+
+    One recipient is named as it is. Several are named by a digest of their sorted
+    addresses, so the key stays short for thousands of them and does not depend on
+    their order.
+    """
+    if len(recipients) == 1:
+        return recipients[0]
+    joined = "\n".join(sorted(recipients))
+    digest = hashlib.sha256(joined.encode("utf-8")).hexdigest()
+    return f"{len(recipients)}-recipients-{digest[:24]}"
 
 
 def normalize_sender(value: str, *, field: str) -> str:

@@ -18,7 +18,6 @@ detection, so the class is always malware.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from datetime import datetime
@@ -124,8 +123,8 @@ def parse_fireeye(
 ) -> list[NormalizedAlert]:
     """Parse a FireEye body: JSON or XML text as bytes or str, or decoded JSON.
 
-    Returns one alert per alert and recipient. Raises `InvalidAlertError` for
-    anything that is not a usable FireEye alert.
+    Returns one alert per FireEye alert, with all its recipients. Raises
+    `InvalidAlertError` for anything that is not a usable FireEye alert.
     """
     if isinstance(body, bytes | bytearray | memoryview):
         body = bytes(body)
@@ -288,10 +287,8 @@ def parse_fireeye_document(
             field="alert",
         )
 
-    alerts: list[NormalizedAlert] = []
     items = envelope.children("alert")
-    for item in items:
-        alerts.extend(_parse_alert(item, envelope, received_at, source))
+    alerts = [_parse_alert(item, envelope, received_at, source) for item in items]
     logger.debug("Parsed FireEye body items=%d alerts=%d", len(items), len(alerts))
     return alerts
 
@@ -301,21 +298,13 @@ def _parse_alert(
     envelope: FireEyeReader,
     received_at: datetime,
     source: str,
-) -> list[NormalizedAlert]:
-    """Build one normalized alert per recipient of one FireEye alert."""
-    identity = _identity(item, envelope)
+) -> NormalizedAlert:
+    """Build the normalized alert of one FireEye alert, with all its recipients."""
     alert = _base_alert(item, envelope, received_at, source)
+    alert["alert_id"] = ALERT_ID_PREFIX + _identity(item, envelope)
     alert["source_alert_id"] = item.optional_str("uuid") or item.identifier("id") or ""
     alert["source_guid"] = alert["source_alert_id"]
-
-    alerts: list[NormalizedAlert] = []
-    for recipient in alert["recipients"]:
-        # A deep copy, so that no two alerts share a list or map.
-        single = copy.deepcopy(alert)
-        single["alert_id"] = f"{ALERT_ID_PREFIX}{identity}:{recipient}"
-        single["recipients"] = [recipient]
-        alerts.append(single)
-    return alerts
+    return alert
 
 
 def _identity(item: FireEyeReader, envelope: FireEyeReader) -> str:

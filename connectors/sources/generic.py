@@ -10,7 +10,6 @@ JSON path of the offending value.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from autopull.connectors.sources.common import (
     map_threat_status,
     normalize_addresses,
     normalize_sender,
+    recipients_key,
     unfold_header,
 )
 from autopull.connectors.sources.exceptions import InvalidAlertError
@@ -71,8 +71,9 @@ def parse_generic(
 ) -> list[NormalizedAlert]:
     """Parse a generic alert (JSON text as bytes or str, or already decoded JSON).
 
-    Returns one alert per recipient. Raises `InvalidAlertError` naming the JSON path
-    of the first problem for anything that does not match the schema.
+    Returns one alert for the message and all its recipients. Raises
+    `InvalidAlertError` naming the JSON path of the first problem for anything that
+    does not match the schema.
     """
     if isinstance(body, bytes | bytearray | memoryview):
         body = bytes(body)
@@ -92,20 +93,17 @@ def parse_generic_document(
     email = ObjectReader(body.data["email"], "email")
     alert = _base_alert(body, email, received_at, source)
 
+    # One alert for the message and all its recipients, so that the policy counts
+    # every mailbox the message reached. The recipients are part of the identity,
+    # because a detector may send another alert about the same message for other
+    # recipients, which is no replay.
     message_key = alert["message_id"] or _fallback_key(alert)
     identity_tail = f"{EVENT_CLASS}:{alert['classification']}:{alert['threat_status']}"
-    alerts: list[NormalizedAlert] = []
-    for recipient in alert["recipients"]:
-        # A deep copy, so that no two alerts share a list or map.
-        single = copy.deepcopy(alert)
-        single["alert_id"] = (
-            f"{ALERT_ID_PREFIX}{message_key}:{recipient}:{identity_tail}"
-        )
-        single["source_alert_id"] = message_key
-        single["recipients"] = [recipient]
-        alerts.append(single)
-    logger.debug("Parsed generic alert alerts=%d", len(alerts))
-    return alerts
+    recipients = recipients_key(alert["recipients"])
+    alert["alert_id"] = f"{ALERT_ID_PREFIX}{message_key}:{recipients}:{identity_tail}"
+    alert["source_alert_id"] = message_key
+    logger.debug("Parsed generic alert recipients=%d", len(alert["recipients"]))
+    return [alert]
 
 
 @cache

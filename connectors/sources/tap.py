@@ -14,10 +14,10 @@ differently from message events, and their `recipient` is one string.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from datetime import datetime
+from typing import Any
 
 from autopull.connectors.sources.common import (
     Attachment,
@@ -36,6 +36,7 @@ from autopull.connectors.sources.common import (
     most_severe,
     normalize_addresses,
     normalize_sender,
+    recipients_key,
     unfold_header,
 )
 from autopull.connectors.sources.exceptions import InvalidAlertError
@@ -84,7 +85,8 @@ def parse_tap(
 ) -> list[NormalizedAlert]:
     """Parse a TAP body (JSON text as bytes or str, or already decoded JSON).
 
-    Returns one alert per event, or per recipient for events without an `id`.
+    Returns one alert per event, except that message events sharing a GUID are
+    merged into one alert with all their recipients.
     Raises `InvalidAlertError` for anything that is not a usable TAP body.
     """
     if isinstance(body, bytes | bytearray | memoryview):
@@ -106,9 +108,11 @@ def parse_tap_document(
     else:
         events = [(classify_single_event(reader), reader)]
 
-    alerts: list[NormalizedAlert] = []
-    for event_class, event in events:
-        alerts.extend(_parse_event(event, event_class, received_at, source))
+    parsed = [
+        _parse_event(event, event_class, received_at, source)
+        for event_class, event in events
+    ]
+    alerts = _merge_by_guid(parsed)
     logger.debug("Parsed TAP body events=%d alerts=%d", len(events), len(alerts))
     return alerts
 
@@ -156,7 +160,7 @@ def _parse_event(
     event_class: EventClass,
     received_at: datetime,
     source: str,
-) -> list[NormalizedAlert]:
+) -> NormalizedAlert:
     if event_class in _CLICK_CLASSES:
         alert = _click_alert(event, event_class, received_at, source)
     else:
@@ -166,20 +170,8 @@ def _parse_event(
     if event_id:
         alert["alert_id"] = ALERT_ID_PREFIX + event_id
         alert["source_alert_id"] = event_id
-        return [alert]
-    return _split_by_recipient(alert, event)
+        return alert
 
-
-def _split_by_recipient(
-    alert: NormalizedAlert, event: ObjectReader
-) -> list[NormalizedAlert]:
-    """Give an event without `id` one alert per recipient, keyed by its GUID.
-
-    TAP may report one message once per recipient with one GUID, so the identity is
-    GUID and recipient. The event class and threat statuses are part of it too, so
-    that a later verdict on the same message (cleared, say) is a new alert and not
-    a replay.
-    """
     guid = alert["source_guid"]
     if not guid:
         raise InvalidAlertError(
@@ -188,18 +180,68 @@ def _split_by_recipient(
             "id or GUID.",
             field=event.field("GUID"),
         )
+    alert["alert_id"] = _guid_identity(alert)
+    alert["source_alert_id"] = guid
+    return alert
 
-    statuses = ",".join(sorted({threat["status"] for threat in alert["threats"]}))
-    alerts: list[NormalizedAlert] = []
-    for recipient in alert["recipients"]:
-        identity = f"{guid}:{recipient}:{alert['event_class']}:{statuses or 'none'}"
-        # A deep copy, so that no two alerts share a list or map.
-        single = copy.deepcopy(alert)
-        single["alert_id"] = ALERT_ID_PREFIX + identity
-        single["source_alert_id"] = guid
-        single["recipients"] = [recipient]
-        alerts.append(single)
-    return alerts
+
+def _guid_identity(alert: NormalizedAlert) -> str:
+    """Return the alert id of an event known by its GUID rather than its `id`.
+
+    TAP may report one message once per recipient with one GUID, so the identity is
+    the GUID and the recipients. The event class and threat statuses are part of it
+    too, so that a later verdict on the same message (cleared, say) is a new alert
+    and not a replay.
+    """
+    recipients = recipients_key(alert["recipients"])
+    event_class = alert["event_class"]
+    return f"{ALERT_ID_PREFIX}{alert['source_guid']}:{recipients}:{event_class}:" + (
+        _statuses(alert) or "none"
+    )
+
+
+def _statuses(alert: NormalizedAlert) -> str:
+    return ",".join(sorted({threat["status"] for threat in alert["threats"]}))
+
+
+def _merge_by_guid(alerts: list[NormalizedAlert]) -> list[NormalizedAlert]:
+    """Merge the message events of one body that share a GUID, class and statuses.
+
+    TAP may send one event per recipient of a message, each with its own `id`. The
+    policy counts the mailboxes of one alert, so such events become one alert with
+    all their recipients, in the place of the first. Click events stay apart, since
+    each has its own clicker.
+    """
+    groups: dict[tuple[str, str, str], list[NormalizedAlert]] = {}
+    merged: list[NormalizedAlert] = []
+    for alert in alerts:
+        guid = alert["source_guid"]
+        if alert["event_class"] in _CLICK_CLASSES or not guid:
+            merged.append(alert)
+            continue
+        key = (guid, alert["event_class"], _statuses(alert))
+        if key not in groups:
+            groups[key] = []
+            merged.append(alert)
+        groups[key].append(alert)
+
+    for group in groups.values():
+        if len(group) > 1:
+            _absorb(group[0], group[1:])
+    return merged
+
+
+def _absorb(first: NormalizedAlert, others: list[NormalizedAlert]) -> None:
+    """Add the recipients and findings of `others` to `first`, without repeats."""
+    for other in others:
+        for name in ("recipients", "threats", "urls", "attachments"):
+            values: list[Any] = first[name]
+            for value in other[name]:
+                if value not in values:
+                    values.append(value)
+    first["classification"], first["threat_status"] = _verdict(first["threats"])
+    first["alert_id"] = _guid_identity(first)
+    first["source_alert_id"] = first["source_guid"] or ""
 
 
 def _message_alert(

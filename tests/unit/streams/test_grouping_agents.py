@@ -8,6 +8,7 @@ next agent, so the chain runs as it does on Kafka but in one process.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -370,3 +371,43 @@ async def test_policy_sees_incident_score(chain: Chain) -> None:
     held = [p for p in incident["pulls"] if p["alert_id"] == "tap:event-2"]
     assert [p["rule"] for p in held] == ["test.hold-high-score"]
     assert held[0]["reason"] == "The incident scores 70, so its copies wait."
+
+
+async def feed_generic_alert(chain: Chain, recipient_count: int) -> dict[str, Any]:
+    """Parse and feed one generic alert about one message; return its incident."""
+    recipients = [f"user{index}@example.com" for index in range(recipient_count)]
+    body = {
+        "json_version": "2.0",
+        "classification": "phish",
+        "email": {
+            "message_id": "<invoice-4471@billing-example.net>",
+            "recipient": recipients,
+        },
+    }
+    for alert in parse_alert(json.dumps(body).encode(), received_at=OPENED):
+        await chain.feed(await enrich({**alert, "occurred_at": OPENED}))
+    incidents = list(chain.incidents().values())
+    assert len(incidents) == 1
+    return incidents[0]
+
+
+async def test_one_alert_above_limit_held(chain: Chain) -> None:
+    # 60 mailboxes of one message, above the default limit of 50.
+    incident = await feed_generic_alert(chain, 60)
+
+    assert len(incident["pulls"]) == 60
+    assert {pull["action"] for pull in incident["pulls"]} == {"hold"}
+    assert {pull["rule"] for pull in incident["pulls"]} == {
+        "default.hold-large-campaign"
+    }
+    commands = [item for item in chain.sent if item[0] == "pull.commands"]
+    assert commands == []
+
+
+async def test_one_alert_at_limit_pulled(chain: Chain) -> None:
+    incident = await feed_generic_alert(chain, 50)
+
+    assert len(incident["pulls"]) == 50
+    assert {pull["action"] for pull in incident["pulls"]} == {"pull"}
+    commands = [item for item in chain.sent if item[0] == "pull.commands"]
+    assert len(commands) == 50

@@ -64,7 +64,7 @@ def test_plan_files_order_is_file_event_recipient(tmp_path: Path) -> None:
         {
             "messagesDelivered": [
                 tap_message("e1", ["carol@example.com", "alice@example.com"]),
-                tap_message("e2", ["bob@example.com"]),
+                tap_message("e2", ["bob@example.com"], GUID="other-guid"),
             ]
         },
     )
@@ -81,6 +81,78 @@ def test_plan_files_order_is_file_event_recipient(tmp_path: Path) -> None:
         ("tap:e2", "bob@example.com"),
         ("tap:e3", "dave@example.com"),
     ]
+
+
+def generic_alert(recipients: list[str]) -> dict[str, Any]:
+    return {
+        "json_version": "2.0",
+        "classification": "phish",
+        "email": {"message_id": f"<{M1_ID}>", "recipient": recipients},
+    }
+
+
+def fireeye_alert(recipients: list[str]) -> dict[str, Any]:
+    return {
+        "alert": {
+            "uuid": "b7f3c1d2-5e6a-4f8b-9c0d-1e2f3a4b5c6d",
+            "action": "notified",
+            "dst": {"smtp-to": recipients},
+            "smtp-message": {"id": f"<{M1_ID}>"},
+        }
+    }
+
+
+def tap_per_recipient(recipients: list[str]) -> dict[str, Any]:
+    # One event per recipient, each with its own id and one GUID, as TAP may send.
+    return {
+        "messagesDelivered": [
+            tap_message(f"e{index}", [recipient])
+            for index, recipient in enumerate(recipients)
+        ]
+    }
+
+
+def tap_per_recipient_without_id(recipients: list[str]) -> dict[str, Any]:
+    events = tap_per_recipient(recipients)
+    for event in events["messagesDelivered"]:
+        del event["id"]
+    return events
+
+
+ALERT_SHAPES = {
+    "generic": generic_alert,
+    "fireeye": fireeye_alert,
+    "tap-one-event": lambda recipients: tap_message("e1", recipients),
+    "tap-event-per-recipient": tap_per_recipient,
+    "tap-event-per-recipient-without-id": tap_per_recipient_without_id,
+}
+
+
+def mailboxes(count: int) -> list[str]:
+    return [f"user{index}@example.com" for index in range(count)]
+
+
+@pytest.mark.parametrize("shape", ALERT_SHAPES)
+def test_plan_files_above_limit_holds_all(tmp_path: Path, shape: str) -> None:
+    path = write_alert(tmp_path / "a.json", ALERT_SHAPES[shape](mailboxes(60)))
+
+    decisions, errors = plan_files([path], SETTINGS)
+
+    assert errors == []
+    assert len(decisions) == 60
+    assert {decision.action for decision in decisions} == {"hold"}
+    assert {decision.rule for decision in decisions} == {"default.hold-large-campaign"}
+
+
+@pytest.mark.parametrize("shape", ALERT_SHAPES)
+def test_plan_files_at_limit_pulls_all(tmp_path: Path, shape: str) -> None:
+    path = write_alert(tmp_path / "a.json", ALERT_SHAPES[shape](mailboxes(50)))
+
+    decisions, errors = plan_files([path], SETTINGS)
+
+    assert errors == []
+    assert len(decisions) == 50
+    assert {decision.action for decision in decisions} == {"pull"}
 
 
 def test_run_plan_json_lines_have_all_keys(tmp_path: Path) -> None:

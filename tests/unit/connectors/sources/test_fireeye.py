@@ -158,7 +158,7 @@ def reason_of(body: object) -> str:
 def test_parse_fireeye_notification_fields() -> None:
     alert = parse_one(notification())
 
-    assert alert["alert_id"] == f"fireeye:{UUID}:dave@example.com"
+    assert alert["alert_id"] == f"fireeye:{UUID}"
     assert alert["source"] == "fireeye"
     assert alert["source_alert_id"] == UUID
     assert alert["event_class"] == "message_delivered"
@@ -271,9 +271,7 @@ def test_parse_fireeye_without_malware_has_message_threat() -> None:
 def test_parse_fireeye_wsapi_fields() -> None:
     alert = parse_one(wsapi())
 
-    assert alert["alert_id"] == (
-        "fireeye:3c9e5a71-0d4b-4e2f-8a16-b5c7d9e1f203:tara@example.com"
-    )
+    assert alert["alert_id"] == "fireeye:3c9e5a71-0d4b-4e2f-8a16-b5c7d9e1f203"
     assert alert["occurred_at"] == P11_UTC
     assert alert["sender"] == "billing@example.net"
     assert alert["subject"] == "Invoice 4471"
@@ -373,7 +371,7 @@ def test_parse_fireeye_blocked_has_no_delivery_time() -> None:
     assert alert["occurred_at"] is not None
 
 
-def test_parse_fireeye_one_alert_per_recipient() -> None:
+def test_parse_fireeye_one_alert_for_all_recipients() -> None:
     alerts = parse(
         notification(
             dst={
@@ -383,12 +381,13 @@ def test_parse_fireeye_one_alert_per_recipient() -> None:
         )
     )
 
-    assert [alert["recipients"] for alert in alerts] == [
-        ["dave@example.com"],
-        ["erin@example.com"],
-        ["frank@example.com"],
+    assert len(alerts) == 1
+    assert alerts[0]["recipients"] == [
+        "dave@example.com",
+        "erin@example.com",
+        "frank@example.com",
     ]
-    assert alerts[2]["alert_id"] == f"fireeye:{UUID}:frank@example.com"
+    assert alerts[0]["alert_id"] == f"fireeye:{UUID}"
 
 
 def test_parse_fireeye_repeated_recipient_listed_once() -> None:
@@ -401,13 +400,15 @@ def test_parse_fireeye_repeated_recipient_listed_once() -> None:
     assert len(alerts) == 1
 
 
-def test_parse_fireeye_split_alerts_share_no_lists() -> None:
-    first, second = parse(
-        notification(dst={"smtp-to": ["dave@example.com", "erin@example.com"]})
-    )
-    first["threats"][0]["value"] = "changed"
+def test_parse_fireeye_listing_alerts_share_no_lists() -> None:
+    listing = wsapi()
+    second = copy.deepcopy(listing["alert"][0])
+    listing["alert"].append(second)
+    second["uuid"] = "other-uuid"
+    first, second = parse(listing)
+    first["recipients"].append("changed@example.com")
 
-    assert second["threats"][0]["value"] == SHA256
+    assert "changed@example.com" not in second["recipients"]
 
 
 def test_parse_fireeye_replayed_alert_same_identity() -> None:
@@ -420,7 +421,7 @@ def test_parse_fireeye_replayed_alert_same_identity() -> None:
 def test_parse_fireeye_without_uuid_uses_appliance_and_id() -> None:
     alert = parse_one(wsapi(uuid=None))
 
-    assert alert["alert_id"] == "fireeye:0025904F7C3D:7002:tara@example.com"
+    assert alert["alert_id"] == "fireeye:0025904F7C3D:7002"
     assert alert["source_alert_id"] == "7002"
 
 
@@ -429,7 +430,7 @@ def test_parse_fireeye_without_uuid_or_appliance_uses_id() -> None:
 
     alert = parse_one(body)
 
-    assert alert["alert_id"] == "fireeye:7002:tara@example.com"
+    assert alert["alert_id"] == "fireeye:7002"
 
 
 def test_parse_fireeye_without_uuid_and_id_raises() -> None:
@@ -499,7 +500,7 @@ def test_parse_fireeye_xml_root_alert_accepted() -> None:
 
     alert = parse_one(body)
 
-    assert alert["alert_id"] == "fireeye:u:a@example.com"
+    assert alert["alert_id"] == "fireeye:u"
 
 
 def test_parse_fireeye_xml_leaf_with_attributes_unwrapped() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 from datetime import UTC, datetime
@@ -93,6 +94,12 @@ def parse(body: object) -> list[NormalizedAlert]:
     return alerts
 
 
+# The first 24 hex digits of SHA-256 over the sorted recipients joined by newlines.
+RECIPIENTS_DIGEST = hashlib.sha256(b"alice@example.com\nbob@example.com").hexdigest()[
+    :24
+]
+
+
 def parse_one(body: object) -> NormalizedAlert:
     alerts = parse(body)
     assert len(alerts) == 1
@@ -127,10 +134,10 @@ def test_generic_schema_is_valid_draft_2020_12() -> None:
 
 
 def test_parse_generic_full_alert_fields() -> None:
-    alert = parse(full_alert())[0]
+    alert = parse_one(full_alert())
 
     assert alert["alert_id"] == (
-        f"generic:{M1_ID}:alice@example.com:alert:phish:active"
+        f"generic:{M1_ID}:2-recipients-{RECIPIENTS_DIGEST}:alert:phish:active"
     )
     assert alert["source"] == "generic"
     assert alert["source_alert_id"] == M1_ID
@@ -143,7 +150,7 @@ def test_parse_generic_full_alert_fields() -> None:
     assert alert["sender"] == "billing@example.net"
     assert alert["sender_ip"] == "192.0.2.44"
     assert alert["subject"] == "Invoice 4471 overdue"
-    assert alert["recipients"] == ["alice@example.com"]
+    assert alert["recipients"] == ["alice@example.com", "bob@example.com"]
     assert alert["classification"] == "phish"
     assert alert["threat_status"] == "active"
     assert alert["severity"] == "major"
@@ -393,23 +400,34 @@ def test_header_value_table(headers: str, expected: str | None) -> None:
 # Identity.
 
 
-def test_parse_generic_one_alert_per_recipient() -> None:
-    alerts = parse(full_alert())
+def test_parse_generic_one_alert_for_all_recipients() -> None:
+    alert = parse_one(full_alert())
 
-    assert [alert["recipients"] for alert in alerts] == [
-        ["alice@example.com"],
-        ["bob@example.com"],
-    ]
-    assert len({alert["alert_id"] for alert in alerts}) == 2
+    assert alert["recipients"] == ["alice@example.com", "bob@example.com"]
 
 
-def test_parse_generic_split_alerts_share_no_lists() -> None:
-    first, second = parse(full_alert())
-    first["urls"].append("changed")
-    first["custom_fields"]["ticket"] = "changed"
+def test_parse_generic_one_recipient_named_in_identity() -> None:
+    body = full_alert()
+    body["email"]["recipient"] = ["Bob@example.com"]
 
-    assert second["urls"] == [M1_URL]
-    assert second["custom_fields"]["ticket"] == "SOC-2291"
+    alert = parse_one(body)
+
+    assert alert["alert_id"] == f"generic:{M1_ID}:bob@example.com:alert:phish:active"
+
+
+def test_parse_generic_recipient_order_same_identity() -> None:
+    reordered = full_alert()
+    reordered["email"]["recipient"].reverse()
+
+    assert parse_one(reordered)["alert_id"] == parse_one(full_alert())["alert_id"]
+
+
+def test_parse_generic_other_recipients_new_identity() -> None:
+    # A second alert about the same message for other recipients is no replay.
+    other = full_alert()
+    other["email"]["recipient"] = ["carol@example.com"]
+
+    assert parse_one(other)["alert_id"] != parse_one(full_alert())["alert_id"]
 
 
 def test_parse_generic_replayed_alert_same_identity() -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ M1_URL = "http://billing-example.net/pay/4471"
 THREAT_ID = "6d902e1c29c4d87982f2faa63f433b4dbaec329a78011031892a08fcc54c2f63"
 FILE_SHA256 = "49b6f8024198683995067a05c1c026256090b06ab7c7045ca7ac766b450c8fe8"
 CAMPAIGN_ID = "8a285c6c-bb1e-5f0e-9812-9944f7ba1765"
+GUID = "bX4Ta9Lq2Wm7Rk1Yp8Vd3Nf6Hc0Zs5"
 
 
 def wire_message(**changes: Any) -> dict[str, Any]:
@@ -162,6 +164,12 @@ def assert_valid_avro(alert: NormalizedAlert) -> None:
     assert decoded == alert
 
 
+def recipients_digest(*addresses: str) -> str:
+    """Return the digest an alert id uses for several recipients."""
+    joined = "\n".join(sorted(addresses)).encode()
+    return hashlib.sha256(joined).hexdigest()[:24]
+
+
 def envelope(**arrays: object) -> dict[str, Any]:
     return {"queryEndTime": "2026-12-01T10:00:00Z", **arrays}
 
@@ -285,33 +293,102 @@ def test_parse_tap_missing_threat_status_means_active() -> None:
 # Identity of events.
 
 
-def test_parse_tap_without_id_one_alert_per_recipient() -> None:
+def test_parse_tap_without_id_one_alert_for_all_recipients() -> None:
     event = wire_message()
     del event["id"]
 
-    alerts = parse(event)
+    alert = parse_one(event)
 
-    assert [alert["recipients"] for alert in alerts] == [
-        ["alice@example.com"],
-        ["bob@example.com"],
-        ["carol@example.com"],
+    digest = recipients_digest(
+        "alice@example.com", "bob@example.com", "carol@example.com"
+    )
+    assert alert["recipients"] == [
+        "alice@example.com",
+        "bob@example.com",
+        "carol@example.com",
     ]
-    assert len({alert["alert_id"] for alert in alerts}) == 3
-    assert alerts[1]["alert_id"] == (
-        "tap:bX4Ta9Lq2Wm7Rk1Yp8Vd3Nf6Hc0Zs5:bob@example.com:message_delivered:active"
+    assert alert["alert_id"] == (
+        f"tap:{GUID}:3-recipients-{digest}:message_delivered:active"
+    )
+    assert alert["source_alert_id"] == GUID
+
+
+def test_parse_tap_without_id_one_recipient_identity() -> None:
+    event = wire_message(recipient=["Bob@example.com"])
+    del event["id"]
+
+    alert = parse_one(event)
+
+    assert alert["alert_id"] == f"tap:{GUID}:bob@example.com:message_delivered:active"
+
+
+def test_parse_tap_same_guid_events_merged() -> None:
+    # TAP may send one event per recipient of one message, each with its own id.
+    body = envelope(
+        messagesDelivered=[
+            wire_message(id="m1", recipient=["alice@example.com"]),
+            wire_message(id="m2", recipient=["bob@example.com"]),
+            wire_message(id="m3", recipient=["Alice@example.com"]),
+        ]
     )
 
+    alert = parse_one(body)
 
-def test_parse_tap_split_alerts_share_no_lists() -> None:
-    event = wire_message()
-    del event["id"]
+    digest = recipients_digest("alice@example.com", "bob@example.com")
+    assert alert["recipients"] == ["alice@example.com", "bob@example.com"]
+    assert alert["alert_id"] == (
+        f"tap:{GUID}:2-recipients-{digest}:message_delivered:active"
+    )
+    assert alert["source_alert_id"] == GUID
+    assert alert["urls"] == [M1_URL]
 
-    first, second, _ = parse(event)
-    first["threats"][0]["value"] = "changed"
-    first["urls"].append("changed")
 
-    assert second["threats"][0]["value"] == M1_URL
-    assert second["urls"] == [M1_URL]
+def test_parse_tap_same_guid_findings_combined() -> None:
+    second = wire_message(id="m2", recipient=["bob@example.com"])
+    second["threatsInfoMap"][0]["threat"] = "http://billing-example.net/other"
+    body = envelope(messagesDelivered=[wire_message(id="m1"), second])
+
+    alert = parse_one(body)
+
+    assert alert["urls"] == [M1_URL, "http://billing-example.net/other"]
+    assert len(alert["threats"]) == 2
+
+
+def test_parse_tap_same_guid_replay_same_identity() -> None:
+    body = envelope(
+        messagesDelivered=[
+            wire_message(id="m1", recipient=["alice@example.com"]),
+            wire_message(id="m2", recipient=["bob@example.com"]),
+        ]
+    )
+
+    assert parse_one(body)["alert_id"] == parse_one(copy.deepcopy(body))["alert_id"]
+
+
+def test_parse_tap_same_guid_other_status_apart() -> None:
+    cleared = wire_message(id="m2", recipient=["bob@example.com"])
+    cleared["threatsInfoMap"][0]["threatStatus"] = "cleared"
+    body = envelope(messagesDelivered=[wire_message(id="m1"), cleared])
+
+    alerts = parse(body)
+
+    assert [alert["alert_id"] for alert in alerts] == ["tap:m1", "tap:m2"]
+
+
+def test_parse_tap_same_guid_clicks_apart() -> None:
+    body = envelope(
+        clicksPermitted=[
+            wire_click(id="c1", recipient="alice@example.com"),
+            wire_click(id="c2", recipient="bob@example.com"),
+        ]
+    )
+
+    alerts = parse(body)
+
+    assert [alert["clicker"] for alert in alerts] == [
+        "alice@example.com",
+        "bob@example.com",
+    ]
 
 
 def test_parse_tap_event_id_single_alert() -> None:
@@ -368,7 +445,10 @@ def test_parse_tap_envelope_order_is_class_then_array() -> None:
         "clicksBlocked": [wire_click(id="c2", recipient="alice@example.com")],
         "clicksPermitted": [wire_click(id="c1")],
         "messagesBlocked": [wire_message(id="m3", recipient=["frank@example.com"])],
-        "messagesDelivered": [wire_message(id="m1"), wire_message(id="m2")],
+        "messagesDelivered": [
+            wire_message(id="m1"),
+            wire_message(id="m2", GUID="other-guid"),
+        ],
         "queryEndTime": "2026-12-01T10:00:00Z",
     }
 
