@@ -3,10 +3,10 @@
 Builds a Google Workspace domain in which every user mailbox contains one unread copy
 of one campaign message in its inbox, and quarantines all of them with
 `GmailPlatform.quarantine_many`, which sends the steps of every pull as phases of
-HTTP batches. The Gmail simulator adds a fixed latency to every API request (each
-batch part waits it, the parts of a batch at the same time) and applies Gmail's
-per-user limits: 15,000 quota units a minute, each method's units from Gmail's
-usage-limits page, and 10 requests in flight per user.
+HTTP batches. The Gmail simulator adds a fixed latency to every API request, and
+the parts of one batch wait it at the same time. It applies Gmail's per-user
+limits: 15,000 quota units a minute, each method's units from Gmail's usage-limits
+page, and 10 requests in flight per user.
 
 The simulator and the adapter share one event loop on the virtual clock
 (`autopull.sim.clock`), so durations are those that the latency and the limits
@@ -148,9 +148,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--grace-ms",
         type=float,
-        default=1000.0,
+        default=3000.0,
         help="idle real time in ms before the burst's virtual clock jumps "
-        "(default 1000)",
+        "(default 3000)",
     )
     parser.add_argument(
         "--baseline-grace-ms",
@@ -321,6 +321,9 @@ async def timed_run(
             quarantine_mailbox=QUARANTINE,
             max_threads=options.threads,
             batch_size=options.batch_size,
+            # A real-time timeout: the simulator shares this process's CPU with
+            # hundreds of client threads, so its responses can take minutes.
+            request_timeout=900.0,
         )
     )
     pulls = [(user_mailbox(n), MESSAGE_ID, INCIDENT) for n in range(mailboxes)]

@@ -1385,7 +1385,18 @@ class GmailPlatform(MailPlatform):
         def store(request_id: str, response: Any, exception: Any) -> None:
             index = int(request_id)
             mailbox = calls[index][0]
-            if exception is not None:
+            status = getattr(getattr(exception, "resp", None), "status", None)
+            if status == 401:
+                # The part's token was rejected: forget it, and let the caller
+                # retry on the one-mailbox path, which fetches a new one.
+                self._subjects.pop(mailbox.lower(), None)
+                answers[index] = TransientError(
+                    f"Gmail rejected the token of mailbox {mailbox} in a batch; the "
+                    "request will be retried with a new token.",
+                    mailbox=mailbox,
+                    platform=PLATFORM,
+                )
+            elif exception is not None:
                 answers[index] = map_gmail_error(
                     exception, mailbox=mailbox, client_id=self.settings.client_id
                 )

@@ -568,14 +568,21 @@ def recoverable(sim: GmailSimulator, mailbox: str, key: str, message_id: str) ->
 
 
 @pytest.mark.parametrize(
-    ("step", "rule"),
+    ("step", "rule", "copies", "trashed"),
     [
-        ("before copy", {"path": r"/messages/import$", "status": 500}),
+        ("before copy", {"path": r"/messages/import$", "status": 500}, 0, False),
         (
             "after copy",
             {"path": r"/messages/import$", "status": 503, "after_effect": True},
+            1,
+            False,
         ),
-        ("after verify", {"path": r"/bob@example.org/messages/[0-9a-f]+/trash$"}),
+        (
+            "after verify",
+            {"path": r"/bob@example.org/messages/[0-9a-f]+/trash$"},
+            1,
+            False,
+        ),
         (
             "after delete",
             {
@@ -583,6 +590,8 @@ def recoverable(sim: GmailSimulator, mailbox: str, key: str, message_id: str) ->
                 "status": 500,
                 "after_effect": True,
             },
+            1,
+            True,
         ),
     ],
 )
@@ -591,6 +600,8 @@ async def test_fault_leaves_one_recoverable_copy(
     service_key: rsa.RSAPrivateKey,
     step: str,
     rule: dict[str, Any],
+    copies: int,
+    trashed: bool,
 ) -> None:
     platform = GmailPlatform(
         adapter_settings(gmail_sim, service_key, request_retries=0, request_timeout=5)
@@ -599,7 +610,10 @@ async def test_fault_leaves_one_recoverable_copy(
     try:
         with pytest.raises(TransientError):
             await platform.quarantine("bob@example.org", M2, "INC-2")
-        assert len(evidence_of(gmail_sim, M2)) <= 1, step
+        # The original stays until a verified copy exists, and never two copies.
+        originals = rows_of(gmail_sim, "bob@example.org", "M2")
+        assert len(evidence_of(gmail_sim, M2)) == copies, step
+        assert [("TRASH" in r["labels"]) for r in originals] == [trashed], step
         assert recoverable(gmail_sim, "bob@example.org", "M2", M2) >= 1, step
 
         result = await platform.quarantine("bob@example.org", M2, "INC-2")
@@ -1018,3 +1032,51 @@ async def test_burst_restores_like_one_mailbox(
         for r in rows_of(gmail_sim, "alice@example.org", "M1")
     )
     assert after == before
+
+
+async def test_burst_delete_mode_deletes(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, original_action="delete")
+    )
+    try:
+        results = await platform.quarantine_many(
+            [("carol@example.org", M3, "INC-3"), ("bob@example.org", M2, "INC-2")]
+        )
+    finally:
+        await platform.close()
+
+    carol, bob = results
+    assert not isinstance(carol, Exception)
+    assert not isinstance(bob, Exception)
+    assert len(carol.copies) == 2
+    assert rows_of(gmail_sim, "carol@example.org", "M3") == []
+    assert rows_of(gmail_sim, "bob@example.org", "M2") == []
+    assert len(calls(gmail_sim, "messages.batchDelete", "carol@example.org")) == 1
+    assert len(evidence_of(gmail_sim, M3)) == 1
+    assert len(evidence_of(gmail_sim, M2)) == 1
+
+
+async def test_burst_rejected_token_retries_alone(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    # googleapiclient sends a part that got 401 again once, in a second batch.
+    gmail_sim.faults.add(
+        {
+            "path": r"/bob@example.org/messages/[0-9a-f]+/trash$",
+            "status": 401,
+            "reason": "authError",
+            "count": 2,
+        }
+    )
+
+    results = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    )
+
+    assert all(not isinstance(r, Exception) for r in results)
+    trashes = calls(gmail_sim, "messages.trash", "bob@example.org")
+    assert [e.status for e in trashes] == [401, 401, 200]
+    subjects = [g.subject for g in gmail_sim.tokens.grants.values()]
+    assert subjects.count("bob@example.org") == 2
