@@ -1087,6 +1087,7 @@ class GmailSimulator:
                 f"Content-ID: <response-{content_id}>\r\n\r\n"
                 f"HTTP/1.1 {response.status} {reason}\r\n"
                 f"Content-Type: {response.content_type}; charset=UTF-8\r\n"
+                f"{_passed_headers(response)}"
                 f"Content-Length: {len(payload)}\r\n\r\n"
             )
             chunks.append(head.encode("utf-8") + payload + b"\r\n")
@@ -1781,3 +1782,13 @@ def _batch_parts(
             )
         )
     return parts
+
+
+def _passed_headers(response: web.Response) -> str:
+    """Return the headers of a part's response that a client acts on."""
+    names = ("Retry-After", "WWW-Authenticate")
+    return "".join(
+        f"{name}: {response.headers[name]}\r\n"
+        for name in names
+        if name in response.headers
+    )

@@ -27,7 +27,7 @@ from email import message_from_bytes
 from email.policy import compat32
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConnectorError, NotFoundError, PermanentError
+from ..errors import ConnectorError, NotFoundError, PermanentError, TransientError
 from .base import QuarantineResult, required_message_id
 
 if TYPE_CHECKING:
@@ -56,6 +56,9 @@ class _Pull:
     evidence: str | None = None
     result: QuarantineResult | ConnectorError | None = None
     slow: bool = False
+    # The failure that sent the pull to the one-mailbox path, when Gmail named a
+    # wait with it.
+    throttled: TransientError | None = None
 
     @property
     def active(self) -> bool:
@@ -70,7 +73,9 @@ async def quarantine_burst(
     Step 1 finds the copies of every pull, step 2 records their labels, step 3
     makes sure each distinct message has its verified copy in the quarantine
     mailbox (beside step 2), step 4 removes the originals and step 5 verifies.
-    Pulls that fall out of a phase finish on the one-mailbox path.
+    Pulls that fall out of a phase finish on the one-mailbox path, after the
+    Retry-After that Gmail sent with the failure, or go back to the caller when
+    that wait is longer than `max_retry_wait`.
     """
     from .gmail import _check_incident
 
@@ -127,6 +132,11 @@ async def quarantine_burst(
 async def _one(
     platform: GmailPlatform, state: _Pull
 ) -> QuarantineResult | ConnectorError:
+    wait = state.throttled.retry_after if state.throttled else None
+    if state.throttled is not None and wait is not None:
+        if wait > platform.settings.max_retry_wait:
+            return state.throttled  # the caller parks the pull for that long
+        await asyncio.sleep(wait)
     try:
         return await platform.quarantine(state.mailbox, state.bare, state.incident)
     except ConnectorError as error:
@@ -137,8 +147,14 @@ def _give_up(state: _Pull, error: ConnectorError) -> None:
     """Hand a pull to the one-mailbox path, or fail it when retrying cannot help."""
     if isinstance(error, PermanentError | NotFoundError):
         state.result = error
-    else:
-        state.slow = True
+        return
+    state.slow = True
+    if not isinstance(error, TransientError) or error.retry_after is None:
+        return
+    # Of several failures with a wait, the longest wait counts.
+    longest = state.throttled.retry_after if state.throttled is not None else None
+    if longest is None or longest < error.retry_after:
+        state.throttled = error
 
 
 async def _run(

@@ -1080,3 +1080,47 @@ async def test_burst_rejected_token_retries_alone(
     assert [e.status for e in trashes] == [401, 401, 200]
     subjects = [g.subject for g in gmail_sim.tokens.grants.values()]
     assert subjects.count("bob@example.org") == 2
+
+
+async def test_burst_429_part_waits_retry_after(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    gmail_sim.faults.add(
+        {
+            "path": r"/bob@example.org/messages/[0-9a-f]+/trash$",
+            "status": 429,
+            "retry_after": "1",
+        }
+    )
+
+    results = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    )
+
+    trashes = calls(gmail_sim, "messages.trash", "bob@example.org")
+    alice_trashes = calls(gmail_sim, "messages.batchModify", "alice@example.org")
+    assert all(not isinstance(r, Exception) for r in results)
+    assert [e.status for e in trashes] == [429, 200]
+    assert trashes[1].time - trashes[0].time >= 1.0
+    assert len(alice_trashes) == 1  # her four copies, trashed once
+
+
+async def test_burst_long_retry_after_goes_back(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    gmail_sim.faults.add(
+        {
+            "path": r"/bob@example.org/messages/[0-9a-f]+/trash$",
+            "status": 429,
+            "retry_after": "120",
+        }
+    )
+
+    alice, bob = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    )
+
+    assert not isinstance(alice, Exception)
+    assert isinstance(bob, ThrottledError)
+    assert bob.retry_after == pytest.approx(120.0)
+    assert len(calls(gmail_sim, "messages.trash", "bob@example.org")) == 1
