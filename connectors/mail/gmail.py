@@ -1239,6 +1239,10 @@ class GmailPlatform(MailPlatform):
 
         The record label goes on the new copy too, so a retry after a crash finds it
         and does not import a second one.
+
+        NOTE: a record label stands for all copies with the same labels, so after
+        a delete, two copies of one message with identical labels in one mailbox
+        come back as one.
         """
         quarantine = self.settings.quarantine_mailbox.lower()
         label_id = await self._incident_label(incident_id, bare)
