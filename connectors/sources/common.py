@@ -13,10 +13,15 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from email.utils import getaddresses
 from typing import Literal, TypedDict
+
+import email_validator
+from confusable_homoglyphs import categories
+from email_validator import EmailNotValidError, validate_email
 
 from autopull.connectors.sources.exceptions import InvalidAlertError
 
@@ -116,6 +121,25 @@ _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 _WHITESPACE = re.compile(r"\s")
 _HEADER_FOLD = re.compile(r"\r?\n[ \t]+")
 _FIREEYE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S %z"
+# email-validator rejects special-use domains because they are not globally
+# deliverable. Autopull acts on an organization's own mail system, where `.local` and
+# `.test` domains name real internal mailboxes, so these two are allowed, the way the
+# library's documentation describes (removing them from its list, process-wide).
+for _name in ("local", "test"):
+    if _name in email_validator.SPECIAL_USE_DOMAIN_NAMES:
+        email_validator.SPECIAL_USE_DOMAIN_NAMES.remove(_name)
+
+# Script aliases that mix with any script: digits, punctuation, combining marks.
+_NEUTRAL_SCRIPTS = frozenset({"COMMON", "INHERITED"})
+# Scripts that one label may mix: the combinations of the Highly Restrictive level of
+# Unicode Technical Standard 39 (Unicode Security Mechanisms), because Japanese,
+# Chinese and Korean text mixes them. Any other mix, such as Latin with Cyrillic, is
+# a look-alike.
+_SCRIPT_MIXES = (
+    frozenset({"LATIN", "HAN", "HIRAGANA", "KATAKANA"}),
+    frozenset({"LATIN", "HAN", "BOPOMOFO"}),
+    frozenset({"LATIN", "HAN", "HANGUL"}),
+)
 _SHORTEN_LIMIT = 80
 # RFC 5322 (section 2.1.1) limits a header line to 998 characters, and a msg-id cannot
 # be folded, so a longer Message-ID cannot come from a real header.
@@ -222,8 +246,10 @@ def normalize_address(value: str, *, field: str) -> str:
     """Return a mailbox address in lower case, without display name or brackets.
 
     Raises `InvalidAlertError` naming the field and value when the value contains a
-    line break or control character (header injection) or is not exactly one address
-    with a single `@`.
+    line break or control character (header injection), is not exactly one address,
+    fails the address syntax of email-validator (no DNS look-up), or is a look-alike
+    (see `_check_look_alike`). An internationalized domain is kept in its Unicode
+    form, so its Punycode spelling (`xn--...`) names the same mailbox.
     """
     if _CONTROL_CHARACTERS.search(value):
         raise InvalidAlertError(
@@ -251,7 +277,23 @@ def normalize_address(value: str, *, field: str) -> str:
         or _WHITESPACE.search(address)
     ):
         raise _invalid_address(value, field)
-    return address.lower()
+
+    try:
+        validated = validate_email(
+            address, check_deliverability=False, allow_domain_literal=True
+        )
+    except EmailNotValidError as error:
+        raise InvalidAlertError(
+            f"The value {shorten(value)} of the field {field} is not a valid mailbox "
+            f"address ({error}) Expected an address such as user@example.com.",
+            field=field,
+        ) from error
+
+    # The normalized form has Punycode labels decoded, so a look-alike spelled as
+    # xn--... is caught too.
+    normalized = str(validated.normalized)
+    _check_look_alike(address, normalized, value, field)
+    return normalized.lower()
 
 
 def _invalid_address(value: str, field: str) -> InvalidAlertError:
@@ -260,6 +302,41 @@ def _invalid_address(value: str, field: str) -> InvalidAlertError:
         "address. Expected an address such as user@example.com.",
         field=field,
     )
+
+
+def _check_look_alike(address: str, normalized: str, value: str, field: str) -> None:
+    """Raise `InvalidAlertError` when an address imitates another one.
+
+    Compatibility characters such as fullwidth letters (NFKC changes them) and a
+    local part or domain label that mixes scripts, such as a Cyrillic a (U+0430) among
+    Latin letters, are rejected. An address wholly in one script is legitimate.
+    """
+    # NOTE: an address wholly in another script that looks like a Latin one (a
+    # Cyrillic spelling of apple.com, say) passes, because nothing in it tells it
+    # from a real domain in that script.
+    folded = unicodedata.normalize("NFKC", address)
+    if folded != address:
+        raise InvalidAlertError(
+            f"The value {shorten(value)} of the field {field} contains compatibility "
+            f"characters, such as fullwidth letters, that imitate {shorten(folded)}. "
+            "Send the address as the mail system spells it.",
+            field=field,
+        )
+
+    local, _, domain = normalized.rpartition("@")
+    for part in (local, *domain.split(".")):
+        scripts = categories.unique_aliases(part) - _NEUTRAL_SCRIPTS
+        mixed = len(scripts) > 1 and not any(
+            scripts <= allowed for allowed in _SCRIPT_MIXES
+        )
+        if mixed:
+            names = " and ".join(sorted(script.title() for script in scripts))
+            raise InvalidAlertError(
+                f"The value {shorten(value)} of the field {field} mixes the scripts "
+                f"{names} in {shorten(part)}, so it can imitate another address. "
+                "Send the address as the mail system spells it.",
+                field=field,
+            )
 
 
 def normalize_addresses(values: Iterable[str], *, field: str) -> list[str]:

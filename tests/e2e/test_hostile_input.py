@@ -217,6 +217,21 @@ def generic_hostile() -> list[bytes]:
     for key in ("json_version", "classification", "email"):
         bodies.append(encoded({k: v for k, v in base.items() if k != key}))
     bodies.append(encoded(replaced(base, "email.recipient", [])))
+    # Values that are no mail addresses, among valid ones, and look-alikes.
+    for value in (
+        "../users/bob@example.com",
+        "bob@example.com/messages",
+        "?x=1",
+        "#frag",
+        "%2f",
+        "bob@example.com.",
+        "b\u043eb@example.com",
+        "\uff42\uff4f\uff42@example.com",
+    ):
+        recipients = ["alice@example.com", value]
+        bodies.append(encoded(replaced(base, "email.recipient", recipients)))
+    huge_id = "<" + "a" * 100_000 + "@example.com>"
+    bodies.append(encoded(replaced(base, "email.message_id", huge_id)))
     bodies.append(encoded(replaced(base, "email.delivery_time", "2024-03-10T01:30")))
     bodies.append(encoded(replaced(base, "custom_fields.nested", {"a": 1})))
     bodies.append(encoded(base).replace(b"97", b"NaN"))

@@ -132,6 +132,17 @@ def test_is_synthetic_message_id_table(bare: str, expected: bool) -> None:
         ("Alice <alice@example.com>", "alice@example.com"),
         ("alice@example.com (Alice)", "alice@example.com"),
         ("a@[192.0.2.1]", "a@[192.0.2.1]"),
+        ("bob+tag@example.com", "bob+tag@example.com"),
+        ("bob%2f@example.com", "bob%2f@example.com"),
+        # Internal domains of an organization's own mail system.
+        ("carol@autopull.test", "carol@autopull.test"),
+        ("carol@corp.local", "carol@corp.local"),
+        # Internationalized domains are kept in Unicode, from either spelling.
+        ("bob@Bücher.de", "bob@bücher.de"),
+        ("bob@xn--bcher-kva.de", "bob@bücher.de"),
+        ("иван@пример.рф", "иван@пример.рф"),
+        ("用户@例子.广告", "用户@例子.广告"),
+        ("ユーザー@例え.jp", "ユーザー@例え.jp"),
     ],
 )
 def test_normalize_address_valid_forms(value: str, expected: str) -> None:
@@ -154,6 +165,26 @@ def test_normalize_address_valid_forms(value: str, expected: str) -> None:
         "alice@example.com\n",
         "alice@example.com\x00",
         "alice@example.com\u2028",
+        "../users/bob@example.com",
+        "bob@example.com/messages",
+        "bob@example.com/../carol@example.com",
+        "?x=1",
+        "bob@example.com?x=1",
+        "#frag",
+        "bob@example.com#frag",
+        "%2f",
+        "bob@example.com%2f",
+        "bob@example.com.",
+        "bob..x@example.com",
+        "bob@localhost",
+        "bob@example.invalid",
+        "bob@example.onion",
+        # Look-alikes: Cyrillic letters among Latin ones, and fullwidth letters.
+        "b\u043eb@example.com",
+        "bob@ex\u0430mple.com",
+        "bob@xn--exmple-4nf.com",
+        "\uff42\uff4f\uff42@example.com",
+        "bob@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com",
     ],
 )
 def test_normalize_address_invalid_value_raises(value: str) -> None:
@@ -169,6 +200,29 @@ def test_normalize_address_error_names_value() -> None:
         normalize_address("not-an-address", field="recipient")
 
     assert "'not-an-address'" in str(caught.value)
+
+
+def test_normalize_address_look_alike_names_scripts() -> None:
+    with pytest.raises(InvalidAlertError) as caught:
+        normalize_address("bob@ex\u0430mple.com", field="recipient")
+
+    assert "'bob@ex\u0430mple.com'" in caught.value.reason
+    assert "Cyrillic and Latin" in caught.value.reason
+
+
+def test_normalize_address_fullwidth_names_imitated() -> None:
+    with pytest.raises(InvalidAlertError) as caught:
+        normalize_address("\uff42\uff4f\uff42@example.com", field="recipient")
+
+    assert "imitate 'bob@example.com'" in caught.value.reason
+
+
+def test_normalize_address_syntax_error_names_value() -> None:
+    with pytest.raises(InvalidAlertError) as caught:
+        normalize_address("bob@example.com/messages", field="recipient")
+
+    assert "'bob@example.com/messages'" in caught.value.reason
+    assert "invalid characters" in caught.value.reason
 
 
 def test_normalize_address_long_value_is_shortened() -> None:

@@ -59,7 +59,23 @@ INJECTIONS = [
     "a@example.com\x85",
 ]
 WRONG_TYPES: list[object] = [5, 1.5, True, [1], {"a": 1}, [[["x"]]]]
-BAD_ADDRESSES = ["", "not an address", "a@b@c", "@example.com", "a@", "<>", "a b@c"]
+BAD_ADDRESSES = [
+    "",
+    "not an address",
+    "a@b@c",
+    "@example.com",
+    "a@",
+    "<>",
+    "a b@c",
+    "../users/bob@example.com",
+    "bob@example.com/messages",
+    "?x=1",
+    "#frag",
+    "%2f",
+    "bob@example.com.",
+    "b\u043eb@example.com",
+    "\uff42\uff4f\uff42@example.com",
+]
 # A Message-ID far above the 998 characters that one header line can carry.
 HUGE_MESSAGE_ID = "<" + "a" * 100_000 + "@example.com>"
 BAD_TIMES = ["soon", "2024-13-45T00:00:00Z", "2024-03-10T01:30:00", "", "1700000000"]
@@ -129,6 +145,9 @@ def fireeye_bodies() -> Iterator[tuple[str, bytes]]:
             encoded(replaced(base, "alert.occurred", value)),
         )
     yield "fireeye-no-recipient", encoded(replaced(base, "alert.dst", {}))
+    for index, value in enumerate(BAD_ADDRESSES[7:]):
+        body = replaced(base, "alert.dst.smtp-to", [value])
+        yield f"fireeye-bad-address-{index}", encoded(body)
     yield (
         "fireeye-message-id-huge",
         encoded(replaced(base, "alert.smtp-message.id", HUGE_MESSAGE_ID)),
@@ -151,6 +170,11 @@ XML_ALERT = (
 
 def tap_bodies() -> Iterator[tuple[str, bytes]]:
     base = example("tap-delivered-phish.json")
+    for index, value in enumerate(BAD_ADDRESSES[7:]):
+        body = replaced(
+            base, "messagesDelivered.0.recipient", ["alice@example.com", value]
+        )
+        yield f"tap-bad-address-{index}", encoded(body)
     yield (
         "tap-message-id-huge",
         encoded(replaced(base, "messagesDelivered.0.messageID", HUGE_MESSAGE_ID)),
