@@ -69,7 +69,9 @@ class Metrics:
         )
         self.throttled = Counter(
             "autopull_platform_throttled",
-            "Pulls parked because the platform kept throttling, by platform.",
+            "Pulls parked because the platform kept throttling (429, 503 with "
+            "Retry-After, or a throttling code), by platform. Outages and server "
+            "errors are parked too but not counted here.",
             ["platform"],
             registry=self.registry,
         )
@@ -88,7 +90,7 @@ class Metrics:
         attempts = int(str(outcome["attempts"]))
         if attempts > 1:
             self.retries.labels(platform).inc(attempts - 1)
-        if status == "throttled":
+        if status == "throttled" and outcome.get("error_class") == "throttled":
             self.throttled.labels(platform).inc()
         seconds = outcome.get("seconds_from_alert")
         if status == "quarantined" and isinstance(seconds, float):

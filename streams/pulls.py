@@ -28,6 +28,7 @@ from autopull.connectors.errors import (
     ConnectorError,
     NotFoundError,
     PermanentError,
+    ThrottledError,
     TransientError,
 )
 from autopull.connectors.mail.base import (
@@ -423,9 +424,10 @@ def _parked(
     wait = error.retry_after if error.retry_after is not None else 60.0
     retry_at = utcnow() + timedelta(seconds=wait)
     log.warning(
-        "Pull parked after %d attempts with a transient error mailbox=%s "
-        "message_id=%s retry_at=%s error=%s",
+        "Pull parked after %d attempts error_class=%s mailbox=%s message_id=%s "
+        "retry_at=%s error=%s",
         attempts,
+        "throttled" if isinstance(error, ThrottledError) else "transient",
         command["mailbox"],
         command["message_id"],
         retry_at.isoformat(),
@@ -521,6 +523,10 @@ def _classify(
     if isinstance(error, AlreadyDoneError):
         done = "restored" if kind == "restore" else "already_quarantined"
         return done, "already_done"
+    # Both park the command under the status throttled, and the error class
+    # distinguishes a platform that asked to slow down from an outage or server error.
+    if isinstance(error, ThrottledError):
+        return "throttled", "throttled"
     if isinstance(error, TransientError):
         return "throttled", "transient"
     return "failed", "permanent"

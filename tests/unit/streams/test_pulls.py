@@ -2,7 +2,11 @@ import asyncio
 import dataclasses
 from datetime import UTC, datetime
 
+import httpx
 import pytest
+from kiota_abstractions.api_error import APIError
+from msgraph.generated.models.o_data_errors.main_error import MainError
+from msgraph.generated.models.o_data_errors.o_data_error import ODataError
 
 from autopull.connectors.errors import (
     NotFoundError,
@@ -10,6 +14,8 @@ from autopull.connectors.errors import (
     ThrottledError,
 )
 from autopull.connectors.mail.base import MailPlatform, MessageCopy, QuarantineResult
+from autopull.connectors.mail.graph import map_graph_error
+from autopull.streams.metrics import Metrics
 from autopull.streams.pulls import RetryPolicy, execute, execute_many
 
 FAST = RetryPolicy(max_attempts=3, max_wait_seconds=0.05, base_wait_seconds=0.001)
@@ -90,6 +96,54 @@ async def test_throttling_past_attempts_parks_command():
     assert result.parked is not None
     assert result.parked["attempt"] == 2
     assert result.parked["not_before"] == result.outcome["retry_at"]
+
+
+def graph_error(status, code="", retry_after=None):
+    """Return what msgraph-sdk raises for a status, with an OData body when coded."""
+    if not code:
+        return APIError("The error body could not be parsed", status, {})
+    error = ODataError(error=MainError(code=code, message=f"{code} happened."))
+    error.response_status_code = status
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    error.response_headers = httpx.Headers(headers)
+    return error
+
+
+REQUEST = httpx.Request("GET", "http://127.0.0.1:9/v1.0/users/alice@example.com")
+
+# Upstream errors of a pull that keeps failing, the outcome's error class, and
+# whether the throttled metric counts it.
+PARKED_CASES = [
+    ("429", graph_error(429, "TooManyRequests", "1"), "throttled", True),
+    ("503 retry-after", graph_error(503, "ServiceUnavailable", "1"), "throttled", True),
+    ("throttling code", graph_error(500, "ErrorServerBusy", "1"), "throttled", True),
+    ("connect", httpx.ConnectError("refused", request=REQUEST), "transient", False),
+    ("500 empty body", graph_error(500), "transient", False),
+    ("503 plain", graph_error(503, "ServiceUnavailable"), "transient", False),
+    ("read timeout", httpx.ReadTimeout("slow", request=REQUEST), "transient", False),
+]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "error_class", "counted"),
+    [case[1:] for case in PARKED_CASES],
+    ids=[case[0] for case in PARKED_CASES],
+)
+async def test_parked_pull_error_class(upstream, error_class, counted):
+    errors = [map_graph_error(upstream, mailbox="alice@example.com") for _ in range(3)]
+    platform = ScriptedPlatform(*errors)
+    metrics = Metrics()
+
+    result = await execute(command(), lambda m: platform, FAST)
+    metrics.record_outcome(result.outcome)
+
+    assert result.outcome["status"] == "throttled"
+    assert result.outcome["error_class"] == error_class
+    assert result.parked is not None
+    throttled = metrics.registry.get_sample_value(
+        "autopull_platform_throttled_total", {"platform": "scripted"}
+    )
+    assert throttled == (1.0 if counted else None)
 
 
 async def test_permanent_error_fails_without_retry():
