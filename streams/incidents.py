@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from autopull.streams.scoring import score_alert, total
 SEVERITY = {"malware": 4, "phish": 3, "impostor": 2, "spam": 1, "unknown": 0}
 # Verdicts that take back an earlier one: the copies it caused to be pulled go back.
 WITHDRAWN_STATUSES = frozenset({"cleared", "false_positive"})
+WITHDRAWN_RULE = "verdict-withdrawn"
 
 
 class DecisionLike(Protocol):
@@ -43,6 +45,19 @@ class DecisionLike(Protocol):
 
 
 Decide = Callable[[Record, list[Record]], Sequence[DecisionLike]]
+
+
+@dataclass(frozen=True)
+class _Withdrawn:
+    """The skip decision for a copy whose verdict was withdrawn before any pull."""
+
+    mailbox: str
+    message_id: str
+    reason: str
+    action: str = "skip"
+    rule: str = WITHDRAWN_RULE
+
+
 # Returns the MessageSearch record of an alert without a usable Message-ID, else None.
 Searcher = Callable[[Record], Record | None]
 
@@ -98,7 +113,8 @@ def apply_alert(
     _add_alert_facts(incident, alert)
     _update_score(incident, enriched)
     if alert["threat_status"] in WITHDRAWN_STATUSES:
-        commands = _withdraw(incident, alert, search, now)
+        mailboxes = [r["mailbox"] for r in enriched["recipients"]]
+        commands = _withdraw(incident, alert, search, mailboxes, now)
         _update_state(incident, now)
         return commands
 
@@ -112,9 +128,14 @@ def apply_alert(
         if entry is None:
             entry = _pull_entry(decision, alert, kind, search)
             incident["pulls"].append(entry)
-        elif entry["action"] == "skip" and decision.action == "pull":
+        elif (
+            entry["action"] == "skip"
+            and decision.action == "pull"
+            and entry["rule"] != WITHDRAWN_RULE
+        ):
             # A copy another alert skipped (a blocked click, say) is pulled once
-            # an alert calls for it. A held copy keeps waiting for its approval.
+            # an alert calls for it. A held copy keeps waiting for its approval,
+            # and a copy whose verdict was withdrawn is not pulled again.
             entry.update(_pull_entry(decision, alert, kind, search))
         else:
             continue
@@ -193,6 +214,32 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
     return True
 
 
+def restores_due(incident: Record, outcome: Record) -> list[Record]:
+    """Return the restore command for a copy quarantined after its verdict changed.
+
+    A withdrawn verdict that arrives while the quarantine is in flight marks the
+    pull entry, and the quarantined outcome then calls for the restore.
+    """
+    entry = _find_pull(incident, outcome["mailbox"], outcome["message_id"])
+    if entry is None or not entry.get("withdrawn") or entry["undone"]:
+        return []
+    if outcome["kind"] != "quarantine" or outcome["status"] not in PULLED_STATUSES:
+        return []
+
+    # The mark stays until the restore succeeds, so an outcome replayed after a
+    # crash that lost the restore command issues it again.
+    now = utcnow()
+    incident["history"].append(
+        _history(
+            now,
+            "verdict withdrawn",
+            f"{entry['mailbox']}: quarantined after the verdict was withdrawn, so it "
+            "is restored.",
+        )
+    )
+    return [_command_for(incident, entry, "restore", now)]
+
+
 def apply_command(incident: Record, command: Record) -> list[Record]:
     """Apply a person's command (approve, reject, release, comment, close).
 
@@ -251,20 +298,44 @@ def apply_exposure(incident: Record, exposure: Record) -> None:
 
 
 def _withdraw(
-    incident: Record, alert: Record, search: Record | None, now: datetime
+    incident: Record,
+    alert: Record,
+    search: Record | None,
+    mailboxes: list[str],
+    now: datetime,
 ) -> list[Record]:
-    """Restore the copies of a message whose verdict was withdrawn; drop its holds."""
+    """Restore the copies of a message whose verdict was withdrawn; drop its holds.
+
+    The alerts of one source can arrive out of order, because each poll window is
+    a record of its own, so a withdrawal may come before the alert that calls for
+    the pull. Each named mailbox without a pull entry then gets a skipped one,
+    which a later pull decision for the message leaves alone.
+    """
+    # NOTE: so a verdict that the source re-activates after withdrawing it pulls
+    # nothing more in this incident. Alerts carry no threat time to order them by.
     commands = []
     status = alert["threat_status"]
     message_id = alert["message_id"] or (search_key(search) if search else "")
+    for mailbox in mailboxes:
+        if _find_pull(incident, mailbox, message_id) is None:
+            reason = (
+                f"The verdict changed to {status} before any alert called for a "
+                "pull, so nothing is pulled."
+            )
+            withdrawn = _Withdrawn(mailbox, message_id, reason)
+            incident["pulls"].append(_pull_entry(withdrawn, alert, "original", search))
     for entry in incident["pulls"]:
         if entry["message_id"] != message_id:
             continue
         if entry["status"] in PULLED_STATUSES and not entry["undone"]:
             commands.append(_command_for(incident, entry, "restore", now))
         elif entry["status"] == "held":
-            entry.update(action="skip", status="skipped", rule="verdict-withdrawn")
+            entry.update(action="skip", status="skipped", rule=WITHDRAWN_RULE)
             entry["reason"] = f"The verdict changed to {status}, so nothing is pulled."
+        elif entry["action"] == "pull" and entry["status"] not in FINAL_STATUSES:
+            # The quarantine is still in flight (or parked after throttling), so
+            # the copy is restored once its outcome reports it quarantined.
+            entry["withdrawn"] = True
     incident["history"].append(
         _history(
             now,
@@ -361,6 +432,7 @@ def _pull_entry(
         "search": search,
         "resolved_message_id": None,
         "candidates": [],
+        "withdrawn": False,
     }
 
 

@@ -43,6 +43,7 @@ from autopull.streams.incidents import (
     apply_outcome,
     incident_mailboxes,
     new_incident,
+    restores_due,
 )
 from autopull.streams.policy import decide, message_search
 from autopull.streams.pulls import (
@@ -329,6 +330,7 @@ def _incident_agent(pipe: Pipeline) -> None:
                     incident_id,
                     change["outcome"]["mailbox"],
                 )
+            commands = restores_due(incident, change["outcome"])
         elif change["kind"] == "exposure" and change["exposure"]:
             if incident is None:
                 # NOTE: exposure is derived from the recipient windows and is sent

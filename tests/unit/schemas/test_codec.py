@@ -221,6 +221,7 @@ INCIDENT: dict[str, Any] = {
             "search": None,
             "resolved_message_id": None,
             "candidates": [],
+            "withdrawn": False,
         }
     ],
     "history": [

@@ -9,6 +9,7 @@ from autopull.streams.incidents import (
     apply_outcome,
     incident_id_for,
     new_incident,
+    restores_due,
 )
 
 RECEIVED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
@@ -205,6 +206,60 @@ def test_cleared_verdict_drops_held_copies():
     apply_alert(incident, enriched(), hold_all)
     assert apply_alert(incident, cleared(), pull_all) == []
     assert {p["status"] for p in incident["pulls"]} == {"skipped"}
+
+
+def test_cleared_during_quarantine_restores_after():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+
+    commands = apply_alert(incident, cleared(), pull_all)
+    assert [(c["kind"], c["mailbox"]) for c in commands] == [
+        ("restore", "alice@example.com")
+    ]
+    assert [p["withdrawn"] for p in incident["pulls"]] == [False, True]
+
+    late = outcome("bob@example.com", "quarantined")
+    assert apply_outcome(incident, late)
+    restores = restores_due(incident, late)
+    assert [(c["kind"], c["mailbox"]) for c in restores] == [
+        ("restore", "bob@example.com")
+    ]
+    # A replay of the outcome issues the same restore again until it succeeded.
+    assert restores_due(incident, late) == restores
+    apply_outcome(incident, outcome("bob@example.com", "restored", kind="restore"))
+    assert restores_due(incident, late) == []
+
+
+def test_withdrawal_before_pull_alert_pulls_nothing():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+
+    assert apply_alert(incident, cleared(), pull_all) == []
+    commands = apply_alert(incident, enriched("tap:late-active"), pull_all)
+
+    assert commands == []
+    assert [p["action"] for p in incident["pulls"]] == ["skip", "skip"]
+    assert {p["rule"] for p in incident["pulls"]} == {"verdict-withdrawn"}
+    assert incident["pulls"][0]["reason"].startswith("The verdict changed to cleared")
+
+
+def test_restores_due_ignores_unwithdrawn_copies():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    done = outcome("alice@example.com", "quarantined")
+    apply_outcome(incident, done)
+
+    assert restores_due(incident, done) == []
+
+
+def test_withdrawn_copy_not_found_needs_no_restore():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_alert(incident, cleared(), pull_all)
+    missing = outcome("alice@example.com", "not_found")
+    apply_outcome(incident, missing)
+
+    assert restores_due(incident, missing) == []
 
 
 def test_restore_outcomes_mark_incident_restored():
