@@ -289,8 +289,10 @@ def post_alerts(contract: Contract, base: str) -> None:
         ("tap", b"{" + b" " * (1024 * 1024) + b"}", token, 413),
     ]
     for source, content, headers, expected in requests:
+        # The webhook answers once Kafka acknowledged the alert, or after its own
+        # 30-second wait, so the client waits longer than that.
         response = httpx.post(
-            f"{base}/alerts/{source}", content=content, headers=headers
+            f"{base}/alerts/{source}", content=content, headers=headers, timeout=60
         )
         contract.check(path, "post", response)
         assert response.status_code == expected, response.text
@@ -346,7 +348,7 @@ def send_commands(contract: Contract, base: str, incident_id: str) -> None:
     for target, action, body, key, expected in requests:
         url = f"{base}/api/incidents/{target}/{action}"
         headers = auth(key) if key else {}
-        response = httpx.post(url, json=body, headers=headers)
+        response = httpx.post(url, json=body, headers=headers, timeout=60)
         contract.check(path, "post", response)
         assert response.status_code == expected, response.text
 

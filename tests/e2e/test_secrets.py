@@ -139,6 +139,11 @@ def all_topic_bytes(settings: Settings) -> bytes:
     return bytes(data)
 
 
+# The webhook answers only once Kafka acknowledged the alert, or after its own
+# 30-second wait, so the client waits longer than that.
+WEBHOOK_TIMEOUT_SECONDS = 60.0
+
+
 def test_secrets_never_leave_the_worker(
     pipeline_settings: Settings, graph_sim: Any, start_api_worker: Any, tmp_path: Path
 ) -> None:
@@ -166,6 +171,7 @@ def test_secrets_never_leave_the_worker(
             "Authorization": f"Bearer {SECRETS['webhook_token']}",
             "Content-Type": "application/json",
         },
+        timeout=WEBHOOK_TIMEOUT_SECONDS,
     )
     assert good.status_code == 202
     wrong = httpx.post(

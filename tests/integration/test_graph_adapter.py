@@ -204,7 +204,7 @@ async def test_find_missing_mailbox_fails(graph: GraphPlatform) -> None:
         await graph.find("nobody@example.com", M1)
 
     assert caught.value.mailbox == "nobody@example.com"
-    assert "no mailbox" in str(caught.value)
+    assert "found no user for mailbox nobody@example.com" in str(caught.value)
 
 
 async def test_find_ignores_brackets_and_space(graph: GraphPlatform) -> None:

@@ -53,6 +53,8 @@ PULL_OUTCOME: dict[str, Any] = {
     "recipient_type": "original",
     "alert_id": "tap:f6a1c7f2",
     "retry_at": STARTED + timedelta(seconds=30),
+    "resolved_message_id": None,
+    "candidates": [],
 }
 
 
