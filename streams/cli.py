@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from autopull.connectors.sources.detect import format_names
 from autopull.streams.logs import logging_config
 from autopull.streams.policy_file import PolicyError
 from autopull.streams.settings import (
@@ -19,6 +20,12 @@ from autopull.streams.settings import (
     load_settings,
 )
 from autopull.streams.views import INCIDENT_STATES
+
+FORMAT_NAMES = format_names()
+SOURCE_HELP = (
+    f"Alert format of every file ({', '.join(FORMAT_NAMES)}); default: detected "
+    "per file."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,14 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         "ingest", help="Send alert files (or standard input) to the raw alerts topic."
     )
     ingest.add_argument("files", nargs="*", help="Alert files; - or none reads stdin.")
-    ingest.add_argument("--source", help="Source of the alerts (tap); default: detect.")
+    ingest.add_argument("--source", choices=FORMAT_NAMES, help=SOURCE_HELP)
 
     plan = commands.add_parser(
         "plan",
         help="Print what would be pulled from which mailbox and why, without Kafka.",
     )
     plan.add_argument("files", nargs="+", help="Alert files; - reads stdin.")
-    plan.add_argument("--source", help="Source of the alerts (tap); default: detect.")
+    plan.add_argument("--source", choices=FORMAT_NAMES, help=SOURCE_HELP)
     plan.add_argument(
         "--json", action="store_true", help="Print one JSON object per decision."
     )

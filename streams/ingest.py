@@ -2,7 +2,8 @@
 
 Nothing is parsed here beyond detecting the source: an alert that cannot be used
 still goes to Kafka, where the normalize agent turns it into a dead letter with a
-reason, so no input is lost. Only input over the size limit is refused at the door.
+reason, so no input is lost. Only input over the size limit, an empty input and
+an unknown format name are rejected at the door.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pathlib import Path
 from confluent_kafka import KafkaError, Message, Producer
 
 from autopull.connectors.sources.common import load_json
-from autopull.connectors.sources.detect import detect_format
-from autopull.connectors.sources.exceptions import InvalidAlertError
+from autopull.connectors.sources.detect import detect_format, get_format
+from autopull.connectors.sources.exceptions import (
+    InvalidAlertError,
+    UnknownFormatError,
+)
 from autopull.schemas import AvroCodec
 from autopull.streams.commands import KAFKA_PARTITIONER
 from autopull.streams.records import utcnow
@@ -25,6 +29,8 @@ from autopull.streams.settings import Settings
 from autopull.streams.topics import full_name
 
 log = logging.getLogger(__name__)
+
+STDIN_NAME = "<stdin>"
 
 
 class IngestError(Exception):
@@ -40,25 +46,36 @@ class Input:
 
 
 def read_input(path: str, limit: int) -> Input:
-    """Read one file (or `-` for standard input), refusing bodies over `limit` bytes."""
+    """Read one file (or `-` for standard input), rejecting bodies over `limit` bytes.
+
+    An empty body is rejected too, as the webhook rejects an empty request.
+    """
+    name = STDIN_NAME if path == "-" else path
     if path == "-":
         body = sys.stdin.buffer.read(limit + 1)
     else:
         file = Path(path)
+        if file.is_dir():
+            raise IngestError(
+                f"{path}: this is a directory, not an alert file. Name the files in "
+                f"it, such as {file / '*.json'}."
+            )
         if not file.is_file():
             raise IngestError(f"{path}: the file was not found.")
         size = file.stat().st_size
         if size > limit:
             raise IngestError(
-                f"{path}: the file is {size} bytes, above the ingest limit of {limit} "
-                "bytes; split it or raise AUTOPULL_INGEST_MAX_BYTES."
+                f"{path}: the file is {size:,} bytes, above the ingest limit of "
+                f"{limit:,} bytes; split it or raise AUTOPULL_INGEST_MAX_BYTES."
             )
         body = file.read_bytes()
     if len(body) > limit:
         raise IngestError(
-            f"{path}: the input is larger than the ingest limit of {limit} bytes; "
+            f"{name}: the input is larger than the ingest limit of {limit:,} bytes; "
             "split it or raise AUTOPULL_INGEST_MAX_BYTES."
         )
+    if not body:
+        raise IngestError(f"{name}: the input is empty. Send one alert.")
     return Input(path, body)
 
 
@@ -134,7 +151,17 @@ class RawSender:
 
 
 def run_ingest(paths: list[str], settings: Settings, source: str | None) -> int:
-    """Send every input to alerts.raw; return the process exit code."""
+    """Send every input to alerts.raw; return the process exit code.
+
+    `source` must name a registered alert format, or be None to detect it per input.
+    An unknown name gives exit code 2 before anything is read or sent.
+    """
+    if source is not None:
+        try:
+            get_format(source)
+        except UnknownFormatError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     sender = RawSender(settings)
     failed = 0
     sent = 0

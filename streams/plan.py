@@ -21,7 +21,8 @@ from rich.table import Table
 from rich.text import Text
 
 from autopull.connectors.errors import AutopullError
-from autopull.connectors.sources.detect import parse_alert
+from autopull.connectors.sources.detect import get_format, parse_alert
+from autopull.connectors.sources.exceptions import UnknownFormatError
 from autopull.streams.policy import Decision, PolicySettings, decide
 from autopull.streams.scoring import score_single_alert
 
@@ -97,8 +98,8 @@ def run_plan(
 
     With `json_output`, each decision is one JSON object per line. Otherwise the
     decisions form a table. Files that cannot be used get an error line on stderr and
-    exit code 1, after the decisions of the other files are printed. No paths gives
-    exit code 2.
+    exit code 1, after the decisions of the other files are printed. No paths, or a
+    `source` that names no registered format, gives exit code 2.
     """
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
@@ -106,12 +107,20 @@ def run_plan(
         print("error: no alert files given. Name files, or - for stdin.", file=err)
         return 2
 
+    if source is not None:
+        try:
+            get_format(source)
+        except UnknownFormatError as unknown:
+            print(f"error: {unknown}", file=err)
+            return 2
+
     decisions, errors = plan_files(
         paths, settings, source, max_bytes=max_bytes, stdin=stdin
     )
     if json_output:
         _print_json(decisions, out)
-    else:
+    elif decisions or not errors:
+        # A table without rows would only precede the errors.
         _print_table(decisions, out)
 
     for error in errors:
@@ -130,7 +139,7 @@ def _read_alert(path: str, max_bytes: int, stdin: BinaryIO | None) -> bytes:
                 f"The input is more than {max_bytes:,} bytes, larger than {limit}. "
                 "Split it into smaller alerts."
             )
-        return body
+        return _non_empty(body)
 
     try:
         with open(path, "rb") as file:
@@ -152,6 +161,13 @@ def _read_alert(path: str, max_bytes: int, stdin: BinaryIO | None) -> bytes:
             f"The file is more than {max_bytes:,} bytes, larger than {limit}. "
             "Split it into smaller alerts."
         )
+    return _non_empty(body)
+
+
+def _non_empty(body: bytes) -> bytes:
+    # An empty body is no alert, as the webhook and `autopull ingest` reject it too.
+    if not body:
+        raise _UnusableFileError("The input is empty. Send one alert.")
     return body
 
 

@@ -280,7 +280,7 @@ def test_run_plan_unknown_source_reports(tmp_path: Path) -> None:
 
     code, out, err = run([path], source="syslog")
 
-    assert code == 1
+    assert code == 2
     assert out == ""
     assert (
         "The alert format 'syslog' is unknown. Use one of: tap, fireeye, generic."
