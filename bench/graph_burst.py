@@ -1,6 +1,6 @@
 """Benchmark a Graph quarantine burst: one campaign in ten thousand mailboxes.
 
-Builds a simulated Microsoft 365 tenant in which every user mailbox holds one copy
+Builds a simulated Microsoft 365 tenant in which every user mailbox has one copy
 of one campaign message, and quarantines all of them through the product's pull
 path (`autopull.streams.pulls.execute_many`, which sends the quarantines as one
 burst through `GraphPlatform.quarantine_many`). The Graph simulator applies a fixed
@@ -167,7 +167,9 @@ async def timed_run(options: argparse.Namespace, mailboxes: int, *, burst: bool)
             client_id=CLIENT_ID,
             client_secret=CLIENT_SECRET,
             quarantine_mailbox=QUARANTINE_MAILBOX,
-            max_connections=options.batches_in_flight,
+            # Room beyond the batches, so that the evidence copy's own requests
+            # never queue for a connection behind a phase's batches.
+            max_connections=options.batches_in_flight + 100,
             max_batches_in_flight=options.batches_in_flight,
             request_timeout=600,
         )

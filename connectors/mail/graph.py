@@ -110,7 +110,9 @@ class GraphSettings(BaseModel):
     each HTTP request times out after `request_timeout` seconds. A burst of
     quarantines sends JSON batches, at most `max_batches_in_flight` at once over at
     most `max_connections` connections, and retries a throttled request of a batch
-    alone up to `batch_max_attempts` times.
+    alone up to `batch_max_attempts` times. `max_connections` should exceed
+    `max_batches_in_flight`, or single requests such as the evidence copy's queue
+    behind the batches for a connection.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
