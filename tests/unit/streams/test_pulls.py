@@ -491,3 +491,13 @@ async def test_burst_leaves_quarantine_mailbox_out():
         "skipped",
         "already_quarantined",
     ]
+
+
+async def test_execute_many_leaves_searches_to_execute():
+    platform = BurstPlatform({"a@x": copy_of("a@x"), "c@x": copy_of("c@x")})
+    searched = dict(command_for("b@x"), search={"senders": ["s@x"]})
+    commands = [command_for("a@x"), searched, command_for("c@x")]
+
+    await execute_many(commands, lambda m: platform, FAST)
+
+    assert platform.bursts == [["a@x", "c@x"]]
