@@ -2,11 +2,12 @@
 
 Campaign and message windows are hopping windows (24 hours in steps of 1 hour by
 default). When the first alert of a key arrives at time t, its incident is written
-into every window that contains t, so the incident covers the hour-aligned span
-from `floor(t) - size + step` to `floor(t) + size`. A later alert inside that span
-joins the incident, and so does an earlier one that arrives out of order. An alert
-outside it opens a new incident. Joining alerts write nothing, so a campaign costs
-one table write per window only when its incident opens.
+into the window that starts at the hour of t, one table write. An alert at time t2
+looks at every window that starts within one window size, less one step, of the
+hour of t2, before or after it. So the incident covers the hour-aligned span from
+`floor(t) - size + step` to `floor(t) + size`: a later alert inside that span joins
+it, and so does an earlier one that arrives out of order. An alert outside it opens
+a new incident. Joining alerts write nothing.
 
 Recipient windows are tumbling windows keyed by mailbox that keep the distinct
 messages, clicks and campaigns each person received.
@@ -38,7 +39,12 @@ CLICK_CLASSES = frozenset({"click_permitted", "click_blocked"})
 class WindowLike(Protocol):
     """The part of a Faust window (hopping or tumbling) that grouping reads."""
 
+    size: float
+    step: float
+
     def ranges(self, timestamp: float) -> list[WindowRange]: ...
+
+    def current(self, timestamp: float) -> WindowRange: ...
 
 
 class WindowedTableLike(Protocol):
@@ -60,24 +66,31 @@ class IncidentWindows:
         self.window = window
 
     def find(self, key: str, at: float) -> Record | None:
-        """Return the entry of the earliest incident whose windows contain `at`."""
-        found: Record | None = None
-        for window_range in self.window.ranges(at):
-            entry = self.raw.get((key, window_range))
-            if entry is None:
-                continue
-            if found is None or entry["opened_at"] < found["opened_at"]:
-                found = entry
-        return found
+        """Return the entry of the earliest incident whose span contains `at`."""
+        # A window holds at most one incident, opened within its first step, so the
+        # first entry in the order of window starts is the earliest incident.
+        for window_range in self._neighbours(at):
+            entry: Record | None = self.raw.get((key, window_range))
+            if entry is not None:
+                return entry
+        return None
 
     def open(self, key: str, at: float, incident_id: str) -> Record:
-        """Write an incident into every window that contains `at` and lacks one."""
+        """Write an incident into the window that starts at the step containing `at`."""
         entry = {"incident_id": incident_id, "opened_at": at}
-        windows = self.windowed[key]
-        for window_range in self.window.ranges(at):
-            if self.raw.get((key, window_range)) is None:
-                windows[window_range] = entry
+        self.windowed[key][self.window.current(at)] = entry
         return entry
+
+    def _neighbours(self, at: float) -> list[WindowRange]:
+        # The windows that start up to one size less one step before or after the
+        # window of `at`. Faust's own ranges() gives only the earlier half.
+        size, step = self.window.size, self.window.step
+        start = self.window.current(at)[0]
+        count = round(size / step)
+        return [
+            self.window.current(start + offset * step)
+            for offset in range(1 - count, count)
+        ]
 
     def join(
         self, key: str, at: float, proposed: str | None = None

@@ -86,7 +86,6 @@ def new_incident(incident_id: str, campaign_key: str, at: datetime) -> Record:
         "targets": [],
         "attackers": [],
         "pulls": [],
-        "exposures": [],
         "history": [],
         "custom_fields": {},
     }
@@ -281,20 +280,6 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     incident["history"].append(_history(now, action, detail, actor))
     _update_state(incident, now)
     return commands
-
-
-def apply_exposure(incident: Record, exposure: Record) -> None:
-    """Keep the latest exposure of each mailbox on `incident`.
-
-    An exposure from an older recipient window than the one kept is ignored.
-    """
-    mailbox = exposure["mailbox"]
-    others = [e for e in incident["exposures"] if e["mailbox"] != mailbox]
-    current = [e for e in incident["exposures"] if e["mailbox"] == mailbox]
-    if current and current[0]["window_start"] > exposure["window_start"]:
-        return
-    incident["exposures"] = [*others, exposure]
-    incident["updated_at"] = utcnow()
 
 
 def _withdraw(

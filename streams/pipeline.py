@@ -4,7 +4,7 @@ normalize: alerts.raw -> alerts.normalized (or alerts.dead)
 enrich:    alerts.normalized -> alerts.enriched, keyed by campaign
 group:     alerts.enriched -> alerts.grouped, campaign windows (hopping)
 link:      alerts.grouped -> incident.events and alerts.by_mailbox, message windows
-exposure:  alerts.by_mailbox -> incident.events, recipient windows (tumbling)
+exposure:  alerts.by_mailbox -> exposures, recipient windows (tumbling)
 incident:  incident.events -> incidents table and topic, pull.commands
 pull:      pull.commands -> pull.outcomes (batches, no table writes)
 outcomes:  pull.outcomes -> quarantine ledger, incident.events
@@ -39,7 +39,6 @@ from autopull.streams.incidents import (
     DecisionLike,
     apply_alert,
     apply_command,
-    apply_exposure,
     apply_outcome,
     incident_mailboxes,
     new_incident,
@@ -264,12 +263,7 @@ def _exposure_agent(pipe: Pipeline) -> None:
             return
 
         pipe.recipient_windows[mailbox][window_range] = updated
-        exposure = records.incident_event(
-            change["incident_id"],
-            "exposure",
-            exposure=exposure_record(mailbox, updated),
-        )
-        await pipe.send("incident.events", change["incident_id"], exposure)
+        await pipe.send("exposures", mailbox, exposure_record(mailbox, updated))
 
     @pipe.app.agent(pipe.topics["alerts.by_mailbox"], name="exposure")
     async def exposure(stream: StreamT) -> None:
@@ -331,17 +325,6 @@ def _incident_agent(pipe: Pipeline) -> None:
                     change["outcome"]["mailbox"],
                 )
             commands = restores_due(incident, change["outcome"])
-        elif change["kind"] == "exposure" and change["exposure"]:
-            if incident is None:
-                # NOTE: exposure is derived from the recipient windows and is sent
-                # again with the mailbox's next alert, so an early one is dropped.
-                log.warning(
-                    "Exposure dropped, incident not found incident_id=%s mailbox=%s",
-                    incident_id,
-                    change["exposure"]["mailbox"],
-                )
-                return
-            apply_exposure(incident, change["exposure"])
         elif change["kind"] == "command" and change["command"] and incident:
             commands = apply_command(incident, change["command"])
             log.info(

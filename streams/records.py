@@ -74,7 +74,6 @@ def incident_event(
     outcome: Record | None = None,
     finding: Record | None = None,
     command: Record | None = None,
-    exposure: Record | None = None,
 ) -> Record:
     """Build an IncidentEvent record for the incident agent."""
     return {
@@ -85,5 +84,4 @@ def incident_event(
         "outcome": outcome,
         "finding": finding,
         "command": command,
-        "exposure": exposure,
     }

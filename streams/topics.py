@@ -47,6 +47,8 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         # and again once per recipient keyed by mailbox.
         TopicSpec("alerts.grouped", "IncidentEvent"),
         TopicSpec("alerts.by_mailbox", "IncidentEvent"),
+        # The latest counts of each mailbox's recipient window, for SIEMs.
+        TopicSpec("exposures", "Exposure", {"cleanup.policy": "compact"}),
         TopicSpec("incident.events", "IncidentEvent"),
         TopicSpec(
             "incidents",

@@ -232,7 +232,6 @@ INCIDENT: dict[str, Any] = {
             "actor": "autopull",
         }
     ],
-    "exposures": [],
     "custom_fields": {"ticket": "SEC-1182"},
 }
 
@@ -253,7 +252,6 @@ INCIDENT_EVENT_ALERT: dict[str, Any] = {
     "outcome": None,
     "finding": None,
     "command": None,
-    "exposure": None,
 }
 
 INCIDENT_EVENT_OUTCOME: dict[str, Any] = {
@@ -270,7 +268,6 @@ INCIDENT_EVENT_OUTCOME: dict[str, Any] = {
         "message_id": MESSAGE_ID,
         "text": "confirmed phish",
     },
-    "exposure": EXPOSURE,
 }
 
 DEAD_LETTER: dict[str, Any] = {

@@ -2,7 +2,8 @@
 
 The agents run on the memory store without a broker. Their sends are recorded
 instead of produced, and each recorded value is fed, as its encoded bytes, to the
-next agent, so the chain runs as it does on Kafka but in one process.
+next agent, so the chain runs as it does on Kafka but in one process. Records for
+topics no agent of the chain reads, such as exposures, stay in `Chain.sent`.
 """
 
 from __future__ import annotations
@@ -140,6 +141,20 @@ async def test_campaign_alerts_share_incident(chain: Chain) -> None:
     assert incident_of(chain, "tap:event-1") == incident_of(chain, "tap:event-2")
 
 
+async def test_incident_opens_one_window(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED + timedelta(minutes=5), 1))
+    await chain.feed(await tap(OPENED + timedelta(hours=2), 2))
+
+    campaign_windows = dict(chain.pipe.campaign_windows.raw.items())
+    assert len(campaign_windows) == 1
+    (key, window_range), entry = next(iter(campaign_windows.items()))
+    assert key == "campaign:8a285c6c-bb1e-5f0e-9812-9944f7ba1765"
+    assert window_range[0] == OPENED.timestamp()
+    assert entry["opened_at"] == (OPENED + timedelta(minutes=5)).timestamp()
+    # Each message opens its own message window.
+    assert len(dict(chain.pipe.message_windows.raw.items())) == 2
+
+
 async def test_window_edge_second_before_joins(chain: Chain) -> None:
     # The incident opened at 09:05 covers up to 09:00 the next day.
     await chain.feed(await tap(OPENED + timedelta(minutes=5), 1))
@@ -259,36 +274,66 @@ async def test_replayed_alert_changes_nothing(chain: Chain) -> None:
     assert after[next(iter(after))]["alert_ids"] == ["tap:event-1"]
 
 
+def exposures(chain: Chain, mailbox: str) -> list[dict[str, Any]]:
+    """Return the Exposure records sent for `mailbox`, in order, decoded."""
+    codec = chain.pipe.codecs["exposures"]
+    return [
+        codec.loads(codec.dumps(value))
+        for topic, key, value in chain.sent
+        if topic == "exposures" and key == mailbox
+    ]
+
+
 async def test_exposure_counts_messages_per_mailbox(chain: Chain) -> None:
     await chain.feed(await tap(OPENED, 1))
     await chain.feed(await tap(OPENED + timedelta(hours=1), 2))
 
-    incident = next(iter(chain.incidents().values()))
-    exposures = {e["mailbox"]: e for e in incident["exposures"]}
-    assert set(exposures) == {
-        "alice@example.com",
-        "bob@example.com",
-        "carol@example.com",
-    }
-    alice = exposures["alice@example.com"]
-    assert alice["messages"] == 2
-    assert alice["clicks"] == 0
-    assert alice["campaigns"] == 1
-    assert alice["window_start"] == datetime(2026, 12, 1, tzinfo=UTC)
-    assert alice["window_end"] == datetime(2026, 12, 2, tzinfo=UTC)
+    for mailbox in ("alice@example.com", "bob@example.com", "carol@example.com"):
+        assert len(exposures(chain, mailbox)) == 2
+    first, second = exposures(chain, "alice@example.com")
+    assert first["messages"] == 1
+    assert second["messages"] == 2
+    assert second["clicks"] == 0
+    assert second["campaigns"] == 1
+    assert second["window_start"] == datetime(2026, 12, 1, tzinfo=UTC)
+    assert second["window_end"] == datetime(2026, 12, 2, tzinfo=UTC)
 
 
 async def test_exposure_window_resets_next_day(chain: Chain) -> None:
     await chain.feed(await tap(OPENED, 1))
     await chain.feed(await tap(OPENED + timedelta(hours=20), 2))
 
-    incident = next(iter(chain.incidents().values()))
-    alice = next(
-        e for e in incident["exposures"] if e["mailbox"] == "alice@example.com"
-    )
     # 09:00 and 05:00 the next day fall in two tumbling windows of one day each.
-    assert alice["window_start"] == datetime(2026, 12, 2, tzinfo=UTC)
-    assert alice["messages"] == 1
+    latest = exposures(chain, "alice@example.com")[-1]
+    assert latest["window_start"] == datetime(2026, 12, 2, tzinfo=UTC)
+    assert latest["messages"] == 1
+
+
+async def test_exposure_counts_clicks(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED, 1))
+    await chain.feed(
+        await enriched(
+            "tap-delivered-phish.json",
+            OPENED + timedelta(minutes=30),
+            alert_id="tap:click-1",
+            message_id="message-1@billing-example.net",
+            event_class="click_permitted",
+            clicker="alice@example.com",
+            recipients=["alice@example.com"],
+        )
+    )
+
+    latest = exposures(chain, "alice@example.com")[-1]
+    assert latest["messages"] == 1
+    assert latest["clicks"] == 1
+
+
+async def test_exposure_replay_sends_nothing(chain: Chain) -> None:
+    alert = await tap(OPENED, 1)
+    await chain.feed(alert)
+    await chain.feed(alert)
+
+    assert len(exposures(chain, "alice@example.com")) == 1
 
 
 async def test_exposure_counts_distinct_campaigns(chain: Chain) -> None:
@@ -303,12 +348,10 @@ async def test_exposure_counts_distinct_campaigns(chain: Chain) -> None:
         )
     )
 
-    incidents = list(chain.incidents().values())
-    assert len(incidents) == 2
-    latest = next(i for i in incidents if "tap:other-campaign" in i["alert_ids"])
-    alice = next(e for e in latest["exposures"] if e["mailbox"] == "alice@example.com")
-    assert alice["campaigns"] == 2
-    assert alice["messages"] == 2
+    assert len(chain.incidents()) == 2
+    latest = exposures(chain, "alice@example.com")[-1]
+    assert latest["campaigns"] == 2
+    assert latest["messages"] == 2
 
 
 CAMPAIGN_POLICY = """
