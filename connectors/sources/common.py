@@ -341,12 +341,11 @@ def _check_look_alike(address: str, normalized: str, value: str, field: str) -> 
 
 def normalize_addresses(values: Iterable[str], *, field: str) -> list[str]:
     """Normalize each address and drop repeats, keeping the first occurrence's place."""
-    addresses: list[str] = []
+    # A dict keeps the order, and checks repeats in constant time for long lists.
+    addresses: dict[str, None] = {}
     for value in values:
-        address = normalize_address(value, field=field)
-        if address not in addresses:
-            addresses.append(address)
-    return addresses
+        addresses.setdefault(normalize_address(value, field=field))
+    return list(addresses)
 
 
 def recipients_key(recipients: list[str]) -> str:

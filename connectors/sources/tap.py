@@ -233,12 +233,16 @@ def _merge_by_guid(alerts: list[NormalizedAlert]) -> list[NormalizedAlert]:
 
 def _absorb(first: NormalizedAlert, others: list[NormalizedAlert]) -> None:
     """Add the recipients and findings of `others` to `first`, without repeats."""
+    # A dict keeps the order and finds repeats fast among thousands of recipients.
+    recipients = dict.fromkeys(first["recipients"])
     for other in others:
-        for name in ("recipients", "threats", "urls", "attachments"):
+        recipients.update(dict.fromkeys(other["recipients"]))
+        for name in ("threats", "urls", "attachments"):
             values: list[Any] = first[name]
             for value in other[name]:
                 if value not in values:
                     values.append(value)
+    first["recipients"] = list(recipients)
     first["classification"], first["threat_status"] = _verdict(first["threats"])
     first["alert_id"] = _guid_identity(first)
     first["source_alert_id"] = first["source_guid"] or ""

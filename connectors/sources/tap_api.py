@@ -275,7 +275,10 @@ def split_envelope(body: bytes, max_bytes: int) -> list[bytes]:
 
     Each part keeps `queryEndTime` and carries a share of the events in their
     arrays, re-encoded as compact JSON. A body within the limit is returned as it
-    is. A single event larger than the limit gets a part of its own.
+    is. A single event larger than the limit gets a part of its own. The events of
+    one array that share a GUID stay in one part, next to each other, unless they
+    exceed the limit together, because the parser merges them into one alert whose
+    mailboxes the policy counts together.
     """
     if len(body) <= max_bytes:
         return [body]
@@ -288,16 +291,52 @@ def split_envelope(body: bytes, max_bytes: int) -> list[bytes]:
         events = document.get(name)
         if not isinstance(events, list):
             continue
-        for event in events:
-            event_size = len(_compact_json(event)) + 1
-            if current and size + event_size > max_bytes:
+        for chunk, chunk_size in _chunks(events, max_bytes):
+            if current and size + chunk_size > max_bytes:
                 parts.append({"queryEndTime": document["queryEndTime"], **current})
                 current, size = {}, _ENVELOPE_OVERHEAD
-            current.setdefault(name, []).append(event)
-            size += event_size
+            current.setdefault(name, []).extend(chunk)
+            size += chunk_size
     if current or not parts:
         parts.append({"queryEndTime": document["queryEndTime"], **current})
     return [_compact_json(part) for part in parts]
+
+
+def _chunks(events: list[object], max_bytes: int) -> list[tuple[list[object], int]]:
+    """Return the events in runs that one part keeps together, with their sizes.
+
+    A run is the events of one GUID, or a single event when those exceed the limit.
+    """
+    chunks: list[tuple[list[object], int]] = []
+    for group in _guid_groups(events):
+        sizes = [len(_compact_json(event)) + 1 for event in group]
+        if sum(sizes) <= max_bytes - _ENVELOPE_OVERHEAD:
+            chunks.append((group, sum(sizes)))
+            continue
+        chunks.extend(
+            ([event], event_size)
+            for event, event_size in zip(group, sizes, strict=True)
+        )
+    return chunks
+
+
+def _guid_groups(events: list[object]) -> list[list[object]]:
+    """Group events by GUID in the order of each GUID's first event.
+
+    An event without a GUID is a group of its own.
+    """
+    groups: dict[str, list[object]] = {}
+    ordered: list[list[object]] = []
+    for event in events:
+        guid = event.get("GUID") if isinstance(event, dict) else None
+        if not isinstance(guid, str) or not guid:
+            ordered.append([event])
+            continue
+        if guid not in groups:
+            groups[guid] = []
+            ordered.append(groups[guid])
+        groups[guid].append(event)
+    return ordered
 
 
 def _compact_json(value: object) -> bytes:

@@ -416,10 +416,8 @@ async def test_policy_sees_incident_score(chain: Chain) -> None:
     assert held[0]["reason"] == "The incident scores 70, so its copies wait."
 
 
-async def feed_generic_alert(chain: Chain, recipient_count: int) -> dict[str, Any]:
-    """Parse and feed one generic alert about one message; return its incident."""
-    recipients = [f"user{index}@example.com" for index in range(recipient_count)]
-    body = {
+def generic_body(recipients: list[str]) -> dict[str, Any]:
+    return {
         "json_version": "2.0",
         "classification": "phish",
         "email": {
@@ -427,16 +425,49 @@ async def feed_generic_alert(chain: Chain, recipient_count: int) -> dict[str, An
             "recipient": recipients,
         },
     }
-    for alert in parse_alert(json.dumps(body).encode(), received_at=OPENED):
+
+
+def tap_body(recipients: list[str]) -> dict[str, Any]:
+    # One event per recipient with one GUID, as TAP may report a message.
+    events = [
+        {
+            "GUID": "bX4Ta9Lq2Wm7Rk1Yp8Vd3Nf6Hc0Zs5",
+            "id": f"event-{index}",
+            "messageID": "<invoice-4471@billing-example.net>",
+            "messageTime": "2026-12-01T09:00:00.000Z",
+            "recipient": [recipient],
+            "threatsInfoMap": [
+                {
+                    "classification": "phish",
+                    "threatStatus": "active",
+                    "threatType": "url",
+                    "threat": "http://billing-example.net/pay/4471",
+                }
+            ],
+        }
+        for index, recipient in enumerate(recipients)
+    ]
+    return {"queryEndTime": "2026-12-01T09:05:00Z", "messagesDelivered": events}
+
+
+BODIES = {"generic": generic_body, "tap": tap_body}
+
+
+async def feed_one_body(chain: Chain, shape: str, count: int) -> dict[str, Any]:
+    """Parse and feed one alert body about one message; return its incident."""
+    recipients = [f"user{index}@example.com" for index in range(count)]
+    body = json.dumps(BODIES[shape](recipients)).encode()
+    for alert in parse_alert(body, received_at=OPENED):
         await chain.feed(await enrich({**alert, "occurred_at": OPENED}))
     incidents = list(chain.incidents().values())
     assert len(incidents) == 1
     return incidents[0]
 
 
-async def test_one_alert_above_limit_held(chain: Chain) -> None:
+@pytest.mark.parametrize("shape", BODIES)
+async def test_one_alert_above_limit_held(chain: Chain, shape: str) -> None:
     # 60 mailboxes of one message, above the default limit of 50.
-    incident = await feed_generic_alert(chain, 60)
+    incident = await feed_one_body(chain, shape, 60)
 
     assert len(incident["pulls"]) == 60
     assert {pull["action"] for pull in incident["pulls"]} == {"hold"}
@@ -447,8 +478,9 @@ async def test_one_alert_above_limit_held(chain: Chain) -> None:
     assert commands == []
 
 
-async def test_one_alert_at_limit_pulled(chain: Chain) -> None:
-    incident = await feed_generic_alert(chain, 50)
+@pytest.mark.parametrize("shape", BODIES)
+async def test_one_alert_at_limit_pulled(chain: Chain, shape: str) -> None:
+    incident = await feed_one_body(chain, shape, 50)
 
     assert len(incident["pulls"]) == 50
     assert {pull["action"] for pull in incident["pulls"]} == {"pull"}

@@ -313,6 +313,46 @@ def test_split_envelope_oversized_event_gets_its_own_part() -> None:
     assert [part["messagesDelivered"] for part in parts] == [[events[0]], [events[1]]]
 
 
+def test_split_envelope_keeps_guid_events_together() -> None:
+    # Three messages, each reported once per recipient, the events interleaved.
+    events = [
+        {"id": f"e{index}", "GUID": f"guid-{index % 3}", "pad": "x" * 200}
+        for index in range(12)
+    ]
+    body = json.dumps(
+        {"queryEndTime": "2026-12-08T10:00:00Z", "messagesDelivered": events}
+    ).encode()
+
+    parts = [json.loads(part) for part in split_envelope(body, 2_500)]
+
+    assert len(parts) > 1
+    for guid in ("guid-0", "guid-1", "guid-2"):
+        holding = [
+            part
+            for part in parts
+            if any(event["GUID"] == guid for event in part["messagesDelivered"])
+        ]
+        assert len(holding) == 1
+    delivered = sorted(e["id"] for p in parts for e in p["messagesDelivered"])
+    assert delivered == sorted(event["id"] for event in events)
+
+
+def test_split_envelope_guid_over_limit_split_by_event() -> None:
+    events = [
+        {"id": f"e{index}", "GUID": "one", "pad": "x" * 600} for index in range(4)
+    ]
+    body = json.dumps(
+        {"queryEndTime": "2026-12-08T10:00:00Z", "messagesDelivered": events}
+    ).encode()
+
+    parts = split_envelope(body, 1_500)
+
+    assert len(parts) > 1
+    assert all(len(part) <= 1_500 for part in parts)
+    delivered = [e for p in parts for e in json.loads(p)["messagesDelivered"]]
+    assert delivered == events
+
+
 # --- errors ---------------------------------------------------------------------------
 
 
