@@ -179,6 +179,8 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
     entry = _find_pull(incident, outcome["mailbox"], outcome["message_id"])
     if entry is None:
         return False
+    if _already_recorded(entry, outcome):
+        return True
 
     entry["platform"] = outcome["platform"]
     entry["error"] = outcome.get("error")
@@ -237,6 +239,26 @@ def restores_due(incident: Record, outcome: Record) -> list[Record]:
         )
     )
     return [_command_for(incident, entry, "restore", now)]
+
+
+def _already_recorded(entry: Record, outcome: Record) -> bool:
+    """Tell whether a quarantine outcome repeats what the pull entry records.
+
+    A worker that restarts reads outcomes again from uncommitted offsets, and
+    runs commands again, which then find their own work done. Neither changes
+    the incident, so its content is the same as without the restart.
+    """
+    if outcome["kind"] != "quarantine" or entry.get("undone"):
+        return False
+    if (
+        entry["status"] == outcome["status"]
+        and entry.get("finished_at") == (outcome["finished_at"])
+    ):
+        return True
+    return (
+        entry["status"] in PULLED_STATUSES
+        and outcome["status"] == "already_quarantined"
+    )
 
 
 def apply_command(incident: Record, command: Record) -> list[Record]:

@@ -132,6 +132,36 @@ def test_outcomes_contain_incident():
     assert alice["seconds_from_alert"] == 1.5
 
 
+def test_replayed_outcome_changes_nothing():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    before = [dict(entry) for entry in incident["history"]]
+
+    # A worker that restarts reads the outcome again from an uncommitted offset.
+    assert apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+
+    assert incident["history"] == before
+    assert incident["pulls"][0]["status"] == "quarantined"
+
+
+def test_rerun_pull_keeps_first_outcome():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    history = len(incident["history"])
+    rerun = outcome("alice@example.com", "already_quarantined")
+    rerun["finished_at"] = datetime(2026, 12, 1, 9, 31, tzinfo=UTC)
+
+    # The command ran again after a crash and found its own work done.
+    assert apply_outcome(incident, rerun)
+
+    alice = incident["pulls"][0]
+    assert alice["status"] == "quarantined"
+    assert alice["finished_at"] == RECEIVED
+    assert len(incident["history"]) == history
+
+
 def test_failed_outcome_leaves_incident_open():
     incident = new_incident("INC-1", "campaign:c1", RECEIVED)
     apply_alert(incident, enriched(), pull_all)
