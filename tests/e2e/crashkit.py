@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from confluent_kafka import Consumer
 
 from autopull.schemas import decode
@@ -96,6 +100,43 @@ def wait_until(
             return False
         step()
     return True
+
+
+# --- processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_sim(kind: str, world: Path, state: Path, log: Path, *extra: str) -> Any:
+    """Start a simulator of `kind`; return its process and base URL, or fail."""
+    port = free_port()
+    output = log.open("wb")
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "autopull.sim", kind, "--world", str(world)),
+            *("--state", str(state), "--port", str(port), *extra),
+        ],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{url}/_sim/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"The {kind} simulator did not start: {log.read_text()}")
+        time.sleep(0.1)
 
 
 # --- the mail world -------------------------------------------------------------------

@@ -16,9 +16,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,9 +33,11 @@ from crashkit import (
     TopicReader,
     crash_world,
     decoded,
+    free_port,
     generic_alert,
     latest_by,
     ledger_entries,
+    start_sim,
     wait_until,
 )
 
@@ -62,13 +62,6 @@ HOLD_TIMEOUT_S = 120
 FINISH_TIMEOUT_S = 150
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Platform(Protocol):
     """What the test needs of one platform under test."""
 
@@ -86,31 +79,6 @@ class Platform(Protocol):
 
 
 # --- simulators -----------------------------------------------------------------------
-
-
-def start_sim(kind: str, world: Path, state: Path, log: Path, *extra: str) -> Any:
-    port = free_port()
-    output = log.open("wb")
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "autopull.sim", kind, "--world", str(world)),
-            *("--state", str(state), "--port", str(port), *extra),
-        ],
-        stdout=output,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/_sim/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"The {kind} simulator did not start: {log.read_text()}")
-        time.sleep(0.1)
 
 
 class SimPlatform:
