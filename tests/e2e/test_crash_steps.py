@@ -521,6 +521,9 @@ def test_kill_at_each_step_keeps_one_copy(
             reader.poll(0.3)
 
     try:
+        # NOTE: now and then the new worker reads no record at all after "Worker
+        # ready", and then a step's outcome is missing here. The cause is not
+        # known yet.
         wait_until(finished, FINISH_TIMEOUT_S, read_all)
         time.sleep(3)
         read_all()

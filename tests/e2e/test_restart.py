@@ -242,6 +242,9 @@ def run_and_replay(
                 for found in incidents
             ) and all(final(r, RECIPIENTS) for r in readers[:2])
 
+        # NOTE: now and then the worker started after the kill reads no record at
+        # all: it logs "Worker ready" with every partition assigned and rewound,
+        # and then nothing, so this wait times out. The cause is not known yet.
         assert wait_until(both_contained, 180, read_all), "the incidents did not end"
         time.sleep(3)
         read_all()
