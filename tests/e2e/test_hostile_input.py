@@ -474,7 +474,7 @@ def test_hostile_input_refused_or_dead_lettered(
     assert refused == [413, 413, 415, 415, 401, 401, 401, 401, 401, 404, 400]
     huge_file = tmp_path / "huge.json"
     huge_file.write_bytes(huge)
-    with pytest.raises(IngestError, match=f"above the ingest limit of {limit} bytes"):
+    with pytest.raises(IngestError, match=f"above the ingest limit of {limit:,} bytes"):
         read_input(str(huge_file), limit)
 
     # Step 5: the last good alert.
