@@ -690,6 +690,11 @@ class _Burst:
         active = [s for s in states if s.active]
         requests: list[InnerRequest] = []
         owners: list[tuple[_Pull, str]] = []
+        # Two pulls of one mailbox share its hidden folder, and Graph refuses to
+        # create it twice (ErrorFolderExists), so the first pull creates it and the
+        # others wait for its id.
+        creators: dict[str, _Pull] = {}
+        sharers: list[_Pull] = []
         body: dict[str, Any]
         for state in active:
             for copy in state.visible:
@@ -708,7 +713,10 @@ class _Burst:
                     )
                 )
                 owners.append((state, "marker"))
-            if state.hidden_folder is None:
+            if state.hidden_folder is None and state.mailbox.lower() in creators:
+                sharers.append(state)
+            elif state.hidden_folder is None:
+                creators[state.mailbox.lower()] = state
                 body = {"displayName": self.hidden_name, "isHidden": True}
                 requests.append(
                     InnerRequest(
@@ -741,6 +749,23 @@ class _Burst:
                     continue
                 state.hidden_folder = folder_id
                 self.platform._hidden_folders[state.mailbox.lower()] = folder_id
+
+        for state in sharers:
+            if not state.active:
+                continue
+            created = creators[state.mailbox.lower()].hidden_folder
+            if created is None:
+                state.outcome = _retry_alone(
+                    state,
+                    TransientError(
+                        f"The hidden folder of mailbox {state.mailbox} was not "
+                        "created in this burst.",
+                        mailbox=state.mailbox,
+                        platform=PLATFORM,
+                    ),
+                )
+            else:
+                state.hidden_folder = created
 
     # --- phase 3 ----------------------------------------------------------------------
 

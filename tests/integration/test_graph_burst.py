@@ -54,9 +54,10 @@ def with_graph(
     *,
     mailboxes: int = MAILBOXES,
     latency_ms: float = 150.0,
+    scenario: dict[str, Any] | None = None,
 ) -> tuple[T, GraphSimulator]:
     """Run `work` on the virtual clock against a fresh simulator and adapter."""
-    world = World.from_scenario(campaign_scenario(mailboxes))
+    world = World.from_scenario(scenario or campaign_scenario(mailboxes))
     sim = GraphSimulator(world, GraphSimSettings(latency_ms=latency_ms))
 
     async def main() -> T:
@@ -108,6 +109,39 @@ def test_burst_quarantines_every_mailbox() -> None:
         r for r in sim.world.snapshot(QUARANTINE_MAILBOX) if r["folder"] == "INC-B"
     ]
     assert len(evidence) == 1
+    assert_within_limits(sim)
+
+
+def test_burst_two_messages_one_mailbox() -> None:
+    second_id = "second-0001@invoices.example.net"
+    scenario = campaign_scenario(3)
+    first = scenario["messages"][0]
+    scenario["messages"].append(
+        dict(
+            first,
+            key="SECOND",
+            message_id=f"<{second_id}>",
+            subject="Second invoice",
+            deliveries=[{"mailbox": user_mailbox(0)}],
+        )
+    )
+
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        both = [*pulls(3), (user_mailbox(0), second_id, "INC-B")]
+        return await graph.quarantine_many(both)
+
+    results, sim = with_graph(work, scenario=scenario)
+
+    assert all(isinstance(r, QuarantineResult) for r in results), results
+    assert folders_of(sim, user_mailbox(0)) == [HIDDEN, HIDDEN]
+    creations = [
+        r
+        for r in sim.log
+        if r.method == "POST"
+        and r.path.endswith("/mailFolders")
+        and user_mailbox(0) in r.path
+    ]
+    assert len(creations) == 1
     assert_within_limits(sim)
 
 
