@@ -31,12 +31,13 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import re
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal
@@ -67,6 +68,7 @@ from ..errors import (
 from .base import (
     MailPlatform,
     MessageCopy,
+    MessageSearch,
     QuarantineResult,
     SentMessage,
     required_message_id,
@@ -545,6 +547,50 @@ class GmailPlatform(MailPlatform):
         bare = required_message_id(message_id, PLATFORM)
         located = await self._locate(mailbox, bare)
         return [self._public(mailbox, bare, c, located) for c in located.copies]
+
+    async def search(self, mailbox: str, search: MessageSearch) -> list[MessageCopy]:
+        """Find the copies that arrived in the window and match sender and subject.
+
+        The query names only the time window, SPAM and TRASH included, because
+        Gmail's `from:` and `subject:` match words and `from:` ignores the Sender
+        header. The sender and the exact subject are compared here.
+        """
+        mailbox = mailbox.strip().lower()
+        # after: and before: take epoch seconds and leave the bounds out, so the
+        # window is widened by a second on each side and checked exactly below.
+        after = math.floor(search.received_after.timestamp()) - 1
+        before = math.ceil(search.received_before.timestamp()) + 1
+        ids = await self._list_ids(mailbox, None, f"after:{after} before:{before}")
+        label_names = await self._label_names(mailbox, None)
+        located = _Located([], label_names, [])
+        copies = []
+        for gmail_id in ids:
+            message = await self._get_metadata(
+                mailbox, "", gmail_id, ["Message-ID", "From", "Sender", "Subject"]
+            )
+            if message is None:
+                continue
+            headers = message.get("payload", {}).get("headers", [])
+            subject = _header(headers, "Subject")
+            received_at = _internal_date(message)
+            sender = None
+            for name in ("From", "Sender"):
+                address = email.utils.parseaddr(_header(headers, name) or "")[1].lower()
+                if search.matches(address, subject, received_at):
+                    sender = address
+                    break
+            if sender is None:
+                continue
+            copy = _Copy(
+                gmail_id=str(message["id"]),
+                labels=tuple(message.get("labelIds", [])),
+                received_at=received_at,
+                subject=subject,
+            )
+            bare = _bare(_header(headers, "Message-ID"))
+            found = self._public(mailbox, bare, copy, located)
+            copies.append(replace(found, sender=sender))
+        return copies
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from autopull.connectors.errors import (
     ThrottledError,
     TransientError,
 )
+from autopull.connectors.mail.base import MessageSearch
 from autopull.connectors.mail.gmail import (
     INCIDENT_HEADER,
     MAX_BATCH_IDS,
@@ -1124,3 +1125,59 @@ async def test_burst_long_retry_after_goes_back(
     assert isinstance(bob, ThrottledError)
     assert bob.retry_after == pytest.approx(120.0)
     assert len(calls(gmail_sim, "messages.trash", "bob@example.org")) == 1
+
+
+# --- search by sender, subject and time -----------------------------------------------
+
+
+def window_search(
+    sender: str, subject: str, at: str, minutes: int = 10
+) -> MessageSearch:
+    moment = datetime.fromisoformat(at.replace("Z", "+00:00"))
+    return MessageSearch(
+        senders=(sender,),
+        subject=subject,
+        received_after=moment - timedelta(minutes=minutes),
+        received_before=moment + timedelta(minutes=minutes),
+    )
+
+
+async def test_search_finds_copies_in_every_label(gmail: GmailPlatform) -> None:
+    search = window_search(
+        "billing@mail.example.net", "Invoice overdue", "2026-12-01T08:00:05Z"
+    )
+
+    copies = await gmail.search("alice@example.org", search)
+
+    assert {copy.message_id for copy in copies} == {M1}
+    assert len(copies) == 4
+    assert {copy.sender for copy in copies} == {"billing@mail.example.net"}
+    assert {copy.subject for copy in copies} == {"Invoice overdue"}
+    assert sorted(copy.read for copy in copies) == [False, False, True, True]
+
+
+async def test_search_subject_compared_exactly(gmail: GmailPlatform) -> None:
+    search = window_search(
+        "billing@mail.example.net", "invoice overdue", "2026-12-01T08:00:05Z"
+    )
+
+    assert await gmail.search("alice@example.org", search) == []
+
+
+async def test_search_outside_window_finds_nothing(gmail: GmailPlatform) -> None:
+    search = window_search(
+        "billing@mail.example.net", "Invoice overdue", "2026-12-01T09:00:00Z"
+    )
+
+    assert await gmail.search("alice@example.org", search) == []
+
+
+async def test_search_other_sender_finds_nothing(gmail: GmailPlatform) -> None:
+    search = window_search("other@example.net", "Odd id", "2026-12-01T09:00:05Z")
+
+    assert await gmail.search("bob@example.org", search) == []
+    found = await gmail.search(
+        "bob@example.org",
+        window_search("x@mail.example.net", "Odd id", "2026-12-01T09:00:05Z"),
+    )
+    assert [copy.message_id for copy in found] == [M2]
