@@ -1453,6 +1453,7 @@ class GmailPlatform(MailPlatform):
             else:
                 answers[index] = response
 
+        parts = 0
         try:
             for index, (mailbox, resource, method, params) in enumerate(calls):
                 key = mailbox.lower()
@@ -1461,14 +1462,24 @@ class GmailPlatform(MailPlatform):
                 # A plain connection has no credentials, so googleapiclient leaves
                 # the Authorization header below alone.
                 request.http = connection
-                self._subject(key).before_request(  # type: ignore[no-untyped-call]
-                    google_auth_httplib2.Request(connection),
-                    request.method,
-                    request.uri,
-                    request.headers,
-                )
+                try:
+                    self._subject(key).before_request(  # type: ignore[no-untyped-call]
+                        google_auth_httplib2.Request(connection),
+                        request.method,
+                        request.uri,
+                        request.headers,
+                    )
+                except Exception as exc:
+                    # No token for this mailbox (outside the delegated domain, say):
+                    # only its own calls fail, and the batch goes on without them.
+                    answers[index] = map_gmail_error(
+                        exc, mailbox=mailbox, client_id=self.settings.client_id
+                    )
+                    continue
                 batch.add(request, callback=store, request_id=str(index))
-            batch.execute(http=connection)
+                parts += 1
+            if parts:
+                batch.execute(http=connection)
         except Exception as exc:  # the batch as a whole failed
             error = map_gmail_error(exc, client_id=self.settings.client_id)
             return [answer or error for answer in answers]

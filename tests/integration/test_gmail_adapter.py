@@ -985,6 +985,28 @@ async def test_burst_quarantines_in_batches(
     assert all(e.status == 200 for e in batches)
 
 
+async def test_burst_outside_domain_fails_alone(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    pulls = [
+        ("alice@example.org", M1, "INC-1"),
+        ("frank@example.com", M1, "INC-1"),
+        ("bob@example.org", M1, "INC-1"),
+    ]
+
+    alice, frank, bob = await gmail.quarantine_many(pulls)
+
+    assert isinstance(frank, PermanentError)
+    assert "unauthorized_client" in str(frank)
+    assert frank.mailbox == "frank@example.com"
+    assert not isinstance(alice, Exception), alice
+    assert not isinstance(bob, Exception), bob
+    assert len(alice.copies) == 4
+    assert [(c.folder, c.read) for c in bob.copies] == [("INBOX", True)]
+    for mailbox in ("alice@example.org", "bob@example.org"):
+        assert all("TRASH" in r["labels"] for r in rows_of(gmail_sim, mailbox, "M1"))
+
+
 async def test_burst_again_is_already_done(
     gmail: GmailPlatform, gmail_sim: GmailSimulator
 ) -> None:
