@@ -349,6 +349,8 @@ format_storage() {
     fi
 
     # A Kafka cluster id is 16 random bytes in URL-safe base64 without padding.
+    # About one id in 64 starts with "-", so it is passed as --cluster-id=ID: a
+    # separate argument would be read as an option.
     local cluster_id
     if [[ ! -s "$CLUSTER_ID_FILE" ]]; then
         head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' >"$CLUSTER_ID_FILE"
@@ -359,7 +361,7 @@ format_storage() {
     if ! java -cp "$LIBS_DIR/*" \
         -Dlog4j2.configurationFile="$LOG4J_CONFIG" \
         kafka.tools.StorageTool format --standalone \
-        -t "$cluster_id" -c "$CONFIG_FILE" --ignore-formatted \
+        --cluster-id="$cluster_id" -c "$CONFIG_FILE" --ignore-formatted \
         >"$FORMAT_LOG_FILE" 2>&1; then
         tail -n 20 "$FORMAT_LOG_FILE" >&2
         die "formatting storage failed; full output in $FORMAT_LOG_FILE"

@@ -285,3 +285,54 @@ async def test_faust_table_recovers_from_changelog(
         await app.stop()
 
     assert dict(counts.items()) == {**EXPECTED_COUNTS, "carol": 2}
+
+
+# ---------------------------------------------------------------------------
+# dev/kafka.sh
+# ---------------------------------------------------------------------------
+
+
+def test_kafka_script_accepts_cluster_id_with_dash(tmp_path: Any) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "dev" / "kafka.sh"
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    data = tmp_path / "kafka"
+    data.mkdir()
+    # The marker tells the script that the directory is its own, so it keeps the
+    # cluster id found there. A random id starts with "-" about once in 64 starts.
+    (data / ".autopull-kafka-data").touch()
+    (data / "cluster.id").write_text("-SVP7Cs0ewzczOsc2MvKwA")
+    env = os.environ | {
+        "AUTOPULL_KAFKA_PORT": str(ports[0]),
+        "AUTOPULL_KAFKA_CONTROLLER_PORT": str(ports[1]),
+        "AUTOPULL_KAFKA_DATA": str(data),
+        "AUTOPULL_PYTHON": sys.executable,
+    }
+
+    def run(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(script), action],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    started = run("start")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "cluster id -SVP7Cs0ewzczOsc2MvKwA" in started.stderr
+        create_topics(f"127.0.0.1:{ports[0]}", ["dash-id-check"])
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0, stopped.stderr
