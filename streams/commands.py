@@ -25,6 +25,30 @@ class CommandError(Exception):
     """A command that cannot be sent."""
 
 
+def normalize_mailbox(mailbox: str | None) -> str | None:
+    """Return `mailbox` stripped and in lower case, or None when none is given.
+
+    Approve, reject and release without a mailbox act on every mailbox, so a blank
+    value or one that is not an address raises CommandError instead of acting on
+    every mailbox.
+    """
+    if mailbox is None:
+        return None
+    address = mailbox.strip().lower()
+    if not address:
+        raise CommandError(
+            "The mailbox is blank. Give an address such as alice@example.com, or "
+            "leave the mailbox out to act on every mailbox of the incident."
+        )
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in address):
+        raise CommandError(
+            f"The mailbox {mailbox!r} is not an email address. Give an address "
+            "such as alice@example.com."
+        )
+    return address
+
+
 def command_event(
     incident_id: str,
     action: str,
@@ -33,7 +57,11 @@ def command_event(
     mailbox: str | None = None,
     text: str | None = None,
 ) -> records.Record:
-    """Build the IncidentEvent that carries one command."""
+    """Build the IncidentEvent that carries one command.
+
+    Raises CommandError for an unknown action, a missing actor or comment text,
+    and a mailbox that `normalize_mailbox` rejects.
+    """
     if action not in ACTIONS:
         raise CommandError(
             f"Unknown command {action!r}; use one of {', '.join(ACTIONS)}."
@@ -45,7 +73,7 @@ def command_event(
     command = {
         "action": action,
         "actor": actor.strip(),
-        "mailbox": mailbox.strip().lower() if mailbox else None,
+        "mailbox": normalize_mailbox(mailbox),
         "message_id": None,
         "text": text,
     }

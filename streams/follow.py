@@ -39,7 +39,7 @@ def followed_copies(
     held copies, release restores the pulled copies that are not undone yet. Other
     actions start no work and name no copies.
     """
-    wanted = mailbox.lower() if mailbox else None
+    wanted = mailbox.strip().lower() if mailbox is not None else None
     at = len(incident["history"])
     copies = []
     for entry in incident["pulls"]:

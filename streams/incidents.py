@@ -270,7 +270,10 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     """
     now = utcnow()
     action, actor = command["action"], command["actor"]
-    mailbox = (command.get("mailbox") or "").lower() or None
+    # Only a missing mailbox means every mailbox: a blank one matches none.
+    mailbox = command.get("mailbox")
+    if mailbox is not None:
+        mailbox = mailbox.strip().lower()
     text = command.get("text") or ""
     commands: list[Record] = []
     if action == "approve":
@@ -297,7 +300,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
         )
 
     detail = f"{len(commands)} pull commands" if commands else text
-    if mailbox:
+    if mailbox is not None:
         detail = f"{mailbox}: {detail}"
     incident["history"].append(_history(now, action, detail, actor))
     _update_state(incident, now)

@@ -20,6 +20,7 @@ from autopull.streams.commands import (
     API_ACTOR_PREFIX,
     CommandError,
     command_event,
+    normalize_mailbox,
     send_command,
 )
 from autopull.streams.follow import FollowedCopy, followed_copies, settled_copies
@@ -158,6 +159,11 @@ def run_command(
     final outcome, and return 1 when any failed or the wait timed out.
     """
     out = out if out is not None else sys.stderr
+    try:
+        mailbox = normalize_mailbox(mailbox)
+    except CommandError as error:
+        print(f"error: {error}", file=out)
+        return 2
     watcher = IncidentWatcher(settings)
     try:
         watcher.catch_up()
@@ -184,7 +190,7 @@ def run_command(
         except CommandError as error:
             print(f"error: {error}", file=out)
             return 1
-        target = f" for {mailbox}" if mailbox else ""
+        target = f" for {mailbox}" if mailbox is not None else ""
         print(f"Sent {action}{target} on {incident_id}.", file=out)
         if not wait or not copies:
             return 0

@@ -366,3 +366,17 @@ def test_unknown_command_raises():
     incident = contained_incident()
     with pytest.raises(ValueError, match="explode"):
         apply_command(incident, command("explode"))
+
+
+def test_release_with_blank_mailbox_restores_nothing():
+    for blank in ("", "   "):
+        incident = contained_incident()
+        assert apply_command(incident, command("release", blank)) == []
+        assert incident["state"] == "contained"
+        assert not any(p["undone"] for p in incident["pulls"])
+
+
+def test_release_without_mailbox_restores_every_copy():
+    incident = contained_incident()
+    commands = apply_command(incident, command("release", None))
+    assert [c["mailbox"] for c in commands] == ["alice@example.com", "bob@example.com"]
