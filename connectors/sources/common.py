@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -163,7 +164,10 @@ def load_json(body: bytes | str) -> object:
     """
     try:
         return json.loads(
-            body, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+            body,
+            parse_constant=_reject_constant,
+            parse_int=parse_json_int,
+            object_pairs_hook=_unique_keys,
         )
     except RecursionError as error:
         raise InvalidAlertError(
@@ -171,10 +175,25 @@ def load_json(body: bytes | str) -> object:
             "Send a flatter document."
         ) from error
     except ValueError as error:
-        # Covers JSONDecodeError, UnicodeDecodeError and the integer digit limit.
+        # Covers JSONDecodeError, UnicodeDecodeError and integers over the limit.
         raise InvalidAlertError(
             f"The alert body is not valid JSON ({error}). Send a JSON document."
         ) from error
+
+
+def parse_json_int(text: str) -> int:
+    """Convert a JSON integer, raising ValueError that names the digit limit.
+
+    Python converts at most `sys.get_int_max_str_digits()` digits (4300 by default),
+    and its own error suggests a Python call that means nothing to a sender.
+    """
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise ValueError(
+            f"a number has {digits} digits, more than the limit of {limit} digits"
+        )
+    return int(text)
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:

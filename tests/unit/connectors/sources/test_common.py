@@ -516,3 +516,15 @@ def test_load_json_rejects_duplicate_keys() -> None:
     body = b'{"recipient": ["eve@example.com"], "recipient": ["alice@example.com"]}'
     with pytest.raises(InvalidAlertError, match="'recipient' appears twice"):
         load_json(body)
+
+
+def test_load_json_long_integer_names_limit() -> None:
+    with pytest.raises(InvalidAlertError) as raised:
+        load_json(b'{"count": ' + b"7" * 5000 + b"}")
+    message = str(raised.value)
+    assert "a number has 5000 digits, more than the limit of 4300 digits" in message
+    assert "sys." not in message
+
+
+def test_load_json_integer_at_limit_parses() -> None:
+    assert load_json(b"-" + b"9" * 4300) == -int("9" * 4300)
