@@ -13,13 +13,20 @@ import hmac
 import json
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from aiohttp.web import json_response
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.web import Request, Response, View
 
+from autopull.connectors.sources.common import parse_json_int
 from autopull.schemas import AvroCodec, SchemaError
-from autopull.streams.commands import ACTIONS, CommandError, command_event
+from autopull.streams.commands import (
+    ACTIONS,
+    CommandError,
+    command_event,
+    normalize_mailbox,
+)
 from autopull.streams.records import Record
 from autopull.streams.settings import Role
 from autopull.streams.topics import full_name
@@ -29,6 +36,7 @@ from autopull.streams.views import (
     matches,
     summary_row,
 )
+from autopull.streams.web_errors import json_error
 
 if TYPE_CHECKING:
     from autopull.streams.app import Pipeline
@@ -44,6 +52,26 @@ COMMAND_ROLES: dict[str, Role] = {
     "release": "analyst",
     "close": "analyst",
 }
+# Query parameters of GET /api/incidents. Another name, or one given twice, is a 400.
+LIST_PARAMETERS = ("state", "since", "until", "message_id", "mailbox")
+# Fields of a command body. A command carries an address and a short note, so its
+# body has a limit far below the web server's own (1 MiB).
+COMMAND_FIELDS = ("mailbox", "comment", "text")
+COMMAND_MAX_BYTES = 64 * 1024
+
+
+class RequestError(Exception):
+    """A request that the API rejects, with the status and code of its reply."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> Response:
+        """Return the JSON error reply."""
+        return json_error(self.status, self.code, self.message)
 
 
 class IncidentReadModel:
@@ -99,20 +127,55 @@ class IncidentReadModel:
         self.incidents[incident["incident_id"]] = incident
 
 
-def _json_error(view: View, status: int, code: str, message: str) -> Response:
-    return view.json({"error": {"code": code, "message": message}}, status=status)
-
-
 def _parse_time(value: str | None, name: str) -> datetime | None:
     if not value:
         return None
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as error:
-        raise ValueError(
-            f"Query parameter {name}={value!r} is not an ISO 8601 time."
+        raise RequestError(
+            400,
+            "bad_request",
+            f"Query parameter {name}={value!r} is not an ISO 8601 time. Send one "
+            "such as 2026-12-01T09:00:00Z.",
         ) from error
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _list_filters(query: Any) -> dict[str, Any]:
+    """Return the filters of the incident list; raise RequestError for a bad one.
+
+    `query` is the request's multidict. An empty value counts as unset.
+    """
+    unknown = sorted(set(query) - set(LIST_PARAMETERS))
+    if unknown:
+        raise RequestError(
+            400,
+            "bad_request",
+            f"Query parameter {unknown[0]!r} is not known. Use "
+            f"{', '.join(LIST_PARAMETERS)}.",
+        )
+    filters: dict[str, Any] = {}
+    for name in LIST_PARAMETERS:
+        values = query.getall(name, [])
+        if len(values) > 1:
+            raise RequestError(
+                400,
+                "bad_request",
+                f"Query parameter {name} is given {len(values)} times. Give it once.",
+            )
+        filters[name] = values[0] if values and values[0] else None
+    state = filters["state"]
+    if state is not None and state not in INCIDENT_STATES:
+        raise RequestError(
+            400,
+            "bad_request",
+            f"Query parameter state={state!r} is not a state; use one of "
+            f"{', '.join(INCIDENT_STATES)}.",
+        )
+    filters["since"] = _parse_time(filters["since"], "since")
+    filters["until"] = _parse_time(filters["until"], "until")
+    return filters
 
 
 def register_api(pipe: Pipeline) -> IncidentReadModel:
@@ -131,27 +194,23 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             log.exception("The incident read model stopped; the API is not ready")
             raise
 
-    def authorize(
-        view: View, request: Request, needed: Role
-    ) -> tuple[Response | None, str]:
+    def authorize(request: Request, needed: Role) -> tuple[Response | None, str]:
         """Check the bearer key; return an error response or None, and the key name."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             message = "Send an API key as 'Authorization: Bearer <key>'."
-            return _json_error(view, 401, "unauthorized", message), ""
+            return json_error(401, "unauthorized", message), ""
         digest = hashlib.sha256(token.strip().encode()).hexdigest()
         name, role = "", None
         for key_name, key in keys.items():
             if hmac.compare_digest(key.sha256, digest):
                 name, role = key_name, key.role
         if role is None:
-            return _json_error(
-                view, 401, "unauthorized", "The API key is not valid."
-            ), ""
+            return json_error(401, "unauthorized", "The API key is not valid."), ""
         if ROLE_RANK[role] < ROLE_RANK[needed]:
             message = f"This API key has the {role} role; this request needs {needed}."
-            return _json_error(view, 403, "forbidden", message), name
+            return json_error(403, "forbidden", message), name
         return None, name
 
     @app.page("/livez")
@@ -184,35 +243,17 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
     @app.page("/api/incidents")
     class Incidents(View):
         async def get(self, request: Request) -> Response:
-            denied, _name = authorize(self, request, "read")
+            denied, _name = authorize(request, "read")
             if denied:
                 return denied
-            query = request.query
-            state = query.get("state")
-            if state and state not in INCIDENT_STATES:
-                return _json_error(
-                    self,
-                    400,
-                    "bad_request",
-                    f"Query parameter state={state!r} is not a state; use one of "
-                    f"{', '.join(INCIDENT_STATES)}.",
-                )
             try:
-                since = _parse_time(query.get("since"), "since")
-                until = _parse_time(query.get("until"), "until")
-            except ValueError as error:
-                return _json_error(self, 400, "bad_request", str(error))
+                filters = _list_filters(request.query)
+            except RequestError as error:
+                return error.response()
             found = [
                 summary_row(incident)
                 for incident in model.incidents.values()
-                if matches(
-                    incident,
-                    state=query.get("state"),
-                    message_id=query.get("message_id"),
-                    mailbox=query.get("mailbox"),
-                    since=since,
-                    until=until,
-                )
+                if matches(incident, **filters)
             ]
             found.sort(key=lambda row: row["updated_at"], reverse=True)
             return self.json({"incidents": found, "count": len(found)})
@@ -220,13 +261,13 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
     @app.page("/api/incidents/{incident_id}")
     class Incident(View):
         async def get(self, request: Request, incident_id: str) -> Response:
-            denied, _name = authorize(self, request, "read")
+            denied, _name = authorize(request, "read")
             if denied:
                 return denied
             incident = model.incidents.get(incident_id)
             if incident is None:
-                return _json_error(
-                    self, 404, "not_found", f"Incident {incident_id} was not found."
+                return json_error(
+                    404, "not_found", f"Incident {incident_id} was not found."
                 )
             return self.json(incident_detail(incident))
 
@@ -236,54 +277,131 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             self, request: Request, incident_id: str, action: str
         ) -> Response:
             if action not in ACTIONS:
-                return _json_error(
-                    self, 404, "not_found", f"No action {action!r} on incidents."
+                return json_error(
+                    404,
+                    "not_found",
+                    f"No action {action!r} on incidents; use one of "
+                    f"{', '.join(ACTIONS)}.",
                 )
-            denied, key_name = authorize(self, request, COMMAND_ROLES[action])
+            denied, key_name = authorize(request, COMMAND_ROLES[action])
             if denied:
                 return denied
             try:
                 body = await _command_body(request)
-            except ValueError as error:
-                return _json_error(self, 400, "bad_request", str(error))
-            if action == "release" and not body.get("mailbox"):
-                denied, key_name = authorize(self, request, "admin")
+                mailbox = normalize_mailbox(body.get("mailbox"))
+            except RequestError as error:
+                return error.response()
+            except CommandError as error:
+                return json_error(400, "bad_request", str(error))
+            # The role follows the normalized mailbox, which the incident agent
+            # applies: only a missing one releases every copy.
+            if action == "release" and mailbox is None:
+                denied, key_name = authorize(request, "admin")
                 if denied:
                     return denied
             if incident_id not in model.incidents:
-                return _json_error(
-                    self, 404, "not_found", f"Incident {incident_id} was not found."
+                return json_error(
+                    404, "not_found", f"Incident {incident_id} was not found."
                 )
-            return await _send(self, pipe, incident_id, action, body, key_name)
+            return await _send(pipe, incident_id, action, body, key_name)
 
     return model
 
 
 async def _command_body(request: Request) -> dict[str, str]:
-    """Return the command's JSON body; raise ValueError naming what is wrong."""
-    raw = await request.read()
+    """Return the fields of the command's JSON body that are set.
+
+    Raises RequestError naming what is wrong: a body over COMMAND_MAX_BYTES, JSON
+    that does not parse, a value that is not an object, an unknown or repeated
+    field, or a field that is not a string. An empty body is an empty object.
+    """
+    raw = await _read_limited(request, COMMAND_MAX_BYTES)
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(
+            raw, parse_int=parse_json_int, object_pairs_hook=_unique_fields
+        )
     except ValueError as error:
-        raise ValueError(f"The request body is not valid JSON: {error}.") from error
+        raise RequestError(
+            400,
+            "bad_request",
+            f"The request body could not be parsed as JSON: {error}. Send a JSON "
+            "object.",
+        ) from error
     if not isinstance(body, dict):
-        raise ValueError("The request body must be a JSON object.")
-    for name in ("mailbox", "comment", "text"):
-        if body.get(name) is not None and not isinstance(body[name], str):
-            raise ValueError(f"The field {name!r} must be a string.")
-    return {name: value for name, value in body.items() if isinstance(value, str)}
+        raise RequestError(
+            400,
+            "bad_request",
+            f"The request body is {_json_kind(body)}, but it must be a JSON object "
+            'such as {"mailbox": "alice@example.com"}.',
+        )
+    for name, value in body.items():
+        if name not in COMMAND_FIELDS:
+            raise RequestError(
+                400,
+                "bad_request",
+                f"The field {name!r} is not known. Use {', '.join(COMMAND_FIELDS)}.",
+            )
+        if value is not None and not isinstance(value, str):
+            raise RequestError(
+                400, "bad_request", f"The field {name!r} must be a string."
+            )
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """Read the body, raising RequestError (413) once it is over `limit` bytes."""
+    declared = request.content_length
+    chunks: list[bytes] = []
+    size = 0
+    if declared is None or declared <= limit:
+        while size <= limit:
+            chunk = await request.content.read(limit + 1 - size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+    raise RequestError(
+        413,
+        "too_large",
+        f"The request body is larger than the command limit of {limit} bytes. "
+        "Send only mailbox, comment and text.",
+    )
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated field is ambiguous, and a repeated mailbox could widen a release.
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise RequestError(
+                400,
+                "bad_request",
+                f"The field {name!r} appears twice in the request body. Give it once.",
+            )
+        result[name] = value
+    return result
 
 
 async def _send(
-    view: View,
     pipe: Pipeline,
     incident_id: str,
     action: str,
     body: dict[str, str],
     key_name: str,
 ) -> Response:
+    """Send the command and reply 202 only once Kafka acknowledged it (acks=all)."""
     # The actor is the API key's name, so the history records who really acted.
     actor = f"api:{key_name}"
     text = body.get("comment") or body.get("text")
@@ -296,10 +414,47 @@ async def _send(
             text=text or None,
         )
     except CommandError as error:
-        return _json_error(view, 400, "bad_request", str(error))
-    await pipe.send("incident.events", incident_id, event)
+        return json_error(400, "bad_request", str(error))
+
+    topic = pipe.topics["incident.events"]
+    value = pipe.codecs["incident.events"].dumps(event)
+
+    async def send_acknowledged() -> None:
+        # Topic.send returns once the record is queued, with a future that resolves
+        # when the broker acknowledged it with the app's acks=-1.
+        pending = await topic.send(key=incident_id.encode(), value=value, force=True)
+        await pending
+
+    timeout = pipe.settings.api_ack_timeout_seconds
+    try:
+        await asyncio.wait_for(send_acknowledged(), timeout)
+    except TimeoutError:
+        log.error(
+            "Kafka did not acknowledge a command incident_id=%s action=%s "
+            "within timeout_s=%s",
+            incident_id,
+            action,
+            timeout,
+        )
+        return _unavailable(f"within {timeout} s")
+    except Exception as error:
+        log.exception(
+            "Sending a command failed incident_id=%s action=%s", incident_id, action
+        )
+        return _unavailable(f"({type(error).__name__})")
     log.info(
         "Command accepted incident_id=%s action=%s actor=%s", incident_id, action, actor
     )
     accepted = {"accepted": True, "incident_id": incident_id, "action": action}
-    return view.json(accepted, status=202)
+    return json_response(accepted, status=202)
+
+
+def _unavailable(detail: str) -> Response:
+    # NOTE: a command that timed out can still reach Kafka later from the
+    # producer's buffer, so a client that sends it again may see it applied twice.
+    return json_error(
+        503,
+        "unavailable",
+        f"Kafka did not acknowledge the command {detail}. Read the incident, "
+        "and send the command again later if its history does not show it.",
+    )

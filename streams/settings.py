@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     web_enabled: bool = Field(
         default=True, description="Serve the REST API and metrics."
     )
+    api_ack_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Maximum wait for Kafka to acknowledge a REST API command "
+        "before the API replies 503, in seconds.",
+    )
     ingest_max_bytes: int = Field(
         default=MIB, ge=1024, description="Largest alert body accepted, in bytes."
     )

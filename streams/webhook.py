@@ -36,6 +36,7 @@ from autopull.connectors.sources.common import load_json, shorten
 from autopull.connectors.sources.detect import detect_format, format_names
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.streams.records import Record, utcnow
+from autopull.streams.web_errors import json_error
 
 if TYPE_CHECKING:
     from autopull.streams.app import Pipeline
@@ -136,9 +137,7 @@ class Rejection(Exception):
 
     def response(self) -> web.Response:
         """Return the JSON error reply."""
-        body = {"error": {"code": self.code, "message": self.message}}
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return web.json_response(body, status=self.status, headers=headers)
+        return json_error(self.status, self.code, self.message)
 
 
 class AlertReceiver:
@@ -226,7 +225,7 @@ class AlertReceiver:
 
         expected = "'Authorization: Bearer <token>'" if token is not None else ""
         if signed:
-            signature = f"a {header} header with the body's HMAC-SHA256"
+            signature = f"the {header} header with the body's HMAC-SHA256"
             expected = f"{expected} or {signature}" if expected else signature
         raise Rejection(
             401,

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PHISH_ALERT = REPO_ROOT / "examples" / "alerts" / "tap-delivered-phish.json"
+KAFKA_SCRIPT = REPO_ROOT / "dev" / "kafka.sh"
 PHISH_HEADER = "<20261201093000.1234.invoice@billing-example.net>"
 KEYS = {"reader": "read-key-1", "analyst": "analyst-key-2", "boss": "admin-key-3"}
 ROLES = {"reader": "read", "analyst": "analyst", "boss": "admin"}
@@ -40,6 +45,10 @@ def api_settings(pipeline_settings: Settings, free_web_port: int) -> Settings:
 
 @pytest.fixture
 def free_web_port() -> int:
+    return free_port()
+
+
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -65,15 +74,16 @@ def auth(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]}"}
 
 
-def test_api_release_restores_one_copy(
-    api_settings: Settings, graph_sim: Any, start_api_worker: Any
-) -> None:
-    ensure_topics(api_settings)
-    start_api_worker(api_settings)
-    base = f"http://127.0.0.1:{api_settings.web_port}"
+def start_contained_incident(
+    settings: Settings, start_api_worker: Any
+) -> tuple[str, str]:
+    """Start a worker, send the phish alert and return the URL and incident id."""
+    ensure_topics(settings)
+    start_api_worker(settings)
+    base = f"http://127.0.0.1:{settings.web_port}"
     wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, what="readiness")
 
-    sender = RawSender(api_settings)
+    sender = RawSender(settings)
     sender.send(raw_alert(Input("phish.json", PHISH_ALERT.read_bytes()), None, "t"))
     sender.flush()
 
@@ -85,7 +95,13 @@ def test_api_release_restores_one_copy(
         return incidents[0] if incidents else None
 
     incident = wait_for(contained, what="a contained incident")
-    incident_id = incident["incident_id"]
+    return base, incident["incident_id"]
+
+
+def test_api_release_restores_one_copy(
+    api_settings: Settings, graph_sim: Any, start_api_worker: Any
+) -> None:
+    base, incident_id = start_contained_incident(api_settings, start_api_worker)
     detail = httpx.get(f"{base}/api/incidents/{incident_id}", headers=auth("reader"))
     assert detail.status_code == 200
     results = {row["mailbox"]: row for row in detail.json()["results"]}
@@ -99,6 +115,17 @@ def test_api_release_restores_one_copy(
     assert httpx.post(release, json=body, headers=auth("reader")).status_code == 403
     whole = httpx.post(release, json={}, headers=auth("analyst"))
     assert whole.status_code == 403
+    null = httpx.post(release, json={"mailbox": None}, headers=auth("analyst"))
+    assert null.status_code == 403
+    # A blank mailbox is not "every mailbox", whatever the key's role.
+    for key in ("analyst", "boss"):
+        for blank in ("", "   ", "\t"):
+            response = httpx.post(release, json={"mailbox": blank}, headers=auth(key))
+            assert response.status_code == 400, (key, blank)
+            assert "blank" in response.json()["error"]["message"], (key, blank)
+    not_address = httpx.post(release, json={"mailbox": "bob"}, headers=auth("analyst"))
+    assert not_address.status_code == 400
+    assert "not an email address" in not_address.json()["error"]["message"]
     accepted = httpx.post(release, json=body, headers=auth("analyst"))
     assert accepted.status_code == 202
 
@@ -122,6 +149,8 @@ def test_api_release_restores_one_copy(
         if m["internet_message_id"] == PHISH_HEADER
     ]
     assert [c["hidden_folder"] for c in alice] == [True]
+    detail = httpx.get(f"{base}/api/incidents/{incident_id}", headers=auth("reader"))
+    assert detail.json()["state"] == "contained"
 
     history = httpx.get(f"{base}/api/incidents/{incident_id}", headers=auth("reader"))
     actors = [item["actor"] for item in history.json()["history"]]
@@ -149,6 +178,10 @@ def test_api_errors_are_json(
     bad_key = httpx.get(f"{base}/api/incidents", headers={"Authorization": "Bearer x"})
     assert bad_key.status_code == 401
     assert bad_key.json()["error"]["code"] == "unauthorized"
+    assert bad_key.headers["WWW-Authenticate"] == "Bearer"
+    no_key = httpx.post(f"{base}/api/incidents/INC-NOPE/close")
+    assert no_key.status_code == 401
+    assert no_key.headers["WWW-Authenticate"] == "Bearer"
     bad_time = httpx.get(
         f"{base}/api/incidents?since=yesterday", headers=auth("reader")
     )
@@ -157,16 +190,156 @@ def test_api_errors_are_json(
     assert httpx.get(f"{base}/livez").json() == {"status": "alive"}
     bad_state = httpx.get(f"{base}/api/incidents?state=bogus", headers=auth("reader"))
     assert bad_state.status_code == 400
+    assert "'bogus'" in bad_state.json()["error"]["message"]
     assert "contained" in bad_state.json()["error"]["message"]
+    queries = [
+        ("since=2026-01-01&since=2027-01-01", "since is given 2 times"),
+        ("state=open&state=closed", "state is given 2 times"),
+        ("sate=open", "'sate' is not known"),
+    ]
+    for query, message in queries:
+        response = httpx.get(f"{base}/api/incidents?{query}", headers=auth("reader"))
+        assert response.status_code == 400, query
+        assert message in response.json()["error"]["message"], query
 
     command = f"{base}/api/incidents/INC-NOPE/comment"
     cases = [
-        (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "JSON object"),
+        (b"{not json", "could not be parsed as JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b"[1]", "The request body is an array"),
+        (b"null", "The request body is null"),
+        (b'"bob@example.com"', "The request body is a string"),
         (b'{"mailbox": 5, "comment": "x"}', "'mailbox' must be a string"),
         (b'{"comment": {"nested": [1]}}', "'comment' must be a string"),
+        (b'{"mailbx": "bob@example.com"}', "'mailbx' is not known"),
+        (b'{"mailbox": "a@example.com", "mailbox": null}', "'mailbox' appears twice"),
+        (b'{"comment": "x", "n": ' + b"1" * 5000 + b"}", "limit of 4300 digits"),
     ]
     for body, message in cases:
         response = httpx.post(command, content=body, headers=auth("analyst"))
         assert response.status_code == 400, body
         assert message in response.json()["error"]["message"], body
+        assert "sys." not in response.json()["error"]["message"], body
+
+    # The body is checked before the incident, so a valid body on an unknown
+    # incident is the 404.
+    unknown = httpx.post(command, json={"comment": "x"}, headers=auth("analyst"))
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "not_found"
+
+
+def test_api_server_errors_are_json(
+    api_settings: Settings, graph_sim: Any, start_api_worker: Any
+) -> None:
+    ensure_topics(api_settings)
+    start_api_worker(api_settings)
+    base = f"http://127.0.0.1:{api_settings.web_port}"
+    wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, what="readiness")
+
+    # Faust serves HEAD on every view, so Allow lists it too.
+    methods = [
+        ("PUT", "/api/incidents", "GET,HEAD"),
+        ("DELETE", "/api/incidents/INC-NOPE", "GET,HEAD"),
+        ("GET", "/api/incidents/INC-NOPE/close", "HEAD,POST"),
+        ("GET", "/alerts/tap", "HEAD,POST"),
+    ]
+    for method, path, allowed in methods:
+        response = httpx.request(method, f"{base}{path}", headers=auth("boss"))
+        assert response.status_code == 405, path
+        assert response.headers["Allow"] == allowed, path
+        error = response.json()["error"]
+        assert error["code"] == "method_not_allowed", path
+        assert f"The method {method} is not allowed on {path}" in error["message"]
+
+    for path in ("/api", "/api/nothing/here/at/all", "/alerts"):
+        response = httpx.get(f"{base}{path}", headers=auth("boss"))
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found", path
+
+    command = f"{base}/api/incidents/INC-NOPE/comment"
+    large = b'{"comment": "' + b"x" * (64 * 1024) + b'"}'
+    too_large = httpx.post(command, content=large, headers=auth("analyst"))
+    assert too_large.status_code == 413
+    assert too_large.json()["error"]["code"] == "too_large"
+    assert "65536 bytes" in too_large.json()["error"]["message"]
+    huge = b'{"comment": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    chunks = (huge[i : i + 65536] for i in range(0, len(huge), 65536))
+    streamed = httpx.post(command, content=chunks, headers=auth("analyst"))
+    assert streamed.status_code == 413
+    assert streamed.json()["error"]["code"] == "too_large"
+
+    # The probes keep their plain replies.
+    assert httpx.put(f"{base}/livez").status_code == 405
+
+
+class OwnBroker:
+    """A broker that only one test uses, so that the test may stop it."""
+
+    def __init__(self, data: Path) -> None:
+        port = free_port()
+        controller = free_port()
+        self.bootstrap = f"127.0.0.1:{port}"
+        self.env = os.environ | {
+            "AUTOPULL_KAFKA_PORT": str(port),
+            "AUTOPULL_KAFKA_CONTROLLER_PORT": str(controller),
+            "AUTOPULL_KAFKA_DATA": str(data),
+            "AUTOPULL_PYTHON": sys.executable,
+        }
+
+    def run(self, action: str) -> None:
+        result = subprocess.run(
+            ["bash", str(KAFKA_SCRIPT), action],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, f"kafka.sh {action}: {result.stderr}"
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
+    broker = OwnBroker(tmp_path / "kafka")
+    broker.run("start")
+    yield broker
+    broker.run("stop")
+
+
+def test_api_commands_with_broker_down(
+    api_settings: Settings,
+    graph_sim: Any,
+    start_api_worker: Any,
+    own_broker: OwnBroker,
+    tmp_path: Path,
+) -> None:
+    settings = api_settings.model_copy(
+        update={"kafka_bootstrap": own_broker.bootstrap, "api_ack_timeout_seconds": 3}
+    )
+    base, incident_id = start_contained_incident(settings, start_api_worker)
+    accepted = httpx.post(
+        f"{base}/api/incidents/{incident_id}/comment",
+        json={"comment": "before the outage"},
+        headers=auth("analyst"),
+    )
+    assert accepted.status_code == 202, accepted.text
+
+    own_broker.run("stop")
+    stopped = time.monotonic()
+    for action, body in [("comment", {"comment": "lost?"}), ("close", {})]:
+        url = f"{base}/api/incidents/{incident_id}/{action}"
+        response = httpx.post(url, json=body, headers=auth("analyst"), timeout=30)
+        assert response.status_code == 503, response.text
+        error = response.json()["error"]
+        assert error["code"] == "unavailable"
+        assert error["message"].startswith("Kafka did not acknowledge the command")
+
+    # The client libraries retry the broker many times a second. Each repeated
+    # error is logged once a minute, so the worker's log stays short.
+    time.sleep(max(0.0, 20 - (time.monotonic() - stopped)))
+    log = (tmp_path / "api-worker-0.log").read_text(errors="replace")
+    outage = log[log.rindex("Command accepted") :]
+    errors = [line for line in outage.splitlines() if "[ERROR]" in line]
+    assert errors, "the outage was not logged"
+    assert len(errors) < 40, f"{len(errors)} ERROR lines:\n" + "\n".join(errors[:60])
+    assert any("Kafka did not acknowledge a command" in line for line in errors)

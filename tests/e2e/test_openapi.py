@@ -309,6 +309,8 @@ def read_incidents(contract: Contract, base: str, incident_id: str) -> None:
         ),
         ({"message_id": PHISH_HEADER, "mailbox": "BOB@example.com"}, "analyst", 200),
         ({"since": "yesterday"}, "reader", 400),
+        ({"state": "bogus"}, "reader", 400),
+        ({"limit": "5"}, "reader", 400),
     ]
     for params, key, expected in queries:
         response = httpx.get(f"{base}{listing}", params=params, headers=auth(key))
@@ -338,6 +340,11 @@ def send_commands(contract: Contract, base: str, incident_id: str) -> None:
         (incident_id, "comment", {"comment": "Checked with the sender."}, "boss", 202),
         (incident_id, "comment", {"text": ""}, "analyst", 400),
         (incident_id, "release", {}, "analyst", 403),
+        (incident_id, "release", {"mailbox": None}, "analyst", 403),
+        (incident_id, "release", {"mailbox": "  "}, "boss", 400),
+        (incident_id, "approve", {"mailbox": "bob"}, "analyst", 400),
+        (incident_id, "approve", {"mailbx": "bob@example.com"}, "analyst", 400),
+        (incident_id, "comment", {"comment": "x" * 70_000}, "analyst", 413),
         (incident_id, "release", bob, "reader", 403),
         (incident_id, "release", bob, None, 401),
         (incident_id, "release", bob, "analyst", 202),

@@ -1,0 +1,106 @@
+"""JSON error replies for every error under `/api` and `/alerts`.
+
+The views build their own errors with `json_error`. The middleware turns the
+errors that aiohttp raises itself, before or around a view (unknown path, method
+not allowed, body over the server's size limit), and any unexpected exception
+into the same `{"error": {"code": ..., "message": ...}}` body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+# Paths whose errors are JSON. The probes and /metrics keep aiohttp's replies.
+JSON_ERROR_PREFIXES = ("/api", "/alerts")
+# The code of each status that aiohttp raises on its own.
+HTTP_ERROR_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """Build the JSON error reply, with `WWW-Authenticate: Bearer` on a 401."""
+    all_headers = dict(headers or {})
+    if status == 401:
+        all_headers["WWW-Authenticate"] = "Bearer"
+    body = {"error": {"code": code, "message": message}}
+    return web.json_response(body, status=status, headers=all_headers or None)
+
+
+def has_json_errors(path: str) -> bool:
+    """Return True when errors on `path` get the JSON error body."""
+    return any(
+        path == prefix or path.startswith(prefix + "/")
+        for prefix in JSON_ERROR_PREFIXES
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reply to errors under `/api` and `/alerts` with the JSON error body."""
+    if not has_json_errors(request.path):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        log.info(
+            "Rejected request method=%s path=%s status=%d",
+            request.method,
+            request.path,
+            error.status,
+        )
+        return _from_http_error(request, error)
+    except Exception:
+        log.exception("Request failed method=%s path=%s", request.method, request.path)
+        return json_error(
+            500,
+            "internal_error",
+            "The worker failed to handle the request; its log has the error. "
+            "Send it again later.",
+        )
+
+
+def _from_http_error(request: web.Request, error: web.HTTPException) -> web.Response:
+    status = error.status
+    code = HTTP_ERROR_CODES.get(
+        status, "bad_request" if status < 500 else "unavailable"
+    )
+    if isinstance(error, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(error.allowed_methods))
+        message = (
+            f"The method {error.method} is not allowed on {request.path}. "
+            f"Use {allowed}."
+        )
+        return json_error(status, code, message, {"Allow": error.headers["Allow"]})
+    if isinstance(error, web.HTTPNotFound):
+        message = (
+            f"No resource is at {request.path}. See docs/openapi.yaml for the paths."
+        )
+    elif isinstance(error, web.HTTPRequestEntityTooLarge):
+        message = (
+            f"The request body is larger than the limit of "
+            f"{request.client_max_size} bytes. Send a smaller body."
+        )
+    else:
+        message = f"{error.reason}: {error.text or 'the request failed'}."
+    return json_error(status, code, message)
