@@ -178,12 +178,19 @@ class RuleModel(_Strict):
     @field_validator("reason")
     @classmethod
     def _known_fields(cls, reason: str) -> str:
-        for _, name, _, _ in string.Formatter().parse(reason):
+        for _, name, spec, conversion in string.Formatter().parse(reason):
             if name is not None and name not in REASON_FIELDS:
                 known = ", ".join(sorted(REASON_FIELDS))
                 raise ValueError(
                     f"the reason names {{{name}}}, which is not a known field; "
                     f"use one of {known}"
+                )
+            # A width such as {mailbox:>99999999} would turn one reason into
+            # megabytes, so fields are plain names only.
+            if spec or conversion:
+                raise ValueError(
+                    f"the reason field {{{name}}} has a conversion or format "
+                    f"specification; write it as {{{name}}}"
                 )
         return reason
 

@@ -478,6 +478,27 @@ def test_unknown_reason_field_names_line() -> None:
     assert "mailbox" in reason
 
 
+@pytest.mark.parametrize(
+    "field", ["{mailbox:>99999999}", "{mailbox!r}", "{mailbox!r:>5}"]
+)
+def test_reason_format_spec_rejected(field: str) -> None:
+    problems = errors_of(
+        f"""
+        version: 1
+        rules:
+          - name: test.wide
+            action: hold
+            reason: "Held for {field}."
+        """
+    )
+
+    assert len(problems) == 1
+    line, reason = problems[0]
+    assert line == 6
+    assert "conversion or format specification" in reason
+    assert "write it as {mailbox}" in reason
+
+
 def test_missing_fields_name_lines() -> None:
     problems = errors_of(
         """
