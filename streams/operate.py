@@ -192,6 +192,14 @@ def run_command(
             return 1
         target = f" for {mailbox}" if mailbox is not None else ""
         print(f"Sent {action}{target} on {incident_id}.", file=out)
+        if wait and not copies:
+            wanted = "held" if action == "approve" else "quarantined"
+            print(
+                f"Nothing to wait for: {incident_id} has no {wanted} copies{target} "
+                "for this command to act on; `autopull incident show "
+                f"{incident_id}` lists each copy's status.",
+                file=out,
+            )
         if not wait or not copies:
             return 0
         return _follow(watcher, incident_id, action, copies, timeout, out)

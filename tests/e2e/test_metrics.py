@@ -158,6 +158,17 @@ def test_metrics_count_known_run(
     for mailbox in RECIPIENTS:
         assert [c["hidden_folder"] for c in copies_of(graph_sim, mailbox)] == [False]
 
+    again = io.StringIO()
+    code = run_command(
+        settings, incident_id, "release", actor="carol", wait=True, out=again
+    )
+    assert code == 0, again.getvalue()
+    assert again.getvalue().splitlines()[-1] == (
+        f"Nothing to wait for: {incident_id} has no quarantined copies for this "
+        f"command to act on; `autopull incident show {incident_id}` lists each "
+        "copy's status."
+    )
+
     samples = scrape(base)
     assert (
         value(
