@@ -83,9 +83,8 @@ class PolicyError(AutopullError):
             for line, reason in problems
         ]
         super().__init__(
-            "The policy is invalid: "
-            + "; ".join(lines)
-            + ". Fix the file; docs/policy.md describes the format."
+            "The policy is invalid. Fix the file; docs/policy.md describes the "
+            "format.\n" + "\n".join(lines)
         )
 
 

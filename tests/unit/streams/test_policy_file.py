@@ -521,11 +521,28 @@ def test_error_message_names_file_and_line() -> None:
     with pytest.raises(PolicyError) as caught:
         parse_policy("version: 1\nrules: []\n", "/etc/autopull/policy.yaml")
 
-    message = str(caught.value)
-    assert message.startswith(
-        "The policy is invalid: /etc/autopull/policy.yaml, line 2:"
+    lines = str(caught.value).splitlines()
+    assert lines[0] == (
+        "The policy is invalid. Fix the file; docs/policy.md describes the format."
     )
-    assert "docs/policy.md" in message
+    assert lines[1].startswith("/etc/autopull/policy.yaml, line 2:")
+
+
+def test_error_message_one_line_per_problem() -> None:
+    text = (
+        'version: "1"\n'
+        "rules:\n"
+        "  - name: a.b\n"
+        "    action: QUARANTINE\n"
+        "    reason: x\n"
+    )
+    with pytest.raises(PolicyError) as caught:
+        parse_policy(text, "policy.yaml")
+
+    lines = str(caught.value).splitlines()[1:]
+    assert len(lines) == 2
+    assert lines[0].startswith("policy.yaml, line 1:")
+    assert lines[1].startswith("policy.yaml, line 4:")
 
 
 def test_default_policy_is_valid() -> None:
