@@ -229,6 +229,9 @@ def _link_agent(pipe: Pipeline) -> None:
     # Alerts about one message from different sources can carry different campaign
     # keys (a TAP campaign id, a fingerprint), so they meet here by Message-ID and
     # join the incident that the first of them opened.
+    # NOTE: the group agent has already opened an incident in the second key's
+    # campaign window, so other messages of that campaign join that incident, not
+    # the first one: the campaigns themselves are not merged.
     async def handle(event: EventT, change: Record) -> None:
         enriched = change["alert"]
         key = message_key(enriched["alert"])
