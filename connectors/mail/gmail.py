@@ -45,11 +45,13 @@ from typing import Any, Literal
 import google.auth.exceptions
 import google_auth_httplib2
 import httplib2
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from google.oauth2 import service_account
 from googleapiclient import errors as api_errors
 from googleapiclient.discovery import build
 from googleapiclient.http import BatchHttpRequest, HttpRequest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -191,6 +193,23 @@ class GmailSettings(BaseModel):
         description="Requests per HTTP batch when many mailboxes are pulled at once; "
         "Gmail takes at most 100 and advises 50.",
     )
+
+    @field_validator("private_key")
+    @classmethod
+    def _loadable_key(cls, key: SecretStr) -> SecretStr:
+        # Checked when the settings load, so a worker with a broken key does not
+        # start and report ready only to fail every pull. The error never quotes
+        # the key.
+        try:
+            serialization.load_pem_private_key(
+                key.get_secret_value().encode(), password=None
+            )
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError(
+                "private_key is not an unencrypted PEM private key; set it to the "
+                "private_key value of the service account's JSON key file"
+            ) from None
+        return key
 
 
 # --- error mapping --------------------------------------------------------------------

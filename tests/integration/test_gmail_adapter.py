@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from pydantic import ValidationError
 
 from autopull.connectors.errors import (
     NotFoundError,
@@ -847,20 +848,27 @@ async def test_wrong_key_fails_and_stays_secret(
     assert body not in repr(settings)
 
 
-async def test_bad_private_key_names_the_fix(gmail_sim: GmailSimulator) -> None:
-    settings = GmailSettings(
-        api_url=f"{gmail_sim.base_url}/",
-        token_uri=f"{gmail_sim.base_url}/token",
-        service_account_email=SERVICE_ACCOUNT,
-        client_id=CLIENT_ID,
-        private_key="not a key 9c1f",
-        quarantine_mailbox=QUARANTINE,
-    )
+@pytest.mark.parametrize(
+    "key",
+    [
+        "not a key 9c1f",
+        "-----BEGIN PRIVATE KEY-----\n9c1f9c1f\n-----END PRIVATE KEY-----\n",
+    ],
+)
+async def test_bad_private_key_names_the_fix(
+    gmail_sim: GmailSimulator, key: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        GmailSettings(
+            api_url=f"{gmail_sim.base_url}/",
+            token_uri=f"{gmail_sim.base_url}/token",
+            service_account_email=SERVICE_ACCOUNT,
+            client_id=CLIENT_ID,
+            private_key=key,
+            quarantine_mailbox=QUARANTINE,
+        )
 
-    with pytest.raises(PermanentError) as caught:
-        GmailPlatform(settings)
-
-    assert "private_key" in str(caught.value)
+    assert "private_key is not an unencrypted PEM private key" in str(caught.value)
     assert "9c1f" not in str(caught.value)
 
 
