@@ -58,6 +58,7 @@ from autopull.connectors.mail.gmail import GmailPlatform, GmailSettings
 from autopull.sim.clock import VirtualTimeLoop
 from autopull.sim.gmail import QUOTA_UNITS, GmailSimSettings, GmailSimulator, SimClock
 from autopull.sim.world import World
+from autopull.streams.progress import progress
 
 DOMAIN = "example.org"
 QUARANTINE = f"quarantine@{DOMAIN}"
@@ -334,11 +335,13 @@ async def timed_run(
             results = await adapter.quarantine_many(pulls)
         else:
             results = []
-            for pull in pulls:
-                try:
-                    results.append(await adapter.quarantine(*pull))
-                except ConnectorError as error:
-                    results.append(error)
+            with progress("Sequential baseline pulls", len(pulls)) as shown:
+                for pull in pulls:
+                    try:
+                        results.append(await adapter.quarantine(*pull))
+                    except ConnectorError as error:
+                        results.append(error)
+                    shown.advance()
         virtual = loop.time() - started_virtual
         real = time.perf_counter() - started_real
     finally:

@@ -57,6 +57,7 @@ from autopull.sim.campaign import (
 from autopull.sim.clock import run_virtual
 from autopull.sim.graph import GraphSimSettings, GraphSimulator, LoggedRequest
 from autopull.sim.world import World
+from autopull.streams.progress import progress
 from autopull.streams.pulls import RetryPolicy, execute, execute_many
 from autopull.streams.records import Record
 
@@ -182,7 +183,11 @@ async def timed_run(options: argparse.Namespace, mailboxes: int, *, burst: bool)
         if burst:
             results = await execute_many(commands, lambda _: graph, policy)
         else:
-            results = [await execute(c, lambda _: graph, policy) for c in commands]
+            results = []
+            with progress("Sequential baseline pulls", len(commands)) as shown:
+                for command in commands:
+                    results.append(await execute(command, lambda _: graph, policy))
+                    shown.advance()
         virtual_s, real_s = loop.time() - started, time.monotonic() - real_started
     finally:
         await graph.close()
