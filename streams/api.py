@@ -421,9 +421,11 @@ async def _send(
 
     async def send_acknowledged() -> None:
         # Topic.send returns once the record is queued, with a future that resolves
-        # when the broker acknowledged it with the app's acks=-1.
+        # when the broker acknowledged it with the app's acks=-1. The shield keeps
+        # a timeout from cancelling that future, whose Faust callback fails on a
+        # cancelled one.
         pending = await topic.send(key=incident_id.encode(), value=value, force=True)
-        await pending
+        await asyncio.shield(pending)
 
     timeout = pipe.settings.api_ack_timeout_seconds
     try:

@@ -367,8 +367,10 @@ def register_webhook(pipe: Pipeline) -> AlertReceiver:
     async def send(key: bytes, record: Record) -> None:
         # Topic.send returns once the record is queued, with a future that resolves
         # to its RecordMetadata when the broker acknowledged it (the app's acks=-1).
+        # The shield keeps a timeout from cancelling that future, whose Faust
+        # callback fails on a cancelled one.
         pending = await topic.send(key=key, value=codec.dumps(record), force=True)
-        await pending
+        await asyncio.shield(pending)
 
     receiver = AlertReceiver(
         pipe.settings.webhook, pipe.settings.ingest_max_bytes, send

@@ -17,12 +17,14 @@ import pytest
 from autopull.streams.ingest import Input, RawSender, raw_alert
 from autopull.streams.settings import Settings
 from autopull.streams.topics import ensure_topics
+from autopull.streams.webhook import WebhookSettings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PHISH_ALERT = REPO_ROOT / "examples" / "alerts" / "tap-delivered-phish.json"
 KAFKA_SCRIPT = REPO_ROOT / "dev" / "kafka.sh"
+TAP_TOKEN = "tap-webhook-token-5"
 PHISH_HEADER = "<20261201093000.1234.invoice@billing-example.net>"
 KEYS = {"reader": "read-key-1", "analyst": "analyst-key-2", "boss": "admin-key-3"}
 ROLES = {"reader": "read", "analyst": "analyst", "boss": "admin"}
@@ -313,8 +315,13 @@ def test_api_commands_with_broker_down(
     own_broker: OwnBroker,
     tmp_path: Path,
 ) -> None:
+    webhook = WebhookSettings(tokens={"tap": TAP_TOKEN}, ack_timeout_seconds=3)
     settings = api_settings.model_copy(
-        update={"kafka_bootstrap": own_broker.bootstrap, "api_ack_timeout_seconds": 3}
+        update={
+            "kafka_bootstrap": own_broker.bootstrap,
+            "api_ack_timeout_seconds": 3,
+            "webhook": webhook,
+        }
     )
     base, incident_id = start_contained_incident(settings, start_api_worker)
     accepted = httpx.post(
@@ -333,6 +340,17 @@ def test_api_commands_with_broker_down(
         error = response.json()["error"]
         assert error["code"] == "unavailable"
         assert error["message"].startswith("Kafka did not acknowledge the command")
+    alert = httpx.post(
+        f"{base}/alerts/tap",
+        content=PHISH_ALERT.read_bytes(),
+        headers={
+            "Authorization": f"Bearer {TAP_TOKEN}",
+            "Content-Type": "application/json",
+        },
+        timeout=30,
+    )
+    assert alert.status_code == 503, alert.text
+    assert alert.json()["error"]["code"] == "unavailable"
 
     # The client libraries retry the broker many times a second. Each repeated
     # error is logged once a minute, so the worker's log stays short.
@@ -343,3 +361,5 @@ def test_api_commands_with_broker_down(
     assert errors, "the outage was not logged"
     assert len(errors) < 40, f"{len(errors)} ERROR lines:\n" + "\n".join(errors[:60])
     assert any("Kafka did not acknowledge a command" in line for line in errors)
+    assert any("Kafka did not acknowledge alert" in line for line in errors)
+    assert "Exception in callback" not in outage
