@@ -67,6 +67,13 @@ class Metrics:
             ["platform"],
             registry=self.registry,
         )
+        self.throttled_responses = Counter(
+            "autopull_platform_throttled_responses",
+            "Responses in which a platform asked to slow down (429, or 503 with "
+            "Retry-After), retries inside client libraries included, by platform.",
+            ["platform"],
+            registry=self.registry,
+        )
         self.throttled = Counter(
             "autopull_platform_throttled",
             "Pulls parked because the platform kept throttling (429, 503 with "
@@ -81,6 +88,10 @@ class Metrics:
     ) -> None:
         """Add a gauge computed from `source` at every scrape."""
         self.registry.register(_CallbackCollector(name, documentation, labels, source))
+
+    def count_throttled(self, platform: str) -> None:
+        """Count one response in which `platform` asked to slow down."""
+        self.throttled_responses.labels(platform).inc()
 
     def record_outcome(self, outcome: dict[str, object]) -> None:
         """Count one pull outcome, its retries and its latency."""

@@ -376,7 +376,7 @@ def _pull_agent(pipe: Pipeline) -> None:
     # Parallelism comes from partitions and from running a batch concurrently.
     @pipe.app.agent(pipe.topics["pull.commands"], name="pull", concurrency=1)
     async def pull(stream: StreamT) -> None:
-        route = build_router(settings, platforms)
+        route = build_router(settings, platforms, pipe.metrics.count_throttled)
         async for batch in stream.take(
             settings.pull_batch_size, within=settings.pull_batch_seconds
         ):

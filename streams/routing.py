@@ -8,6 +8,7 @@ over its domain. With one platform configured and no table, every mailbox goes t
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from autopull.connectors.mail.base import MailPlatform
 from autopull.streams.settings import Settings
@@ -61,9 +62,15 @@ def _create(settings: Settings, name: str) -> MailPlatform | None:
 
 
 def build_router(
-    settings: Settings, platforms: dict[str, MailPlatform]
+    settings: Settings,
+    platforms: dict[str, MailPlatform],
+    on_throttled: Callable[[str], None] | None = None,
 ) -> Callable[[str], MailPlatform | None]:
-    """Return a function that maps a mailbox to its platform, creating each once."""
+    """Return a function that maps a mailbox to its platform, creating each once.
+
+    `on_throttled`, when given, is called with the platform's name for every
+    response in which a created platform asked to slow down.
+    """
 
     def route(mailbox: str) -> MailPlatform | None:
         name = platform_name(settings, mailbox)
@@ -73,6 +80,8 @@ def build_router(
             platform = _create(settings, name)
             if platform is None:
                 return None
+            if on_throttled is not None:
+                platform.throttle_listener = partial(on_throttled, platform.name)
             platforms[name] = platform
         return platforms[name]
 

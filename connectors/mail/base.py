@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -149,6 +149,15 @@ class MailPlatform(abc.ABC):
     """Async access to the mailboxes of one platform and tenant."""
 
     name: str = "unknown"
+    # Called once for every response in which the platform asked the client to slow
+    # down, including those that a client library retried by itself, so that
+    # throttling shows even when no pull failed. Set by whoever counts it.
+    throttle_listener: Callable[[], None] | None = None
+
+    def report_throttled(self) -> None:
+        """Tell the throttle listener, if any, that a response asked to slow down."""
+        if self.throttle_listener is not None:
+            self.throttle_listener()
 
     @abc.abstractmethod
     async def find(self, mailbox: str, message_id: str) -> list[MessageCopy]:

@@ -503,6 +503,25 @@ class _FolderInfo:
     hidden: bool
 
 
+class _ObservedTransport(httpx.AsyncHTTPTransport):
+    """The HTTP transport under msgraph's middleware, which sees every response.
+
+    Kiota's retry handler retries 429, 503 and 504 inside the client, so only the
+    transport below it sees each throttled attempt.
+    """
+
+    def __init__(
+        self, observe: Callable[[httpx.Response], None], **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self._observe = observe
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        self._observe(response)
+        return response
+
+
 class GraphPlatform(MailPlatform):
     """Find, quarantine and restore messages in Microsoft 365 mailboxes."""
 
@@ -518,7 +537,7 @@ class GraphPlatform(MailPlatform):
             max_connections=settings.max_connections,
             max_keepalive_connections=settings.max_connections,
         )
-        self._transport = httpx.AsyncHTTPTransport(limits=limits)
+        self._transport = _ObservedTransport(self._observe, limits=limits)
         client = httpx.AsyncClient(
             transport=self._transport, timeout=settings.request_timeout
         )
@@ -540,6 +559,13 @@ class GraphPlatform(MailPlatform):
         # the request limits of any other mailbox.
         self._evidence_verified: set[tuple[str, str]] = set()
         self._incident_lookups: dict[str, asyncio.Future[str]] = {}
+
+    def _observe(self, response: httpx.Response) -> None:
+        # 429 is Graph's throttling answer; a 503 with Retry-After is its answer
+        # when the service itself is busy.
+        status = response.status_code
+        if status == 429 or (status == 503 and "Retry-After" in response.headers):
+            self.report_throttled()
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -137,6 +137,11 @@ class BatchSender:
             return None
         if response.status not in RETRIED_STATUSES:
             return None
+        throttled = response.status == 429 or (
+            response.status == 503 and "Retry-After" in response.headers
+        )
+        if throttled:
+            self._platform.report_throttled()
         if attempt >= self._platform.settings.batch_max_attempts:
             return None
         requested = parse_retry_after(response.headers.get("Retry-After"))

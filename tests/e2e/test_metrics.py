@@ -79,6 +79,16 @@ def test_metrics_count_known_run(
     # Two moves fail with a server error, so two quarantine attempts are repeated.
     fault = {"path": "/move$", "method": "POST", "count": 2, "status": 500}
     httpx.post(f"{graph_sim.url}/_sim/faults", json=fault).raise_for_status()
+    # One throttled search, which msgraph's own retry handler repeats, so no pull
+    # attempt is repeated for it.
+    throttle = {
+        "path": "^/v1.0/users/carol@example.com/messages$",
+        "method": "GET",
+        "count": 1,
+        "status": 429,
+        "retry_after": 1,
+    }
+    httpx.post(f"{graph_sim.url}/_sim/faults", json=throttle).raise_for_status()
     start_api_worker(settings)
     base = f"http://127.0.0.1:{settings.web_port}"
     wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, what="readiness")
@@ -117,6 +127,8 @@ def test_metrics_count_known_run(
     )
     assert value(samples, "autopull_platform_retries_total", platform="graph") == 2
     assert value(samples, "autopull_platform_throttled_total", platform="graph") == 0
+    throttled = "autopull_platform_throttled_responses_total"
+    assert value(samples, throttled, platform="graph") == 1
     assert value(samples, "autopull_pull_latency_seconds_count", platform="graph") == 3
     assert value(samples, "autopull_table_keys", table="incidents") == 1
     assert value(samples, "autopull_table_keys", table="ledger") == 3

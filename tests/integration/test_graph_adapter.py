@@ -660,9 +660,13 @@ async def test_throttle_burst_raises_throttled_error(
         }
     )
 
+    throttled: list[None] = []
+    graph.throttle_listener = lambda: throttled.append(None)
+
     with pytest.raises(ThrottledError) as caught:
         await graph.find("erin@example.com", "spam-0001@promo.example.net")
 
+    assert len(throttled) == 4
     attempts = [
         e.retry_attempt for e in graph_sim.log if e.mailbox == "erin@example.com"
     ]
@@ -682,9 +686,13 @@ async def test_throttle_within_kiota_retries_recovers(
         }
     )
 
+    throttled: list[None] = []
+    graph.throttle_listener = lambda: throttled.append(None)
+
     copies = await graph.find("erin@example.com", "spam-0001@promo.example.net")
 
     assert [c.folder for c in copies] == ["Inbox"]
+    assert len(throttled) == 1
 
 
 async def test_adapter_keeps_mailbox_concurrency(

@@ -530,11 +530,7 @@ def test_error_message_names_file_and_line() -> None:
 
 def test_error_message_one_line_per_problem() -> None:
     text = (
-        'version: "1"\n'
-        "rules:\n"
-        "  - name: a.b\n"
-        "    action: QUARANTINE\n"
-        "    reason: x\n"
+        'version: "1"\nrules:\n  - name: a.b\n    action: QUARANTINE\n    reason: x\n'
     )
     with pytest.raises(PolicyError) as caught:
         parse_policy(text, "policy.yaml")
