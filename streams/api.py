@@ -216,6 +216,8 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
     @app.page("/livez")
     class Live(View):
         async def get(self, request: Request) -> Response:
+            if pipe.watchdog.failed:
+                return self.json({"status": "stalled"}, status=503)
             return self.json({"status": "alive"})
 
     @app.page("/readyz")

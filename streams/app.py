@@ -21,6 +21,7 @@ from autopull.streams.intel import load_intel, watch_feeds
 from autopull.streams.logs import logging_config
 from autopull.streams.metrics import Metrics
 from autopull.streams.settings import Settings
+from autopull.streams.stall import StallWatchdog
 from autopull.streams.tap_poller import register_tap_poller
 from autopull.streams.topics import ChangelogTopic, full_name, topic_specs
 from autopull.streams.web_errors import json_errors
@@ -104,11 +105,26 @@ class Pipeline:
         if self.intel is not None and settings.intel.feeds:
             watch_feeds(self.app, self.intel, settings.intel.reload_seconds)
         pipeline.register_agents(self)
+        self.watchdog = self._register_watchdog()
         register_tap_poller(self)
         self._register_gauges()
         if settings.web_enabled:
             register_api(self)
             register_webhook(self)
+
+    def _register_watchdog(self) -> StallWatchdog:
+        inputs = {topic.get_topic_name() for topic in self.topics.values()}
+        timeout = self.settings.stall_timeout_seconds
+        watchdog = StallWatchdog(self.app, inputs, timeout)
+
+        @self.app.timer(max(timeout / 4, 1.0))
+        async def check_stall() -> None:
+            try:
+                await watchdog.check()
+            except Exception:
+                log.exception("The stall check of the consumer failed")
+
+        return watchdog
 
     def changelog_topics(self) -> list[ChangelogTopic]:
         """Return the changelog topic of every table, configured as Faust sets it."""

@@ -220,6 +220,13 @@ class Settings(BaseSettings):
     session_timeout_seconds: float = Field(
         default=60.0, gt=0, description="Kafka consumer session timeout, in seconds."
     )
+    stall_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds in which a worker reads no record while its input "
+        "partitions have records to read, after which it resumes and seeks them; "
+        "after a second such period /livez returns 503.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines written."
     )
