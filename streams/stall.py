@@ -1,12 +1,15 @@
 """A watchdog for a worker whose consumer has records to read and reads none.
 
 A worker that takes over partitions without a committed offset can lose their
-first records. Faust 0.15.3 (with aiokafka 0.14) takes records that a fetch
-returns while `rewind_uncommitted` waits for its seek, and drops them before the
-streams resume; Faust's own seek then skips these partitions because nothing is
-committed. The consumer position stays past the lost records, so the worker
-reads nothing more until new records arrive, and whatever waits on the lost ones
-never finishes.
+first records. With faust-streaming 0.15.3 and aiokafka 0.14, a fetch at offset 0
+can return while `rewind_uncommitted` waits for its seek. The records then leave
+aiokafka's buffer and the position moves to the end, but no agent gets them.
+Faust's own seek skips these partitions because nothing is committed, so the
+worker reads nothing more there until new records arrive, and whatever waits on
+the lost ones never finishes.
+
+NOTE: which Faust path takes these records is not confirmed, so the watchdog
+repairs the effect, not the cause.
 
 The watchdog compares the end offsets of the assigned input partitions with
 their committed offsets. When records wait and the worker has read none for
@@ -41,7 +44,7 @@ NONE = Verdict("none")
 
 
 class StallDetector:
-    """Decides from successive checks whether the consumer has stalled.
+    """Stall detection from successive checks of one consumer.
 
     A check passes the count of records read so far and, for each assigned input
     partition, the records that wait to be read there. The consumer has stalled
@@ -138,7 +141,7 @@ class StallWatchdog:
         # NOTE: Faust 0.15.3 keeps committed offsets in a private mapping; this
         # reads it, as the consumer lag gauge does. Offsets that the worker read
         # but never committed count as waiting, because a record that Faust drops
-        # during a rebalance is counted as read.
+        # during a rebalance may count as read.
         known = getattr(consumer, "_committed_offset", {})
         committed = {tp: known.get(tp) for tp in partitions}
         unknown = [tp for tp, offset in committed.items() if offset is None]

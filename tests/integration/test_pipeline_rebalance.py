@@ -9,6 +9,7 @@ consumer reads next.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from aiokafka.structs import OffsetAndMetadata
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from autopull.streams.pipeline import rewind_uncommitted
+from autopull.streams.stall import StallWatchdog
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +126,71 @@ async def test_rewind_ignores_other_topics(
     rewound = await rewind_uncommitted(FaustLikeConsumer(dropped), {"other.topic"})
     assert rewound == {}
     assert await dropped.position(TopicPartition(topic, 0)) == RECORDS_PER_PARTITION
+
+
+class WatchedConsumer(FaustLikeConsumer):
+    """The calls of Faust's consumer that the stall watchdog makes, over aiokafka."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, committed: dict[Any, int]) -> None:
+        super().__init__(consumer)
+        self._committed_offset = dict(committed)
+
+    async def highwaters(
+        self, *partitions: TopicPartition
+    ) -> Mapping[TopicPartition, int]:
+        return await self.consumer.end_offsets(list(partitions))
+
+    async def perform_seek(self) -> None:
+        committed = await self.consumer.seek_to_committed()
+        self._committed_offset.update(
+            {tp: offset for tp, offset in committed.items() if offset}
+        )
+
+    def resume_partitions(self, partitions: set[TopicPartition]) -> None:
+        pass
+
+    def resume_flow(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_watchdog_rereads_dropped_records(
+    dropped: AIOKafkaConsumer, topic: str
+) -> None:
+    consumer = WatchedConsumer(dropped, {TopicPartition(topic, 1): 2})
+
+    async def start_fetcher() -> None:
+        pass
+
+    app = SimpleNamespace(
+        consumer=consumer,
+        rebalancing=False,
+        tables=SimpleNamespace(
+            recovery=SimpleNamespace(completed=SimpleNamespace(is_set=lambda: True))
+        ),
+        monitor=SimpleNamespace(messages_received_total=6),
+        flow_control=SimpleNamespace(resume=lambda: None),
+        _fetcher=SimpleNamespace(maybe_start=start_fetcher),
+    )
+    clock = Clock()
+    watchdog = StallWatchdog(app, {topic}, 10, clock=clock)
+
+    assert (await watchdog.check()).action == "none"
+    clock.now = 10
+    verdict = await watchdog.check()
+
+    assert verdict.action == "recover"
+    assert verdict.waiting == {TopicPartition(topic, 0): 3, TopicPartition(topic, 1): 1}
+    # The fetcher may return the two partitions in separate batches.
+    reread: dict[int, list[int]] = {}
+    for _ in range(3):
+        for partition, offsets in (await read_offsets(dropped)).items():
+            reread.setdefault(partition, []).extend(offsets)
+    assert reread == {0: [0, 1, 2], 1: [2]}
