@@ -221,11 +221,12 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="Kafka consumer session timeout, in seconds."
     )
     stall_timeout_seconds: float = Field(
-        default=60.0,
+        default=90.0,
         gt=0,
         description="Seconds in which a worker reads no record while its input "
-        "partitions have records to read, after which it resumes and seeks them; "
-        "after a second such period /livez returns 503.",
+        "partitions have records to read, after which it seeks them back to their "
+        "committed offsets; after a second such period /livez returns 503. Must "
+        "exceed pull_max_wait_seconds.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Lowest level of log lines written."
@@ -281,6 +282,18 @@ class Settings(BaseSettings):
                 f"but it must be a whole number of seconds that divides "
                 f"incident_window_hours ({self.incident_window_hours}) evenly; for "
                 "example 24 hours in steps of 1 hour."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_stall_timeout(self) -> Settings:
+        # A pull that waits out throttling reads no record meanwhile, and that wait
+        # alone must not look like a stalled consumer.
+        if self.stall_timeout_seconds <= self.pull_max_wait_seconds:
+            raise ValueError(
+                f"stall_timeout_seconds is {self.stall_timeout_seconds}, but it must "
+                f"exceed pull_max_wait_seconds ({self.pull_max_wait_seconds}); raise "
+                "it or lower pull_max_wait_seconds."
             )
         return self
 

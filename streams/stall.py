@@ -17,6 +17,11 @@ their committed offsets. When records wait and the worker has read none for
 committed offsets (the first offset where nothing is committed), as a rebalance
 would. If the worker still reads nothing for another period, it marks itself not
 live, so /livez returns 503 and an orchestrator restarts it.
+
+NOTE: one pull attempt may take up to `pull_attempt_timeout_seconds`, longer than
+the stall timeout. If no other record arrives meanwhile, the watchdog seeks back
+too, and the pulls after the committed offset run again. The ledger makes them
+idempotent, so no message moves twice, but each writes one more outcome.
 """
 
 from __future__ import annotations

@@ -137,3 +137,16 @@ def test_environment_json_error_shows_example(monkeypatch, capsys):
     error = capsys.readouterr().err
     assert 'field "routing"' in error
     assert "take JSON in the environment" in error
+
+
+def test_stall_timeout_below_pull_wait_rejected():
+    with pytest.raises(ValidationError) as caught:
+        Settings(stall_timeout_seconds=30, pull_max_wait_seconds=60)
+    message = str(caught.value)
+    assert "stall_timeout_seconds is 30.0" in message
+    assert "pull_max_wait_seconds (60.0)" in message
+
+
+def test_stall_timeout_above_pull_wait_accepted():
+    settings = Settings(stall_timeout_seconds=61, pull_max_wait_seconds=60)
+    assert settings.stall_timeout_seconds == 61
