@@ -391,6 +391,7 @@ def base_settings(
         web_enabled=False,
         session_timeout_seconds=6,
         pull_max_wait_seconds=5,
+        stall_timeout_seconds=20,
         # A held pull blocks its batch, so the four pulls must share one batch.
         pull_batch_size=len(STEPS),
         pull_batch_seconds=10,
@@ -521,9 +522,9 @@ def test_kill_at_each_step_keeps_one_copy(
             reader.poll(0.3)
 
     try:
-        # NOTE: now and then the new worker reads no record at all after "Worker
-        # ready", and then a step's outcome is missing here. The cause is not
-        # known yet.
+        # NOTE: now and then the new worker loses the first records of partitions
+        # without a committed offset (see autopull.streams.stall). Its watchdog
+        # seeks them back after the 20 s stall timeout, which this wait covers.
         wait_until(finished, FINISH_TIMEOUT_S, read_all)
         time.sleep(3)
         read_all()
