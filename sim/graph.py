@@ -55,6 +55,7 @@ from .world import (
     Folder,
     FolderExistsError,
     FolderNotFoundError,
+    ForwardingRuleSpec,
     Item,
     ItemNotFoundError,
     TenantSpec,
@@ -852,6 +853,34 @@ def _extended_field(row: dict[str, str], name: str) -> str:
     return row[name]
 
 
+_RULE_ACTIONS = {
+    "redirect": "redirectTo",
+    "forward": "forwardTo",
+    "forward_as_attachment": "forwardAsAttachmentTo",
+}
+
+
+def message_rule_json(index: int, rule: ForwardingRuleSpec) -> dict[str, Any]:
+    """Render a forwarding rule of the scenario as a Graph messageRule."""
+    recipients = [
+        {"emailAddress": {"name": address, "address": address}}
+        for address in rule.forward_to
+    ]
+    actions: dict[str, Any] = {_RULE_ACTIONS[rule.kind]: recipients}
+    if not rule.keep_copy:
+        actions["delete"] = True
+    return {
+        "id": make_id("rule", rule.mailbox.lower(), str(index)),
+        "displayName": f"{rule.kind} to {', '.join(rule.forward_to)}",
+        "sequence": index + 1,
+        "isEnabled": True,
+        "hasError": False,
+        "isReadOnly": False,
+        "conditions": {},
+        "actions": actions,
+    }
+
+
 def folder_value(folder: Folder, world: World, prop: str) -> Any:
     """Return one mailFolder property as Graph's JSON shows it."""
     items = list(world.items_of(folder.mailbox, folder.folder_id))
@@ -1376,6 +1405,11 @@ class GraphSimulator:
             "GET",
             ("users", "*", "mailfolders", "*", "messages", "*"),
             "_get_folder_message",
+        ),
+        (
+            "GET",
+            ("users", "*", "mailfolders", "*", "messagerules"),
+            "_list_message_rules",
         ),
     ]
 
@@ -2050,6 +2084,23 @@ class GraphSimulator:
         folders = filter_and_sort(folders, self._folder_field, options, [])
         rows = [folder_json(folder, self.world, options) for folder in folders]
         return self._page(call, rows, options, suffix)
+
+    async def _list_message_rules(
+        self, call: GraphRequest, params: list[str]
+    ) -> web.Response:
+        # Graph keeps inbox rules on the Inbox only; other folders list none.
+        folder = self._folder(call, params[1])
+        rows = []
+        if folder.well_known == "inbox":
+            rows = [
+                message_rule_json(index, rule)
+                for index, rule in enumerate(self.world.scenario.forwarding_rules)
+                if rule.mailbox.lower() == folder.mailbox
+            ]
+        return self._json(
+            call.request,
+            {"@odata.context": self._context(call, "messageRules"), "value": rows},
+        )
 
     async def _get_folder(self, call: GraphRequest, params: list[str]) -> web.Response:
         folder = self._folder(call, params[1])

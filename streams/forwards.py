@@ -261,13 +261,16 @@ def matches_from_rules(
     rules: Iterable[ForwardingRule],
     is_internal: Callable[[str], bool],
 ) -> list[Match]:
-    """Return a match for each target of a mailbox's forwarding or redirect rules.
+    """Return a match for each target of a mailbox's redirect rules.
 
-    Such rules send the same message on with its Message-ID, so the target's copy
-    has the original's id.
+    A redirect sends the same message on with its Message-ID, so the target's copy
+    has the original's id. Forward rules write a new message with a new id, which
+    the sent items or the message trace show instead.
     """
     matches = []
     for rule in rules:
+        if rule.kind != "redirect":
+            continue
         for target in rule.targets:
             if target.lower() == mailbox.lower():
                 continue

@@ -40,6 +40,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
@@ -65,6 +66,7 @@ from exchangelib.folders import (
     Inbox,
     MsgFolderRoot,
     Root,
+    SentItems,
 )
 from exchangelib.items import HARD_DELETE, ID_ONLY, SAVE_ONLY
 from exchangelib.properties import DistinguishedFolderId, Mailbox
@@ -85,8 +87,12 @@ from .base import (
     MessageCopy,
     MessageSearch,
     QuarantineResult,
+    SentMessage,
+    TraceEvent,
     required_message_id,
 )
+from .mime import sent_message_from_mime
+from .tracking import TrackingLogDirectory
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +200,12 @@ class EwsSettings(BaseModel):
     )
     request_timeout: float = Field(
         default=120.0, gt=0, description="HTTP timeout of one request, seconds."
+    )
+    tracking_log_dir: Path | None = Field(
+        default=None,
+        description="Folder of the message tracking log files (MSGTRK*.LOG or "
+        "Get-MessageTrackingLog CSV exports) that forward tracing reads; empty for "
+        "none.",
     )
 
     @field_validator("quarantine_mailbox")
@@ -599,6 +611,36 @@ class EwsPlatform(MailPlatform):
         return await self._call(
             job, job.mailbox, lambda: _search_window_sync(box, job.mailbox, search)
         )
+
+    async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
+        """List the Sent Items of `mailbox` sent at or after `since`, with MIME."""
+        job = _Job(mailbox.lower(), "")
+        box = self._mailbox(job.mailbox)
+        found = await self._call(job, job.mailbox, partial(_sent_sync, box, since))
+        sent = []
+        for mime, sent_at in found:
+            parsed = sent_message_from_mime(job.mailbox, mime, sent_at)
+            if parsed is not None:
+                sent.append(parsed)
+        logger.info(
+            "Listed sent messages mailbox=%s since=%s count=%d",
+            job.mailbox,
+            since.isoformat(),
+            len(sent),
+        )
+        return sent
+
+    async def message_trace(self, message_id: str, since: datetime) -> list[TraceEvent]:
+        """Return the tracking log rows of `message_id` and its rule-made messages.
+
+        The rows come from the files in `tracking_log_dir`; without that setting
+        Exchange has no trace to read here.
+        """
+        folder = self.settings.tracking_log_dir
+        if folder is None:
+            return []
+        logs = TrackingLogDirectory(folder)
+        return await asyncio.to_thread(logs.events, message_id, since)
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str
@@ -1218,6 +1260,20 @@ def _search_below_sync(box: _Mailbox, container: Any, bare: str) -> list[_Copy]:
         )
     )
     return _search_sync(box, [container, *below], bare, STORED_FIELDS)
+
+
+def _sent_sync(box: _Mailbox, since: datetime) -> list[tuple[bytes, datetime | None]]:
+    """FindItem in Sent Items on DateTimeSent, then GetItem for each MIME."""
+    folder = SentItems.get_distinguished(root=box.root)
+    start = since.astimezone(EWS_UTC)
+    query = folder.filter(datetime_sent__gte=start).only(
+        "mime_content", "datetime_sent"
+    )
+    found = []
+    for item in _checked(query):
+        if item.mime_content:
+            found.append((bytes(item.mime_content), item.datetime_sent))
+    return found
 
 
 def _mime_sync(box: _Mailbox, item_id: str, changekey: str | None) -> bytes:

@@ -70,12 +70,15 @@ from ..errors import (
     TransientError,
 )
 from .base import (
+    ForwardingRule,
     MailPlatform,
     MessageCopy,
     MessageSearch,
     QuarantineResult,
+    SentMessage,
     required_message_id,
 )
+from .mime import sent_message_from_mime
 
 logger = logging.getLogger(__name__)
 
@@ -810,6 +813,80 @@ class GraphPlatform(MailPlatform):
         )
 
     # --- finding ----------------------------------------------------------------------
+
+    async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
+        """List the Sent Items of `mailbox` sent at or after `since`, with their MIME.
+
+        Each message's MIME is read ($value) so the matcher gets attachments,
+        attached messages and every header. Messages without a Message-ID are
+        left out, because no later search could find their copies.
+        """
+        builder = (
+            self._graph.users.by_user_id(mailbox)
+            .mail_folders.by_mail_folder_id("sentitems")
+            .messages
+        )
+        moment = since.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        query = MessagesRequestBuilder.MessagesRequestBuilderGetQueryParameters(
+            filter=f"sentDateTime ge {moment}",
+            select=["id", "sentDateTime"],
+            top=self.settings.page_size,
+        )
+        config = RequestConfiguration(query_parameters=query)
+        page = await self._call(mailbox, None, lambda: builder.get(config))
+        listed: list[Message] = []
+        while page is not None:
+            listed.extend(page.value or [])
+            if not page.odata_next_link:
+                break
+            page = await self._call(
+                mailbox, None, partial(_next_page, builder, page.odata_next_link)
+            )
+
+        sent = []
+        for message in listed:
+            content = self._graph.users.by_user_id(mailbox).messages.by_message_id(
+                message.id or ""
+            )
+            mime = await self._call(mailbox, None, content.content.get)
+            parsed = sent_message_from_mime(
+                mailbox, mime or b"", message.sent_date_time
+            )
+            if parsed is not None:
+                sent.append(parsed)
+        logger.info(
+            "Listed sent messages mailbox=%s since=%s count=%d",
+            mailbox,
+            moment,
+            len(sent),
+        )
+        return sent
+
+    async def forwarding_rules(self, mailbox: str) -> list[ForwardingRule]:
+        """Return the enabled inbox rules of `mailbox` that redirect or forward mail."""
+        builder = (
+            self._graph.users.by_user_id(mailbox)
+            .mail_folders.by_mail_folder_id("inbox")
+            .message_rules
+        )
+        page = await self._call(mailbox, None, builder.get)
+        rules = []
+        for rule in (page.value or []) if page is not None else []:
+            if rule.is_enabled is False or rule.actions is None:
+                continue
+            for kind, recipients in (
+                ("redirect", rule.actions.redirect_to),
+                ("forward", rule.actions.forward_to),
+                ("forward_as_attachment", rule.actions.forward_as_attachment_to),
+            ):
+                targets = tuple(
+                    recipient.email_address.address.lower()
+                    for recipient in recipients or []
+                    if recipient.email_address and recipient.email_address.address
+                )
+                if targets:
+                    rules.append(ForwardingRule(mailbox.lower(), targets, kind))
+        return rules
 
     async def _locate(self, mailbox: str, bare: str) -> _Located:
         """List every copy with its folder, read state and marker, page by page."""

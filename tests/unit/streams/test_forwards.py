@@ -246,6 +246,11 @@ def trace(event: str, **fields: object) -> TraceEvent:
     return TraceEvent(**values)  # type: ignore[arg-type]
 
 
+def test_forward_rules_are_not_same_id() -> None:
+    rules = [ForwardingRule("alice@example.com", ("dave@example.com",), "forward")]
+    assert matches_from_rules("alice@example.com", ORIGINAL, rules, internal) == []
+
+
 def test_trace_redirect_is_definitive() -> None:
     events = [
         trace(
