@@ -100,6 +100,8 @@ class Pipeline:
             AvroCodec("Incident", registry=settings.schema_registry_url),
         )
         self.ledger = self._table("ledger", None)
+        # What forward tracing searched, per incident; only the trace agent writes.
+        self.frontier = self._table("frontier", None)
         self.metrics = Metrics()
         self.intel = load_intel(settings)
         if self.intel is not None and settings.intel.feeds:
@@ -172,6 +174,7 @@ class Pipeline:
             "recipient_windows": self.recipient_windows.table,
             "incidents": self.incidents,
             "ledger": self.ledger,
+            "frontier": self.frontier,
         }
 
         def table_sizes() -> list[tuple[tuple[str, ...], float]]:

@@ -88,6 +88,10 @@ def new_incident(incident_id: str, campaign_key: str, at: datetime) -> Record:
         "pulls": [],
         "history": [],
         "custom_fields": {},
+        "payload_urls": [],
+        "payload_hashes": [],
+        "traced_messages": [],
+        "forwards": [],
     }
 
 
@@ -443,6 +447,7 @@ def _pull_entry(
         "resolved_message_id": None,
         "candidates": [],
         "withdrawn": False,
+        "traced": False,
     }
 
 

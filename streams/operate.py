@@ -15,6 +15,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
 
 from autopull.streams.commands import (
     API_ACTOR_PREFIX,
@@ -27,7 +29,13 @@ from autopull.streams.follow import FollowedCopy, followed_copies, settled_copie
 from autopull.streams.progress import progress
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
-from autopull.streams.views import incident_detail, matches, result_rows, summary_row
+from autopull.streams.views import (
+    forward_rows,
+    incident_detail,
+    matches,
+    result_rows,
+    summary_row,
+)
 from autopull.streams.watch import IncidentWatcher
 
 
@@ -117,12 +125,44 @@ def run_show(
     for row in result_rows(incident):
         table.add_row(*(escape(cell) for cell in _result_cells(row)))
     console.print(table)
+    hops = forward_rows(incident)
+    if hops:
+        console.print(forward_tree(hops, incident_detail(incident)["trace_state"]))
     for item in incident["history"]:
         line = f"{item['at']:%Y-%m-%d %H:%M:%S} {item['actor']}: {item['what']}"
         if item["detail"]:
             line += f" ({item['detail']})"
         console.print(escape(line))
     return 0
+
+
+def forward_tree(hops: list[dict[str, Any]], state: str) -> Tree:
+    """Build the forward tree for the terminal: each sender above its recipients.
+
+    A copy that comes back to a mailbox already shown (a cycle) is printed once
+    more as a leaf, so the tree always ends.
+    """
+    tree = Tree(f"Forwards (trace {state})")
+    shown: set[tuple[str, str, str]] = set()
+
+    def add(parent: Tree, sender: str, depth: int) -> None:
+        for hop in hops:
+            key = (hop["from_mailbox"], hop["to_mailbox"], hop["message_id"])
+            if hop["from_mailbox"] != sender or hop["depth"] != depth or key in shown:
+                continue
+            shown.add(key)
+            where = "external, reported" if hop["external"] else hop["action"]
+            # Text, not markup, because the brackets and ids would read as styles.
+            label = Text(
+                f"{hop['to_mailbox']} {hop['message_id']} "
+                f"[{hop['confidence']}, {where}] {hop['evidence']}"
+            )
+            add(parent.add(label), hop["to_mailbox"], depth + 1)
+
+    senders = dict.fromkeys(hop["from_mailbox"] for hop in hops if hop["depth"] == 1)
+    for sender in senders:
+        add(tree.add(Text(sender)), sender, 1)
+    return tree
 
 
 READ_STATES = {None: "-", True: "read", False: "unread"}

@@ -8,6 +8,7 @@ exposure:  alerts.by_mailbox -> exposures, recipient windows (tumbling)
 incident:  incident.events -> incidents table and topic, pull.commands
 pull:      pull.commands -> pull.outcomes (batches, no table writes)
 outcomes:  pull.outcomes -> quarantine ledger, incident.events
+trace:     incidents -> frontier table, trace.findings, incident.events
 
 Each table is written only by the agent whose input topic has the table's key, so
 a table's changelog partition is the partition that owns the key.
@@ -29,6 +30,12 @@ from autopull.connectors.sources.detect import format_names, parse_alert
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.streams import records
 from autopull.streams.enrich import LIST_TOO_LARGE, DirectoryLike, enrich_until_done
+from autopull.streams.forward_tree import (
+    TracePolicy,
+    apply_finding,
+    apply_traced,
+    record_alert_payload,
+)
 from autopull.streams.grouping import (
     count_exposure,
     exposure_record,
@@ -54,6 +61,7 @@ from autopull.streams.pulls import (
 )
 from autopull.streams.records import Record, ledger_key, utcnow
 from autopull.streams.routing import build_router
+from autopull.streams.trace import register_trace_agent
 
 if TYPE_CHECKING:
     from autopull.streams.app import Pipeline
@@ -72,6 +80,7 @@ def register_agents(pipe: Pipeline) -> None:
         _incident_agent,
         _pull_agent,
         _outcomes_agent,
+        register_trace_agent,
     ):
         agent(pipe)
     _rewind_after_rebalance(pipe)
@@ -273,8 +282,23 @@ def _exposure_agent(pipe: Pipeline) -> None:
         await pipe.run_each(stream, "alerts.by_mailbox", "exposure", handle)
 
 
+def _trace_policy(pipe: Pipeline) -> TracePolicy:
+    policy = pipe.settings.pull_policy()
+    excluded = set(policy.excluded_mailboxes) | set(policy.quarantine_mailboxes)
+    if policy.quarantine_mailbox:
+        excluded.add(policy.quarantine_mailbox)
+    trace = pipe.settings.trace
+    return TracePolicy(
+        pull_confidences=frozenset(trace.pull_confidences),
+        max_depth=trace.max_depth,
+        max_mailboxes=trace.max_mailboxes,
+        excluded=frozenset(excluded),
+    )
+
+
 def _incident_agent(pipe: Pipeline) -> None:
     policy = pipe.settings.pull_policy()
+    trace_policy = _trace_policy(pipe)
 
     def decide_for(
         incident: Record, alert: Record, recipients: list[Record]
@@ -320,6 +344,18 @@ def _incident_agent(pipe: Pipeline) -> None:
                 lambda alert, recipients: decide_for(joined, alert, recipients),
                 lambda alert: message_search(alert, policy),
             )
+            record_alert_payload(incident, change["alert"]["alert"])
+        elif change["kind"] == "finding" and change["finding"] and incident:
+            commands = apply_finding(
+                incident, change["finding"], trace_policy, utcnow()
+            )
+        elif change["kind"] == "traced" and change["traced"] and incident:
+            if not apply_traced(incident, change["traced"], utcnow()):
+                log.warning(
+                    "Trace progress matches no pull incident_id=%s mailbox=%s",
+                    incident_id,
+                    change["traced"]["mailbox"],
+                )
         elif change["kind"] == "outcome" and change["outcome"] and incident:
             if not apply_outcome(incident, change["outcome"]):
                 log.warning(

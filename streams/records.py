@@ -74,6 +74,7 @@ def incident_event(
     outcome: Record | None = None,
     finding: Record | None = None,
     command: Record | None = None,
+    traced: Record | None = None,
 ) -> Record:
     """Build an IncidentEvent record for the incident agent."""
     return {
@@ -84,4 +85,5 @@ def incident_event(
         "outcome": outcome,
         "finding": finding,
         "command": command,
+        "traced": traced,
     }

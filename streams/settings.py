@@ -114,6 +114,36 @@ class PolicyConfig(BaseModel):
         )
 
 
+PullConfidence = Literal["definitive", "strong", "medium"]
+
+
+def _default_pull_confidences() -> list[PullConfidence]:
+    return ["definitive", "strong"]
+
+
+class TraceConfig(BaseModel):
+    """Forward tracing: which evidence pulls a copy, and where the search stops."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)
+
+    enabled: bool = Field(
+        default=True, description="Search the mailboxes of pulled copies for forwards."
+    )
+    pull_confidences: list[PullConfidence] = Field(
+        default_factory=_default_pull_confidences,
+        description="Confidences whose copies are pulled; medium ones wait for "
+        "approval otherwise, and a matching subject alone is never enough.",
+    )
+    max_depth: int = Field(
+        default=5, ge=1, description="Forward hops followed before copies wait."
+    )
+    max_mailboxes: int = Field(
+        default=200,
+        ge=1,
+        description="Mailboxes of one incident before further copies wait.",
+    )
+
+
 class Settings(BaseSettings):
     """Settings of an Autopull worker and of the command line tools."""
 
@@ -270,6 +300,9 @@ class Settings(BaseSettings):
     )
     directory: DirectorySettings | None = Field(
         default=None, description="LDAP directory for recipients and lists."
+    )
+    trace: TraceConfig = Field(
+        default_factory=TraceConfig, description="Forward tracing of pulled copies."
     )
 
     @model_validator(mode="after")

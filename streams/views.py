@@ -10,6 +10,7 @@ from collections import Counter
 from datetime import datetime
 from typing import Any
 
+from autopull.streams.forward_tree import trace_state
 from autopull.streams.records import Record
 
 INCIDENT_STATES = ("new", "open", "quarantining", "contained", "restored", "closed")
@@ -63,6 +64,29 @@ def result_rows(incident: Record) -> list[dict[str, Any]]:
     ]
 
 
+def forward_rows(incident: Record) -> list[dict[str, Any]]:
+    """Return the hops of the forward tree: who passed a copy to whom, and how found.
+
+    Hops are in the order they were found. A hop of depth 1 starts at a recipient
+    of an alert, and each deeper hop starts at the recipient of a hop one level up.
+    """
+    return [
+        {
+            "from_mailbox": edge["from_mailbox"],
+            "to_mailbox": edge["to_mailbox"],
+            "message_id": edge["message_id"],
+            "original_message_id": edge["original_message_id"],
+            "depth": edge["depth"],
+            "confidence": edge["confidence"],
+            "evidence": edge["evidence"],
+            "action": edge["action"],
+            "external": edge["external"],
+            "found_at": _iso(edge["found_at"]),
+        }
+        for edge in incident.get("forwards") or []
+    ]
+
+
 def incident_detail(incident: Record) -> dict[str, Any]:
     """Return an incident with its results and history, ready for JSON."""
     detail = summary_row(incident)
@@ -84,6 +108,8 @@ def incident_detail(incident: Record) -> dict[str, Any]:
             for item in incident["history"]
         ],
         custom_fields=incident["custom_fields"],
+        trace_state=trace_state(incident),
+        forwards=forward_rows(incident),
     )
     return detail
 

@@ -862,6 +862,9 @@ class GraphPlatform(MailPlatform):
         )
         return sent
 
+    # NOTE: Graph message traces (/admin/exchange/tracing/messageTraces) are not
+    # read yet, so on Microsoft 365 forwards show only in sent items and rules.
+
     async def forwarding_rules(self, mailbox: str) -> list[ForwardingRule]:
         """Return the enabled inbox rules of `mailbox` that redirect or forward mail."""
         builder = (

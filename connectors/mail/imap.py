@@ -48,7 +48,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ..errors import ConnectorError, NotFoundError, PermanentError, TransientError
 from ..sources.common import bare_message_id
-from .base import MailPlatform, MessageCopy, MessageSearch, QuarantineResult
+from .base import (
+    MailPlatform,
+    MessageCopy,
+    MessageSearch,
+    QuarantineResult,
+    SentMessage,
+)
+from .mime import sent_message_from_mime
 
 logger = logging.getLogger(__name__)
 
@@ -778,6 +785,12 @@ def item_id(wire: str, uidvalidity: int, uid: int) -> str:
 _MARKER_FIELDS = " ".join(name.upper() for name in MARKER_HEADERS)
 
 
+# Names of the Sent folder on servers that do not mark it with \Sent (RFC 6154).
+SENT_FOLDER_NAMES = frozenset(
+    {"sent", "sent items", "sent messages", "sent mail", "inbox.sent", "gesendet"}
+)
+
+
 class ImapSession:
     """One logged-in IMAP connection; its methods block, and run in a worker thread.
 
@@ -889,6 +902,28 @@ class ImapSession:
         if typ != "OK" and _code_of(data) == "ALREADYEXISTS":
             return
         _check(typ, data, "CREATE")
+
+    def sent_messages(self, since: datetime) -> list[_Fetched]:
+        """Fetch the messages of every Sent folder sent on or after the day of `since`.
+
+        Sent folders carry the RFC 6154 `\\Sent` attribute, or, on servers without
+        SPECIAL-USE, one of the usual names. SENTSINCE compares whole days of the
+        Date header, so the search starts a day early and callers compare times.
+        """
+        folders = [f for f in self.list_folders() if f.selectable]
+        sent = [f for f in folders if "\\sent" in f.attributes]
+        if not sent:
+            sent = [f for f in folders if f.name.lower() in SENT_FOLDER_NAMES]
+        day = (since - timedelta(days=1)).strftime("%d-%b-%Y")
+        found: list[_Fetched] = []
+        for folder in sent:
+            self.select(folder, readonly=True)
+            typ, data = self.imap.uid("SEARCH", "SENTSINCE", day)
+            _check(typ, data, "UID SEARCH")
+            uids = [int(uid) for item in data if item for uid in bytes(item).split()]
+            found.extend(self.fetch(uids, "BODY.PEEK[]"))
+            self.deselect()
+        return found
 
     # Steps of a quarantine or restore.
 
@@ -1348,6 +1383,25 @@ class ImapPlatform(MailPlatform):
         async with self._sessions("", mailbox) as (user,):
             copies = await self._call(user.mailbox, "", user.search_window, search)
         return [dataclasses.replace(copy, mailbox=mailbox) for copy in copies]
+
+    async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
+        """List the messages of the mailbox's Sent folders sent since `since`."""
+        async with self._sessions("", mailbox) as (user,):
+            fetched = await self._call(user.mailbox, "", user.sent_messages, since)
+        sent = []
+        for item in fetched:
+            parsed = sent_message_from_mime(
+                mailbox, item.body, parse_internaldate(item.internaldate)
+            )
+            if parsed is not None and parsed.sent_at >= since:
+                sent.append(parsed)
+        logger.info(
+            "Listed sent messages mailbox=%s since=%s count=%d",
+            mailbox,
+            since.isoformat(),
+            len(sent),
+        )
+        return sent
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str

@@ -989,3 +989,66 @@ async def test_search_pull_two_messages_held(dovecot: Dovecot) -> None:
     assert sorted(c["message_id"] for c in candidates) == sorted([first, second])
     assert [c.folder for c in await platform.find(user, first)] == ["INBOX"]
     assert [c.folder for c in await platform.find(user, second)] == ["INBOX"]
+
+
+# --- sent messages for forward tracing ------------------------------------------------
+
+
+def make_forward(bare: str, original: str, date: str) -> bytes:
+    """Build a forward of `original` as the user's mail client would store it."""
+    return (
+        "From: Paul <user@example.com>\r\n"
+        "To: Rita <rita@example.com>, friend@example.net\r\n"
+        "Subject: FW: Invoice 4471\r\n"
+        f"Date: {date}\r\n"
+        f"Message-ID: <{bare}>\r\n"
+        f"X-Forwarded-Message-Id: <{original}>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "\r\n"
+        "Pay at http://billing.example.net/pay now.\r\n"
+    ).encode()
+
+
+async def test_sent_since_reads_sent_folder(dovecot: Dovecot) -> None:
+    user = dovecot.add_user("sender")
+    original = message_id()
+    recent, older = message_id(), message_id()
+    seed(
+        dovecot,
+        user,
+        "Sent",
+        make_forward(recent, original, "Tue, 01 Dec 2026 10:00:00 +0000"),
+    )
+    seed(
+        dovecot,
+        user,
+        "Sent",
+        make_forward(older, original, "Mon, 30 Nov 2026 08:00:00 +0000"),
+    )
+    seed(dovecot, user, "INBOX", make_message(f" <{original}>"))
+    platform = ImapPlatform(dovecot.settings(dovecot.add_user("vault")))
+
+    sent = await platform.sent_since(
+        user, datetime.datetime(2026, 12, 1, 9, 30, tzinfo=datetime.UTC)
+    )
+
+    assert [message.message_id for message in sent] == [recent]
+    message = sent[0]
+    assert message.recipients == ("rita@example.com", "friend@example.net")
+    assert message.headers["X-Forwarded-Message-Id"] == f"<{original}>"
+    assert message.urls == ("http://billing.example.net/pay",)
+    assert message.sent_at == datetime.datetime(2026, 12, 1, 10, 0, tzinfo=datetime.UTC)
+
+
+async def test_sent_since_without_sent_folder(dovecot: Dovecot) -> None:
+    user = dovecot.add_user("quiet")
+    seed(dovecot, user, "INBOX", make_message(f" <{message_id()}>"))
+    platform = ImapPlatform(dovecot.settings(dovecot.add_user("vault")))
+
+    assert (
+        await platform.sent_since(
+            user, datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)
+        )
+        == []
+    )

@@ -181,6 +181,9 @@ FORWARD_FINDING: dict[str, Any] = {
     "depth": 1,
     "found_at": FINISHED,
     "external": False,
+    "subject": "FW: Invoice 4471 overdue",
+    "sent_at": STARTED,
+    "thread_index": "AQHZ",
 }
 
 INCIDENT: dict[str, Any] = {
@@ -222,6 +225,7 @@ INCIDENT: dict[str, Any] = {
             "resolved_message_id": None,
             "candidates": [],
             "withdrawn": False,
+            "traced": True,
         }
     ],
     "history": [
@@ -233,6 +237,31 @@ INCIDENT: dict[str, Any] = {
         }
     ],
     "custom_fields": {"ticket": "SEC-1182"},
+    "payload_urls": ["http://invoices.example.org/pay"],
+    "payload_hashes": ["a" * 64],
+    "traced_messages": [
+        {
+            "message_id": MESSAGE_ID,
+            "delivered_at": RECEIVED,
+            "subject": "Invoice 4471 overdue",
+            "thread_index": None,
+            "depth": 0,
+        }
+    ],
+    "forwards": [
+        {
+            "from_mailbox": MAILBOX,
+            "to_mailbox": "john.roe@corp.example.com",
+            "message_id": "BN8PR11MB3650@outlook.example.com",
+            "original_message_id": MESSAGE_ID,
+            "evidence": "X-Forwarded-Message-Id carries the original Message-ID",
+            "confidence": "definitive",
+            "depth": 1,
+            "found_at": FINISHED,
+            "external": False,
+            "action": "pull",
+        }
+    ],
 }
 
 EXPOSURE: dict[str, Any] = {
@@ -252,6 +281,7 @@ INCIDENT_EVENT_ALERT: dict[str, Any] = {
     "outcome": None,
     "finding": None,
     "command": None,
+    "traced": None,
 }
 
 INCIDENT_EVENT_OUTCOME: dict[str, Any] = {
@@ -267,6 +297,12 @@ INCIDENT_EVENT_OUTCOME: dict[str, Any] = {
         "mailbox": MAILBOX,
         "message_id": MESSAGE_ID,
         "text": "confirmed phish",
+    },
+    "traced": {
+        "mailbox": MAILBOX,
+        "message_id": MESSAGE_ID,
+        "findings": 1,
+        "error": None,
     },
 }
 

@@ -1,0 +1,339 @@
+"""The forward tree of an incident: folding trace findings in, pure functions.
+
+The incident agent calls these for `finding` and `traced` events. A finding adds
+one hop to `incident["forwards"]` and, for a mailbox of the organisation, a pull
+entry whose action the trace policy decides. External recipients are reported on
+the tree and never pulled. The copies whose mailboxes still wait for a search are
+the pull entries with action `pull` and `traced` false.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from autopull.connectors.mail.mime import normalize_url
+from autopull.streams.forwards import CONFIDENCE_RANK, Payload, TracedMessage
+from autopull.streams.records import Record, command_id
+
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class TracePolicy:
+    """Trace policy: the confidences that pull a copy, and the limits of the search.
+
+    `excluded` lists mailboxes never pulled from, the quarantine mailbox among them.
+    """
+
+    pull_confidences: frozenset[str] = frozenset({"definitive", "strong"})
+    max_depth: int = 5
+    max_mailboxes: int = 200
+    excluded: frozenset[str] = field(default_factory=frozenset)
+
+
+def record_alert_payload(incident: Record, alert: Record) -> None:
+    """Add an alert's malicious URLs, attachment hashes and message to the trace."""
+    urls = list(alert.get("urls") or [])
+    hashes = [a["sha256"] for a in alert.get("attachments") or [] if a.get("sha256")]
+    for threat in alert.get("threats") or []:
+        if threat["kind"] == "url":
+            urls.append(threat["value"])
+        elif threat["kind"] == "attachment" and _SHA256.match(threat["value"]):
+            hashes.append(threat["value"])
+    _extend(incident["payload_urls"], (normalize_url(url) for url in urls))
+    _extend(incident["payload_hashes"], (value.lower() for value in hashes))
+
+    message_id = alert.get("message_id")
+    if not message_id or alert.get("message_id_synthetic"):
+        return
+    delivered = (
+        alert.get("delivered_at") or alert.get("occurred_at") or alert["received_at"]
+    )
+    _add_traced(incident, message_id, delivered, alert.get("subject"), None, 0)
+
+
+def incident_payload(incident: Record) -> Payload:
+    """Return the incident's malicious URLs and attachment hashes."""
+    return Payload(
+        urls=frozenset(incident.get("payload_urls") or []),
+        attachment_hashes=frozenset(incident.get("payload_hashes") or []),
+    )
+
+
+def untraced_copies(incident: Record) -> list[tuple[Record, TracedMessage]]:
+    """Return the pulled copies whose mailboxes were not searched yet."""
+    messages = {
+        entry["message_id"]: entry for entry in incident.get("traced_messages") or []
+    }
+    found = []
+    for entry in incident["pulls"]:
+        if entry["action"] != "pull" or entry.get("traced"):
+            continue
+        message = messages.get(entry["message_id"])
+        if message is None:
+            continue
+        found.append(
+            (
+                entry,
+                TracedMessage(
+                    message_id=message["message_id"],
+                    delivered_at=message["delivered_at"],
+                    subject=message.get("subject"),
+                    thread_index=message.get("thread_index"),
+                    depth=message.get("depth", 0),
+                ),
+            )
+        )
+    return found
+
+
+def trace_state(incident: Record) -> str:
+    """Return `finished` once every pulled copy's mailbox was searched, else `running`.
+
+    An incident with nothing to search is `finished` as well.
+    """
+    return "running" if untraced_copies(incident) else "finished"
+
+
+def apply_traced(incident: Record, progress: Record, now: datetime) -> bool:
+    """Mark a copy's mailbox as searched, or return False when no pull entry matches."""
+    entry = _find(incident, progress["mailbox"], progress["message_id"])
+    if entry is None:
+        return False
+    entry["traced"] = True
+    detail = f"{progress['mailbox']}: {progress['findings']} findings"
+    if progress.get("error"):
+        detail += f" (search failed: {progress['error']})"
+    incident["history"].append(_history(now, "traced", detail))
+    return True
+
+
+def apply_finding(
+    incident: Record, finding: Record, policy: TracePolicy, now: datetime
+) -> list[Record]:
+    """Add a finding to the forward tree and return the pull commands it needs.
+
+    A finding already on the tree changes nothing unless its evidence is stronger,
+    in which case the hop is updated and a copy held for weaker evidence is pulled
+    if the stronger evidence calls for it. A finding whose sender and recipient are
+    the same mailbox is the sender's own copy of a forward (Sent Items): it gets a
+    pull entry but no hop.
+    """
+    to_mailbox = finding["to_mailbox"].lower()
+    message_id = finding["message_id"]
+    own_copy = finding["from_mailbox"].lower() == to_mailbox
+    edge = None if own_copy else _find_edge(incident, finding)
+    if edge is not None:
+        return _strengthen(incident, edge, finding, policy, now)
+
+    if not finding["external"]:
+        _add_traced(
+            incident,
+            message_id,
+            finding.get("sent_at") or finding["found_at"],
+            finding.get("subject"),
+            finding.get("thread_index"),
+            finding["depth"],
+        )
+
+    entry = None if finding["external"] else _find(incident, to_mailbox, message_id)
+    commands: list[Record] = []
+    if finding["external"]:
+        action = "skip"
+    elif entry is not None:
+        action = entry["action"]
+    else:
+        action, rule, reason = _decide(incident, finding, policy)
+        entry = _pull_entry(incident, to_mailbox, message_id, action, rule, reason)
+        entry["recipient_type"] = "sent" if own_copy else "forward"
+        incident["pulls"].append(entry)
+        if action == "pull":
+            commands.append(_quarantine_command(incident, entry, now))
+
+    if not own_copy:
+        incident["forwards"].append(_edge(finding, action))
+    what = "external forward" if finding["external"] else "forward found"
+    incident["history"].append(
+        _history(
+            now,
+            what,
+            f"{finding['from_mailbox']} -> {to_mailbox}: {message_id} "
+            f"({finding['confidence']}, {action}). {finding['evidence']}",
+        )
+    )
+    return commands
+
+
+def _decide(
+    incident: Record, finding: Record, policy: TracePolicy
+) -> tuple[str, str, str]:
+    confidence = finding["confidence"]
+    mailbox = finding["to_mailbox"].lower()
+    if mailbox in policy.excluded:
+        return "skip", "trace.excluded", f"{mailbox} is excluded from pulls."
+    if confidence not in policy.pull_confidences:
+        action = "hold" if confidence == "medium" else "skip"
+        return (
+            action,
+            f"trace.{confidence}",
+            f"The evidence is only {confidence}, so the copy is not pulled "
+            "without approval.",
+        )
+    if finding["depth"] > policy.max_depth:
+        return (
+            "hold",
+            "trace.max-depth",
+            f"The copy is {finding['depth']} forwards from the original, more than "
+            f"the maximum of {policy.max_depth}, so it waits for approval.",
+        )
+    mailboxes = {entry["mailbox"] for entry in incident["pulls"]}
+    if mailbox not in mailboxes and len(mailboxes) >= policy.max_mailboxes:
+        return (
+            "hold",
+            "trace.max-mailboxes",
+            f"The incident already reaches {len(mailboxes)} mailboxes, the maximum "
+            "for forward tracing, so further copies wait for approval.",
+        )
+    return (
+        "pull",
+        f"trace.{confidence}",
+        f"A forwarded copy ({confidence} evidence): {finding['evidence']}",
+    )
+
+
+def _strengthen(
+    incident: Record, edge: Record, finding: Record, policy: TracePolicy, now: datetime
+) -> list[Record]:
+    if CONFIDENCE_RANK[finding["confidence"]] <= CONFIDENCE_RANK[edge["confidence"]]:
+        return []
+    edge["confidence"] = finding["confidence"]
+    edge["evidence"] = finding["evidence"]
+    entry = _find(incident, finding["to_mailbox"].lower(), finding["message_id"])
+    if entry is None or entry["action"] != "hold" or entry["rule"] != "trace.medium":
+        return []
+
+    action, rule, reason = _decide(incident, finding, policy)
+    if action != "pull":
+        return []
+    entry.update(action="pull", status=None, rule=rule, reason=reason)
+    edge["action"] = "pull"
+    return [_quarantine_command(incident, entry, now)]
+
+
+def _find(incident: Record, mailbox: str, message_id: str) -> Record | None:
+    for entry in incident["pulls"]:
+        if entry["mailbox"] == mailbox and entry["message_id"] == message_id:
+            return entry  # type: ignore[no-any-return]
+    return None
+
+
+def _find_edge(incident: Record, finding: Record) -> Record | None:
+    for edge in incident["forwards"]:
+        if (
+            edge["from_mailbox"] == finding["from_mailbox"].lower()
+            and edge["to_mailbox"] == finding["to_mailbox"].lower()
+            and edge["message_id"] == finding["message_id"]
+        ):
+            return edge  # type: ignore[no-any-return]
+    return None
+
+
+def _edge(finding: Record, action: str) -> Record:
+    return {
+        "from_mailbox": finding["from_mailbox"].lower(),
+        "to_mailbox": finding["to_mailbox"].lower(),
+        "message_id": finding["message_id"],
+        "original_message_id": finding["original_message_id"],
+        "evidence": finding["evidence"],
+        "confidence": finding["confidence"],
+        "depth": finding["depth"],
+        "found_at": finding["found_at"],
+        "external": finding["external"],
+        "action": action,
+    }
+
+
+def _add_traced(
+    incident: Record,
+    message_id: str,
+    delivered_at: datetime,
+    subject: str | None,
+    thread_index: str | None,
+    depth: int,
+) -> None:
+    if any(m["message_id"] == message_id for m in incident["traced_messages"]):
+        return
+    incident["traced_messages"].append(
+        {
+            "message_id": message_id,
+            "delivered_at": delivered_at,
+            "subject": subject,
+            "thread_index": thread_index,
+            "depth": depth,
+        }
+    )
+
+
+def _pull_entry(
+    incident: Record, mailbox: str, message_id: str, action: str, rule: str, reason: str
+) -> Record:
+    status = {"hold": "held", "skip": "skipped"}.get(action)
+    return {
+        "mailbox": mailbox,
+        "message_id": message_id,
+        "action": action,
+        "rule": rule,
+        "reason": reason,
+        "recipient_type": "forward",
+        "vip": False,
+        "alert_id": incident["alert_ids"][0] if incident["alert_ids"] else "",
+        "status": status,
+        "platform": None,
+        "original_folder": None,
+        "read": None,
+        "attempts": 0,
+        "started_at": None,
+        "finished_at": None,
+        "seconds_from_alert": None,
+        "undone": False,
+        "error": None,
+        "search": None,
+        "resolved_message_id": None,
+        "candidates": [],
+        "withdrawn": False,
+        "traced": False,
+    }
+
+
+def _quarantine_command(incident: Record, entry: Record, now: datetime) -> Record:
+    return {
+        "command_id": command_id(
+            incident["incident_id"], "quarantine", entry["mailbox"], entry["message_id"]
+        ),
+        "incident_id": incident["incident_id"],
+        "kind": "quarantine",
+        "mailbox": entry["mailbox"],
+        "message_id": entry["message_id"],
+        "alert_id": entry["alert_id"],
+        "alert_received_at": incident["created_at"],
+        "issued_at": now,
+        "recipient_type": entry["recipient_type"],
+        "reason": entry["reason"],
+        "attempt": 1,
+        "not_before": None,
+        "search": None,
+        "resolved_message_id": None,
+    }
+
+
+def _extend(values: list[str], new: Iterable[str]) -> None:
+    for value in new:
+        if value and value not in values:
+            values.append(value)
+
+
+def _history(at: datetime, what: str, detail: str) -> Record:
+    return {"at": at, "what": what, "detail": detail, "actor": "autopull"}

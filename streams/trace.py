@@ -1,0 +1,226 @@
+"""The trace agent: search the mailboxes of pulled copies for the copies they spawned.
+
+The agent reads the `incidents` topic, keyed by incident id, so it alone writes the
+frontier table under the same key: the (mailbox, Message-ID) pairs already searched
+for each incident. For every copy with action `pull` that the frontier lacks, it
+reads the mailbox's sent items since the delivery, its redirect rules and the
+platform's message trace, and matches them (`autopull.streams.forwards`). Each
+finding goes to `trace.findings` and, as a `finding` event, to `incident.events`. A
+`traced` event then marks the copy as searched. The incident agent folds findings
+into the forward tree and issues the pulls, whose copies come back here in the next
+incident update, so the search ends when no new copy turns up, cycles included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from faust.types import EventT, StreamT
+
+from autopull.connectors.errors import ConnectorError, TransientError
+from autopull.connectors.mail.base import MailPlatform
+from autopull.streams import records
+from autopull.streams.forward_tree import incident_payload, untraced_copies
+from autopull.streams.forwards import (
+    Evidence,
+    Match,
+    Payload,
+    TracedMessage,
+    matches_from_rules,
+    matches_from_sent,
+    matches_from_trace,
+    strongest,
+)
+from autopull.streams.records import Record, utcnow
+from autopull.streams.routing import build_router, platform_name
+
+if TYPE_CHECKING:
+    from autopull.streams.app import Pipeline
+
+log = logging.getLogger(__name__)
+
+SEARCH_ATTEMPTS = 3
+Router = Callable[[str], MailPlatform | None]
+
+
+def frontier_key(mailbox: str, message_id: str) -> str:
+    """Return the frontier entry of one searched copy."""
+    return f"{mailbox.lower()}\x1f{message_id}"
+
+
+async def search_copy(
+    platform: MailPlatform,
+    mailbox: str,
+    message: TracedMessage,
+    payload: Payload,
+    is_internal: Callable[[str], bool],
+) -> list[Match]:
+    """Return the copies that `message` in `mailbox` spawned, strongest evidence each.
+
+    A forward that the mailbox sent also yields a match for the mailbox's own
+    Sent Items copy, with the sender as both ends. Raises `ConnectorError` when the
+    platform fails.
+    """
+    matches: list[Match] = []
+    try:
+        sent = await platform.sent_since(mailbox, message.delivered_at)
+    except NotImplementedError:
+        log.warning(
+            "Platform cannot list sent messages platform=%s mailbox=%s",
+            platform.name,
+            mailbox,
+        )
+        sent = []
+    forwards = matches_from_sent(mailbox, message, payload, sent, is_internal)
+    matches.extend(forwards)
+    for message_id in dict.fromkeys(match.message_id for match in forwards):
+        first = next(match for match in forwards if match.message_id == message_id)
+        matches.append(
+            Match(
+                from_mailbox=mailbox.lower(),
+                to_mailbox=mailbox.lower(),
+                message_id=message_id,
+                evidence=Evidence(
+                    first.evidence.confidence,
+                    f"The sender's own copy of the forward. {first.evidence.reason}",
+                ),
+                subject=first.subject,
+                sent_at=first.sent_at,
+                thread_index=first.thread_index,
+            )
+        )
+
+    rules = await platform.forwarding_rules(mailbox)
+    matches.extend(matches_from_rules(mailbox, message, rules, is_internal))
+    events = await platform.message_trace(message.message_id, message.delivered_at)
+    matches.extend(matches_from_trace(mailbox, message, events, is_internal))
+    return strongest(matches)
+
+
+def finding_record(
+    incident_id: str, original: TracedMessage, match: Match, depth: int
+) -> Record:
+    """Build the ForwardFinding record of one match."""
+    return {
+        "incident_id": incident_id,
+        "from_mailbox": match.from_mailbox,
+        "to_mailbox": match.to_mailbox,
+        "message_id": match.message_id,
+        "original_message_id": original.message_id,
+        "evidence": match.evidence.reason,
+        "confidence": match.evidence.confidence,
+        "depth": depth,
+        "found_at": utcnow(),
+        "external": match.external,
+        "subject": match.subject,
+        "sent_at": match.sent_at,
+        "thread_index": match.thread_index,
+    }
+
+
+def register_trace_agent(pipe: Pipeline) -> None:
+    """Attach the trace agent to the pipeline's app."""
+    settings = pipe.settings
+    platforms: dict[str, MailPlatform] = {}
+    route = build_router(settings, platforms)
+
+    def is_internal(address: str) -> bool:
+        return platform_name(settings, address) is not None
+
+    async def search_with_retries(
+        platform: MailPlatform, mailbox: str, message: TracedMessage, payload: Payload
+    ) -> list[Match]:
+        for attempt in range(1, SEARCH_ATTEMPTS + 1):
+            try:
+                return await search_copy(
+                    platform, mailbox, message, payload, is_internal
+                )
+            except TransientError as error:
+                if attempt == SEARCH_ATTEMPTS:
+                    raise
+                wait = min(error.retry_after or 1.0, settings.pull_max_wait_seconds)
+                log.warning(
+                    "Trace search failed, retrying mailbox=%s message_id=%s "
+                    "attempt=%d wait=%.1f error=%s",
+                    mailbox,
+                    message.message_id,
+                    attempt,
+                    wait,
+                    error,
+                )
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def trace_one(
+        incident: Record, entry: Record, message: TracedMessage
+    ) -> None:
+        incident_id = incident["incident_id"]
+        mailbox = entry["mailbox"]
+        platform = route(mailbox)
+        error: str | None = None
+        matches: list[Match] = []
+        if platform is None:
+            error = f"No mail platform is configured for {mailbox}."
+        else:
+            try:
+                matches = await search_with_retries(
+                    platform, mailbox, message, incident_payload(incident)
+                )
+            except ConnectorError as failure:
+                error = str(failure)
+                log.warning(
+                    "Trace search failed incident_id=%s mailbox=%s message_id=%s "
+                    "error=%s",
+                    incident_id,
+                    mailbox,
+                    message.message_id,
+                    error,
+                )
+
+        for match in matches:
+            finding = finding_record(incident_id, message, match, message.depth + 1)
+            await pipe.send("trace.findings", incident_id, finding)
+            event = records.incident_event(incident_id, "finding", finding=finding)
+            await pipe.send("incident.events", incident_id, event)
+        progress = {
+            "mailbox": mailbox,
+            "message_id": entry["message_id"],
+            "findings": len(matches),
+            "error": error,
+        }
+        event = records.incident_event(incident_id, "traced", traced=progress)
+        await pipe.send("incident.events", incident_id, event)
+        log.info(
+            "Traced copy incident_id=%s mailbox=%s message_id=%s findings=%d",
+            incident_id,
+            mailbox,
+            entry["message_id"],
+            len(matches),
+        )
+
+    async def handle(event: EventT, incident: Record) -> None:
+        if not settings.trace.enabled:
+            return
+        incident_id = incident["incident_id"]
+        frontier = pipe.frontier.get(incident_id) or {"searched": []}
+        searched = set(frontier["searched"])
+        work = [
+            (entry, message)
+            for entry, message in untraced_copies(incident)
+            if frontier_key(entry["mailbox"], entry["message_id"]) not in searched
+        ]
+        if not work:
+            return
+
+        for entry, message in work:
+            await trace_one(incident, entry, message)
+            searched.add(frontier_key(entry["mailbox"], entry["message_id"]))
+        # A new value, assigned back, so the changelog records the change.
+        pipe.frontier[incident_id] = {"searched": sorted(searched)}
+
+    @pipe.app.agent(pipe.topics["incidents"], name="trace")
+    async def trace(stream: StreamT) -> None:
+        await pipe.run_each(stream, "incidents", "trace", handle)

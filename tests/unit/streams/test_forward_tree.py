@@ -1,0 +1,207 @@
+"""Folding trace findings into an incident's forward tree and pull list."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from autopull.streams.forward_tree import (
+    TracePolicy,
+    apply_finding,
+    apply_traced,
+    incident_payload,
+    record_alert_payload,
+    trace_state,
+    untraced_copies,
+)
+from autopull.streams.incidents import apply_alert, new_incident
+
+NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+DELIVERED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
+ORIGINAL = "m1@example.net"
+POLICY = TracePolicy(excluded=frozenset({"quarantine@example.com"}))
+
+
+class Decision:
+    def __init__(self, mailbox: str) -> None:
+        self.mailbox = mailbox
+        self.message_id = ORIGINAL
+        self.action = "pull"
+        self.reason = "malicious"
+        self.rule = "test.pull"
+
+
+def incident_with_alert() -> dict[str, Any]:
+    incident = new_incident("INC-1", "campaign:c1", NOW)
+    alert = {
+        "alert_id": "generic:1",
+        "source": "generic",
+        "message_id": ORIGINAL,
+        "message_id_synthetic": False,
+        "recipients": ["alice@example.com"],
+        "sender": "billing@example.net",
+        "sender_ip": None,
+        "subject": "Invoice 4471",
+        "classification": "malware",
+        "threat_status": "active",
+        "received_at": NOW,
+        "delivered_at": DELIVERED,
+        "urls": ["HTTP://Pay.Example.net/x#top"],
+        "attachments": [{"name": "a.exe", "sha256": "A" * 64}],
+        "threats": [{"kind": "url", "value": "http://other.example.net/y"}],
+    }
+    enriched = {"alert": alert, "recipients": [{"mailbox": "alice@example.com"}]}
+    apply_alert(incident, enriched, lambda a, rs: [Decision(r["mailbox"]) for r in rs])
+    record_alert_payload(incident, alert)
+    return incident
+
+
+def finding(
+    from_mailbox: str,
+    to_mailbox: str,
+    message_id: str,
+    confidence: str = "definitive",
+    depth: int = 1,
+    external: bool = False,
+) -> dict[str, Any]:
+    return {
+        "incident_id": "INC-1",
+        "from_mailbox": from_mailbox,
+        "to_mailbox": to_mailbox,
+        "message_id": message_id,
+        "original_message_id": ORIGINAL,
+        "evidence": f"{confidence} evidence",
+        "confidence": confidence,
+        "depth": depth,
+        "found_at": NOW,
+        "external": external,
+        "subject": "FW: Invoice 4471",
+        "sent_at": DELIVERED + timedelta(minutes=depth),
+        "thread_index": None,
+    }
+
+
+def traced(mailbox: str, message_id: str) -> dict[str, Any]:
+    return {"mailbox": mailbox, "message_id": message_id, "findings": 0, "error": None}
+
+
+def test_alert_payload_recorded() -> None:
+    incident = incident_with_alert()
+    payload = incident_payload(incident)
+    assert payload.urls == {"http://pay.example.net/x", "http://other.example.net/y"}
+    assert payload.attachment_hashes == {"a" * 64}
+    assert [m["message_id"] for m in incident["traced_messages"]] == [ORIGINAL]
+    assert incident["traced_messages"][0]["delivered_at"] == DELIVERED
+
+
+def test_original_copy_waits_for_search() -> None:
+    incident = incident_with_alert()
+    copies = untraced_copies(incident)
+    assert [(entry["mailbox"], m.depth) for entry, m in copies] == [
+        ("alice@example.com", 0)
+    ]
+    assert trace_state(incident) == "running"
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
+    assert trace_state(incident) == "finished"
+    assert not apply_traced(incident, traced("nobody@example.com", ORIGINAL), NOW)
+
+
+def test_definitive_finding_pulls() -> None:
+    incident = incident_with_alert()
+    commands = apply_finding(
+        incident, finding("alice@example.com", "bob@example.com", "m2"), POLICY, NOW
+    )
+    assert [(c["mailbox"], c["message_id"], c["kind"]) for c in commands] == [
+        ("bob@example.com", "m2", "quarantine")
+    ]
+    entry = incident["pulls"][-1]
+    assert entry["recipient_type"] == "forward"
+    assert entry["rule"] == "trace.definitive"
+    edge = incident["forwards"][0]
+    assert (edge["from_mailbox"], edge["to_mailbox"], edge["action"]) == (
+        "alice@example.com",
+        "bob@example.com",
+        "pull",
+    )
+    assert "m2" in [m["message_id"] for m in incident["traced_messages"]]
+
+
+def test_cycle_adds_no_second_pull() -> None:
+    incident = incident_with_alert()
+    forward = finding("alice@example.com", "bob@example.com", "m2")
+    back = finding("bob@example.com", "alice@example.com", "m3", depth=2)
+    assert len(apply_finding(incident, forward, POLICY, NOW)) == 1
+    assert len(apply_finding(incident, back, POLICY, NOW)) == 1
+    # The same forward found again, from a later search, changes nothing.
+    assert apply_finding(incident, forward, POLICY, NOW) == []
+    assert apply_finding(incident, back, POLICY, NOW) == []
+    assert len(incident["forwards"]) == 2
+    assert len(incident["pulls"]) == 3
+
+
+def test_medium_finding_holds() -> None:
+    incident = incident_with_alert()
+    medium = finding("alice@example.com", "bob@example.com", "m2", "medium")
+    assert apply_finding(incident, medium, POLICY, NOW) == []
+    entry = incident["pulls"][-1]
+    assert entry["action"] == "hold"
+    assert entry["status"] == "held"
+    assert untraced_copies(incident)[-1][0]["mailbox"] == "alice@example.com"
+
+
+def test_stronger_evidence_releases_hold() -> None:
+    incident = incident_with_alert()
+    medium = finding("alice@example.com", "bob@example.com", "m2", "medium")
+    apply_finding(incident, medium, POLICY, NOW)
+    strong = finding("alice@example.com", "bob@example.com", "m2", "strong")
+    commands = apply_finding(incident, strong, POLICY, NOW)
+    assert [c["mailbox"] for c in commands] == ["bob@example.com"]
+    assert incident["pulls"][-1]["action"] == "pull"
+    assert incident["forwards"][0]["confidence"] == "strong"
+
+
+def test_external_forward_is_reported_only() -> None:
+    incident = incident_with_alert()
+    external = finding("alice@example.com", "eve@example.net", "m2", external=True)
+    assert apply_finding(incident, external, POLICY, NOW) == []
+    assert [p["mailbox"] for p in incident["pulls"]] == ["alice@example.com"]
+    assert incident["forwards"][0]["external"]
+    assert incident["forwards"][0]["action"] == "skip"
+
+
+def test_own_sent_copy_has_no_hop() -> None:
+    incident = incident_with_alert()
+    own = finding("alice@example.com", "alice@example.com", "m2")
+    commands = apply_finding(incident, own, POLICY, NOW)
+    assert [c["mailbox"] for c in commands] == ["alice@example.com"]
+    assert incident["pulls"][-1]["recipient_type"] == "sent"
+    assert incident["forwards"] == []
+
+
+def test_depth_limit_holds() -> None:
+    incident = incident_with_alert()
+    policy = TracePolicy(max_depth=2)
+    deep = finding("carol@example.com", "dave@example.com", "m4", depth=3)
+    assert apply_finding(incident, deep, policy, NOW) == []
+    assert incident["pulls"][-1]["rule"] == "trace.max-depth"
+    assert incident["pulls"][-1]["action"] == "hold"
+
+
+def test_mailbox_limit_holds() -> None:
+    incident = incident_with_alert()
+    policy = TracePolicy(max_mailboxes=2)
+    apply_finding(
+        incident, finding("alice@example.com", "b@example.com", "m2"), policy, NOW
+    )
+    commands = apply_finding(
+        incident, finding("alice@example.com", "c@example.com", "m2"), policy, NOW
+    )
+    assert commands == []
+    assert incident["pulls"][-1]["rule"] == "trace.max-mailboxes"
+
+
+def test_quarantine_mailbox_never_pulled() -> None:
+    incident = incident_with_alert()
+    into_quarantine = finding("alice@example.com", "quarantine@example.com", "m2")
+    assert apply_finding(incident, into_quarantine, POLICY, NOW) == []
+    assert incident["pulls"][-1]["action"] == "skip"
