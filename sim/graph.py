@@ -39,7 +39,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TypeVar, cast
@@ -252,6 +252,24 @@ FOLDER_TYPE = EntityType(
         "isHidden": "Edm.Boolean",
     },
 )
+MESSAGE_TRACE_TYPE = EntityType(
+    "microsoft.graph.exchangeMessageTrace",
+    {
+        "id": "Edm.String",
+        "messageId": "Edm.String",
+        "senderAddress": "Edm.String",
+        "recipientAddress": "Edm.String",
+        "receivedDateTime": "Edm.DateTimeOffset",
+        "subject": "Edm.String",
+        "status": "Edm.String",
+        "size": "Edm.Int32",
+        "fromIP": "Edm.String",
+        "toIP": "Edm.String",
+    },
+)
+# Graph accepts message trace queries over at most 10 days each.
+MESSAGE_TRACE_WINDOW = timedelta(days=10)
+TRACE_PERMISSIONS = frozenset({"ExchangeMessageTrace.Read.All"})
 EXTENDED_PROPERTY_TYPE = EntityType(
     "microsoft.graph.singleValueLegacyExtendedProperty",
     {"id": "Edm.String", "value": "Edm.String"},
@@ -860,6 +878,29 @@ _RULE_ACTIONS = {
 }
 
 
+_TRACE_BOUND = re.compile(
+    r"receivedDateTime\s+(ge|le)\s+(\d{4}-\d\d-\d\dT[\d:.]+Z)", re.IGNORECASE
+)
+
+
+def _check_trace_window(text: str) -> None:
+    """Reject a message trace filter without both receivedDateTime bounds, or wider."""
+    bounds = {
+        operator.lower(): datetime.fromisoformat(value.replace("Z", "+00:00"))
+        for operator, value in _TRACE_BOUND.findall(text)
+    }
+    if set(bounds) != {"ge", "le"}:
+        raise bad_request(
+            "A message trace query needs receivedDateTime ge and le in $filter."
+        )
+    if bounds["le"] - bounds["ge"] > MESSAGE_TRACE_WINDOW:
+        raise bad_request("The receivedDateTime range must not exceed 10 days.")
+
+
+def _get(row: dict[str, Any], prop: str) -> Any:
+    return row.get(prop)
+
+
 def message_rule_json(index: int, rule: ForwardingRuleSpec) -> dict[str, Any]:
     """Render a forwarding rule of the scenario as a Graph messageRule."""
     recipients = [
@@ -1410,6 +1451,11 @@ class GraphSimulator:
             "GET",
             ("users", "*", "mailfolders", "*", "messagerules"),
             "_list_message_rules",
+        ),
+        (
+            "GET",
+            ("admin", "exchange", "tracing", "messagetraces"),
+            "_list_message_traces",
         ),
     ]
 
@@ -2084,6 +2130,58 @@ class GraphSimulator:
         folders = filter_and_sort(folders, self._folder_field, options, [])
         rows = [folder_json(folder, self.world, options) for folder in folders]
         return self._page(call, rows, options, suffix)
+
+    async def _list_message_traces(
+        self, call: GraphRequest, params: list[str]
+    ) -> web.Response:
+        # One row per delivery of a scenario message into a mailbox of the tenant.
+        roles = set(call.claims.get("roles", []))
+        if not roles & TRACE_PERMISSIONS:
+            raise GraphError(
+                403,
+                "Forbidden",
+                "Missing role permissions on the request. API requires one of "
+                "'ExchangeMessageTrace.Read.All'.",
+            )
+        _check_trace_window(call.params.get("$filter", ""))
+        options = build_query_options(call.params, MESSAGE_TRACE_TYPE)
+        rows = [
+            row
+            for row in self._trace_rows(call)
+            if options.filter is None or options.filter.matches(partial(_get, row))
+        ]
+        page = [
+            {**row, "receivedDateTime": _iso(row["receivedDateTime"])} for row in rows
+        ]
+        return self._page(call, page, options, "admin/exchange/tracing/messageTraces")
+
+    def _trace_rows(self, call: GraphRequest) -> list[dict[str, Any]]:
+        tenant = call.tenant
+        rows = []
+        for item in self.world.items.values():
+            if tenant is None or self.world.tenant_for(item.mailbox) != tenant:
+                continue
+            if self.world.platform_of(item.mailbox) != "graph":
+                continue
+            summary = item.summary
+            well_known = self.world.mailbox(item.mailbox).folders[item.folder_id]
+            if well_known.well_known in ("sentitems", "drafts") or item.is_draft:
+                continue
+            rows.append(
+                {
+                    "id": make_id("trace", item.item_id),
+                    "messageId": summary.internet_message_id,
+                    "senderAddress": summary.sender[1] if summary.sender else "",
+                    "recipientAddress": item.mailbox,
+                    "receivedDateTime": item.received_at,
+                    "subject": summary.subject,
+                    "status": "delivered",
+                    "size": len(item.mime),
+                    "fromIP": None,
+                    "toIP": None,
+                }
+            )
+        return rows
 
     async def _list_message_rules(
         self, call: GraphRequest, params: list[str]

@@ -37,7 +37,7 @@ GRAPH_TENANT = {
     "tenant_id": "8d1c6a2e-0c4b-4f4e-9a51-2f6c0b7d3e15",
     "client_id": "5f0e3c9a-7b2d-4c61-8e14-9d3a6b2c1f70",
     "client_secret": "demo-client-secret-for-the-simulator",
-    "permissions": ["Mail.ReadWrite"],
+    "permissions": ["Mail.ReadWrite", "ExchangeMessageTrace.Read.All"],
 }
 EWS_TENANT = {"domain": EWS_DOMAIN, "platform": "ews"}
 QUARANTINE_MAILBOXES = (f"quarantine@{GRAPH_DOMAIN}", f"quarantine@{EWS_DOMAIN}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from faust.types import EventT, StreamT
 
-from autopull.connectors.errors import ConnectorError, TransientError
+from autopull.connectors.errors import ConnectorError, PermanentError, TransientError
 from autopull.connectors.mail.base import MailPlatform
 from autopull.streams import records
 from autopull.streams.forward_tree import incident_payload, untraced_copies
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SEARCH_ATTEMPTS = 3
+# Trace rows are logged by transport before the mailbox reports the delivery.
+TRACE_MARGIN = timedelta(hours=1)
 Router = Callable[[str], MailPlatform | None]
 
 
@@ -93,10 +96,26 @@ async def search_copy(
             )
         )
 
-    rules = await platform.forwarding_rules(mailbox)
-    matches.extend(matches_from_rules(mailbox, message, rules, is_internal))
-    events = await platform.message_trace(message.message_id, message.delivered_at)
-    matches.extend(matches_from_trace(mailbox, message, events, is_internal))
+    # Rules and the message trace add to the sent items. A permanent failure of
+    # either (a missing permission, say) is logged and the other sources still count.
+    try:
+        rules = await platform.forwarding_rules(mailbox)
+        matches.extend(matches_from_rules(mailbox, message, rules, is_internal))
+    except PermanentError as error:
+        log.warning(
+            "Reading forwarding rules failed mailbox=%s error=%s", mailbox, error
+        )
+    try:
+        since = message.delivered_at - TRACE_MARGIN
+        events = await platform.message_trace(message.message_id, since)
+        matches.extend(matches_from_trace(mailbox, message, events, is_internal))
+    except PermanentError as error:
+        log.warning(
+            "Reading the message trace failed platform=%s message_id=%s error=%s",
+            platform.name,
+            message.message_id,
+            error,
+        )
     return strongest(matches)
 
 

@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -39,6 +39,10 @@ from kiota_abstractions.authentication import (
 from kiota_abstractions.base_request_configuration import RequestConfiguration
 from kiota_abstractions.method import Method
 from kiota_abstractions.request_information import RequestInformation
+from msgraph.generated.admin.exchange.tracing.message_traces.message_traces_request_builder import (  # noqa: E501
+    MessageTracesRequestBuilder,
+)
+from msgraph.generated.models.exchange_message_trace import ExchangeMessageTrace
 from msgraph.generated.models.mail_folder import MailFolder
 from msgraph.generated.models.message import Message
 from msgraph.generated.models.o_data_errors.o_data_error import ODataError
@@ -76,6 +80,7 @@ from .base import (
     MessageSearch,
     QuarantineResult,
     SentMessage,
+    TraceEvent,
     required_message_id,
 )
 from .mime import sent_message_from_mime
@@ -85,6 +90,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PLATFORM = "graph"
+# Message trace requests share one slot key, because they name no mailbox.
+TRACE_SLOT = "admin/exchange/tracing"
+TRACE_WINDOW = timedelta(days=10)
 # PS_PUBLIC_STRINGS, the MAPI property set of named string properties.
 PUBLIC_STRINGS_GUID = "{00020329-0000-0000-C000-000000000046}"
 MARKER_PROPERTY_ID = f"String {PUBLIC_STRINGS_GUID} Name AutopullQuarantine"
@@ -862,8 +870,42 @@ class GraphPlatform(MailPlatform):
         )
         return sent
 
-    # NOTE: Graph message traces (/admin/exchange/tracing/messageTraces) are not
-    # read yet, so on Microsoft 365 forwards show only in sent items and rules.
+    async def message_trace(self, message_id: str, since: datetime) -> list[TraceEvent]:
+        """Return the deliveries of `message_id` from Graph's message trace.
+
+        Graph accepts at most 10 days per query (receivedDateTime ge and le), so
+        the query covers the 10 days from `since`. Each row is one recipient; a
+        row with status delivered or expanded becomes a DELIVER or EXPAND event.
+        NOTE: redirect details (getDetailsByRecipient) are not read, so the
+        sender of a redirected copy shows as the message's sender.
+        """
+        bare = required_message_id(message_id, PLATFORM)
+        start = since.astimezone(UTC)
+        end = start + TRACE_WINDOW
+        query = (
+            MessageTracesRequestBuilder.MessageTracesRequestBuilderGetQueryParameters(
+                filter=(
+                    f"messageId eq {odata_string(f'<{bare}>')} and receivedDateTime ge "
+                    f"{start:%Y-%m-%dT%H:%M:%SZ} and receivedDateTime le "
+                    f"{end:%Y-%m-%dT%H:%M:%SZ}"
+                ),
+            )
+        )
+        builder = self._graph.admin.exchange.tracing.message_traces
+        config = RequestConfiguration(query_parameters=query)
+        page = await self._call(TRACE_SLOT, bare, lambda: builder.get(config))
+        events = []
+        while page is not None:
+            for row in page.value or []:
+                event = _trace_event(row, bare)
+                if event is not None:
+                    events.append(event)
+            if not page.odata_next_link:
+                break
+            page = await self._call(
+                TRACE_SLOT, bare, partial(_next_page, builder, page.odata_next_link)
+            )
+        return events
 
     async def forwarding_rules(self, mailbox: str) -> list[ForwardingRule]:
         """Return the enabled inbox rules of `mailbox` that redirect or forward mail."""
@@ -1442,6 +1484,22 @@ class GraphPlatform(MailPlatform):
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def _trace_event(row: ExchangeMessageTrace, bare: str) -> TraceEvent | None:
+    status = row.status.value if row.status is not None else ""
+    event = {"delivered": "DELIVER", "expanded": "EXPAND"}.get(status.lower())
+    if event is None or not row.recipient_address or row.received_date_time is None:
+        return None
+    return TraceEvent(
+        message_id=bare,
+        event=event,
+        at=row.received_date_time,
+        source="GRAPH",
+        sender=(row.sender_address or "").lower(),
+        recipients=(row.recipient_address.lower(),),
+        subject=row.subject,
+    )
 
 
 def odata_string(value: str) -> str:

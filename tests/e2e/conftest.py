@@ -241,3 +241,15 @@ def start_api_worker(tmp_path: Path) -> Iterator[Callable[[Settings], None]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def worker_environment() -> Callable[[Settings], dict[str, str]]:
+    """Return the function that turns settings into a worker's AUTOPULL_* variables."""
+    return settings_environment
+
+
+@pytest.fixture(scope="session")
+def pick_port() -> Callable[[], int]:
+    """Return the function that picks a free TCP port on 127.0.0.1."""
+    return free_port

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Consumer
-from conftest import free_port, settings_environment
 
 from autopull.schemas import AvroCodec
 from autopull.sim.scenarios import (
@@ -74,8 +73,9 @@ class TraceRun:
         return rows
 
 
-def start_sim(kind: str, world: Path, state: Path, log: Path) -> tuple[str, Any]:
-    port = free_port()
+def start_sim(
+    kind: str, world: Path, state: Path, log: Path, port: int
+) -> tuple[str, Any]:
     command = [
         sys.executable,
         "-m",
@@ -144,7 +144,10 @@ def settled(incident: dict[str, Any]) -> bool:
 
 @pytest.fixture(scope="module")
 def trace_run(
-    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+    kafka_bootstrap: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    worker_environment: Callable[[Settings], dict[str, str]],
+    pick_port: Callable[[], int],
 ) -> Iterator[TraceRun]:
     folder = tmp_path_factory.mktemp("trace")
     scenarios = [generate(seed) for seed in SEEDS]
@@ -155,12 +158,12 @@ def trace_run(
     (logs / "MSGTRK20261201-1.LOG").write_text(tracking_log(scenarios), "utf-8")
 
     graph_url, graph = start_sim(
-        "graph", world, folder / "graph-state.json", folder / "graph.log"
+        "graph", world, folder / "graph-state.json", folder / "graph.log", pick_port()
     )
     ews_url, ews = start_sim(
-        "ews", world, folder / "ews-state.json", folder / "ews.log"
+        "ews", world, folder / "ews-state.json", folder / "ews.log", pick_port()
     )
-    web_port = free_port()
+    web_port = pick_port()
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=f"t{uuid.uuid4().hex[:8]}.",
@@ -196,7 +199,7 @@ def trace_run(
         },
     )
     ensure_topics(settings)
-    environment = os.environ | settings_environment(settings)
+    environment = os.environ | worker_environment(settings)
     environment.pop("AUTOPULL_CONFIG", None)
     worker_log = (folder / "worker.log").open("wb")
     worker = subprocess.Popen(

@@ -187,3 +187,29 @@ async def test_ews_message_trace_reads_logs(
     expected = {m for box, m in scenario.malicious if m != scenario.original_id}
     assert generated == expected
     assert all(e.message_id in {scenario.original_id, *expected} for e in events)
+
+
+async def test_graph_message_trace_lists_deliveries(
+    graph: GraphPlatform, scenarios: dict[str, Scenario]
+) -> None:
+    scenario = scenarios["redirect_rule"]
+
+    events = await graph.message_trace(scenario.original_id, START)
+
+    delivered = {event.recipients for event in events if event.event == "DELIVER"}
+    assert delivered == {
+        (f"s{scenario.seed}.alice@example.com",),
+        (f"s{scenario.seed}.deputy@example.com",),
+    }
+    assert {event.message_id for event in events} == {scenario.original_id}
+    assert {event.sender for event in events} == {"billing@billing-example.net"}
+
+
+async def test_graph_message_trace_window_ends(
+    graph: GraphPlatform, scenarios: dict[str, Scenario]
+) -> None:
+    scenario = scenarios["redirect_rule"]
+
+    later = await graph.message_trace(scenario.original_id, START + timedelta(days=1))
+
+    assert later == []
