@@ -116,18 +116,22 @@ def apply_finding(
 ) -> list[Record]:
     """Add a finding to the forward tree and return the pull commands it needs.
 
-    A finding already on the tree changes nothing unless its evidence is stronger,
+    Each copy gets one hop into it, the first found, so the hops form a tree. A
+    later finding of the same copy changes nothing unless its evidence is stronger,
     in which case the hop is updated and a copy held for weaker evidence is pulled
-    if the stronger evidence calls for it. A finding whose sender and recipient are
-    the same mailbox is the sender's own copy of a forward (Sent Items): it gets a
-    pull entry but no hop.
+    if the stronger evidence calls for it. A copy an alert named is a root and gets
+    no hop. A finding whose sender and recipient are the same mailbox is the
+    sender's own copy of a forward (Sent Items): it gets a pull entry but no hop.
     """
     to_mailbox = finding["to_mailbox"].lower()
     message_id = finding["message_id"]
     own_copy = finding["from_mailbox"].lower() == to_mailbox
-    edge = None if own_copy else _find_edge(incident, finding)
+    edge = None if own_copy else _find_edge(incident, to_mailbox, message_id)
     if edge is not None:
         return _strengthen(incident, edge, finding, policy, now)
+    known = _find(incident, to_mailbox, message_id)
+    if known is not None and known["recipient_type"] != "forward" and not own_copy:
+        return []
 
     if not finding["external"]:
         _add_traced(
@@ -230,13 +234,9 @@ def _find(incident: Record, mailbox: str, message_id: str) -> Record | None:
     return None
 
 
-def _find_edge(incident: Record, finding: Record) -> Record | None:
+def _find_edge(incident: Record, to_mailbox: str, message_id: str) -> Record | None:
     for edge in incident["forwards"]:
-        if (
-            edge["from_mailbox"] == finding["from_mailbox"].lower()
-            and edge["to_mailbox"] == finding["to_mailbox"].lower()
-            and edge["message_id"] == finding["message_id"]
-        ):
+        if edge["to_mailbox"] == to_mailbox and edge["message_id"] == message_id:
             return edge  # type: ignore[no-any-return]
     return None
 

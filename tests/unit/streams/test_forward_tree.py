@@ -205,3 +205,20 @@ def test_quarantine_mailbox_never_pulled() -> None:
     into_quarantine = finding("alice@example.com", "quarantine@example.com", "m2")
     assert apply_finding(incident, into_quarantine, POLICY, NOW) == []
     assert incident["pulls"][-1]["action"] == "skip"
+
+
+def test_delivery_to_alert_recipient_adds_no_hop() -> None:
+    incident = incident_with_alert()
+    delivery = finding("billing@example.net", "alice@example.com", ORIGINAL)
+    assert apply_finding(incident, delivery, POLICY, NOW) == []
+    assert incident["forwards"] == []
+    assert len(incident["pulls"]) == 1
+
+
+def test_second_sender_of_copy_adds_no_hop() -> None:
+    incident = incident_with_alert()
+    rule = finding("alice@example.com", "dave@example.com", ORIGINAL)
+    trace = finding("billing@example.net", "dave@example.com", ORIGINAL)
+    assert len(apply_finding(incident, rule, POLICY, NOW)) == 1
+    assert apply_finding(incident, trace, POLICY, NOW) == []
+    assert [e["from_mailbox"] for e in incident["forwards"]] == ["alice@example.com"]
