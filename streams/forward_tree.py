@@ -35,7 +35,13 @@ class TracePolicy:
 
 
 def record_alert_payload(incident: Record, alert: Record) -> None:
-    """Add an alert's malicious URLs, attachment hashes and message to the trace."""
+    """Add an alert's malicious URLs, attachment hashes and message to the trace.
+
+    A copy that the trace found before this alert named it (an alert per
+    recipient can arrive after a search of another recipient) becomes a root:
+    its pull entry turns `original` and the hop into it is dropped.
+    """
+    _adopt_recipients(incident, alert)
     urls = list(alert.get("urls") or [])
     hashes = [a["sha256"] for a in alert.get("attachments") or [] if a.get("sha256")]
     for threat in alert.get("threats") or []:
@@ -53,6 +59,25 @@ def record_alert_payload(incident: Record, alert: Record) -> None:
         alert.get("delivered_at") or alert.get("occurred_at") or alert["received_at"]
     )
     _add_traced(incident, message_id, delivered, alert.get("subject"), None, 0)
+
+
+def _adopt_recipients(incident: Record, alert: Record) -> None:
+    message_id = alert.get("message_id")
+    recipients = {address.lower() for address in alert.get("recipients") or []}
+    adopted = set()
+    for entry in incident["pulls"]:
+        if (
+            entry["message_id"] == message_id
+            and entry["mailbox"] in recipients
+            and entry["recipient_type"] == "forward"
+        ):
+            entry["recipient_type"] = "original"
+            adopted.add(entry["mailbox"])
+    incident["forwards"] = [
+        edge
+        for edge in incident["forwards"]
+        if not (edge["message_id"] == message_id and edge["to_mailbox"] in adopted)
+    ]
 
 
 def incident_payload(incident: Record) -> Payload:

@@ -893,7 +893,16 @@ class GraphPlatform(MailPlatform):
         )
         builder = self._graph.admin.exchange.tracing.message_traces
         config = RequestConfiguration(query_parameters=query)
-        page = await self._call(TRACE_SLOT, bare, lambda: builder.get(config))
+        try:
+            page = await self._call(TRACE_SLOT, bare, lambda: builder.get(config))
+        except PermanentError as error:
+            raise PermanentError(
+                f"Graph rejected the message trace query for {bare}: {error} The "
+                "app needs the ExchangeMessageTrace.Read.All application permission "
+                "for message traces.",
+                message_id=bare,
+                platform=PLATFORM,
+            ) from error
         events = []
         while page is not None:
             for row in page.value or []:

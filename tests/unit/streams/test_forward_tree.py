@@ -222,3 +222,17 @@ def test_second_sender_of_copy_adds_no_hop() -> None:
     assert len(apply_finding(incident, rule, POLICY, NOW)) == 1
     assert apply_finding(incident, trace, POLICY, NOW) == []
     assert [e["from_mailbox"] for e in incident["forwards"]] == ["alice@example.com"]
+
+
+def test_later_alert_makes_found_copy_a_root() -> None:
+    incident = incident_with_alert()
+    delivery = finding("billing@example.net", "bob@example.com", ORIGINAL)
+    assert len(apply_finding(incident, delivery, POLICY, NOW)) == 1
+    assert len(incident["forwards"]) == 1
+
+    alert = {"message_id": ORIGINAL, "recipients": ["Bob@example.com"], "urls": []}
+    record_alert_payload(incident, {**alert, "received_at": NOW})
+
+    bob = [p for p in incident["pulls"] if p["mailbox"] == "bob@example.com"]
+    assert [p["recipient_type"] for p in bob] == ["original"]
+    assert incident["forwards"] == []
