@@ -16,7 +16,7 @@ from datetime import datetime
 
 from autopull.connectors.mail.mime import normalize_url
 from autopull.streams.forwards import CONFIDENCE_RANK, Payload, TracedMessage
-from autopull.streams.records import Record, command_id
+from autopull.streams.records import FINAL_STATUSES, Record, command_id
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -89,13 +89,21 @@ def incident_payload(incident: Record) -> Payload:
 
 
 def untraced_copies(incident: Record) -> list[tuple[Record, TracedMessage]]:
-    """Return the pulled copies whose mailboxes were not searched yet."""
+    """Return the pulled copies whose mailboxes were not searched yet.
+
+    A copy is searched once its pull has an outcome (quarantined, not found,
+    failed), so the search never competes with the quarantine for the mailbox.
+    A copy the user already deleted is searched too, because it may have been
+    forwarded first.
+    """
     messages = {
         entry["message_id"]: entry for entry in incident.get("traced_messages") or []
     }
     found = []
     for entry in incident["pulls"]:
         if entry["action"] != "pull" or entry.get("traced"):
+            continue
+        if entry["status"] not in FINAL_STATUSES:
             continue
         message = messages.get(entry["message_id"])
         if message is None:
@@ -120,7 +128,12 @@ def trace_state(incident: Record) -> str:
 
     An incident with nothing to search is `finished` as well.
     """
-    return "running" if untraced_copies(incident) else "finished"
+    pending = [
+        entry
+        for entry in incident["pulls"]
+        if entry["action"] == "pull" and not entry.get("traced")
+    ]
+    return "running" if pending else "finished"
 
 
 def apply_traced(incident: Record, progress: Record, now: datetime) -> bool:

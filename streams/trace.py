@@ -2,7 +2,8 @@
 
 The agent reads the `incidents` topic, keyed by incident id, so it alone writes the
 frontier table under the same key: the (mailbox, Message-ID) pairs already searched
-for each incident. For every copy with action `pull` that the frontier lacks, it
+for each incident. For every copy with action `pull` whose pull has an outcome and
+that the frontier lacks, it
 reads the mailbox's sent items since the delivery, its redirect rules and the
 platform's message trace, and matches them (`autopull.streams.forwards`). Each
 finding goes to `trace.findings` and, as a `finding` event, to `incident.events`. A

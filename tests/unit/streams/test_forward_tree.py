@@ -96,6 +96,10 @@ def test_alert_payload_recorded() -> None:
 
 def test_original_copy_waits_for_search() -> None:
     incident = incident_with_alert()
+    # The search starts once the pull has an outcome.
+    assert untraced_copies(incident) == []
+    assert trace_state(incident) == "running"
+    incident["pulls"][0]["status"] = "not_found"
     copies = untraced_copies(incident)
     assert [(entry["mailbox"], m.depth) for entry, m in copies] == [
         ("alice@example.com", 0)
@@ -146,7 +150,9 @@ def test_medium_finding_holds() -> None:
     entry = incident["pulls"][-1]
     assert entry["action"] == "hold"
     assert entry["status"] == "held"
-    assert untraced_copies(incident)[-1][0]["mailbox"] == "alice@example.com"
+    incident["pulls"][0]["status"] = "quarantined"
+    searched = [entry["mailbox"] for entry, _ in untraced_copies(incident)]
+    assert searched == ["alice@example.com"]
 
 
 def test_stronger_evidence_releases_hold() -> None:
