@@ -137,15 +137,22 @@ def trace_state(incident: Record) -> str:
 
 
 def apply_traced(incident: Record, progress: Record, now: datetime) -> bool:
-    """Mark a copy's mailbox as searched, or return False when no pull entry matches."""
+    """Mark a copy's mailbox as searched, or return False when no pull entry matches.
+
+    History records a search that found copies or failed, once. A replayed
+    event, or a search that found nothing, adds no line.
+    """
     entry = _find(incident, progress["mailbox"], progress["message_id"])
     if entry is None:
         return False
+    if entry.get("traced"):
+        return True
     entry["traced"] = True
-    detail = f"{progress['mailbox']}: {progress['findings']} findings"
-    if progress.get("error"):
-        detail += f" (search failed: {progress['error']})"
-    incident["history"].append(_history(now, "traced", detail))
+    if progress["findings"] or progress.get("error"):
+        detail = f"{progress['mailbox']}: {progress['findings']} findings"
+        if progress.get("error"):
+            detail += f" (search failed: {progress['error']})"
+        incident["history"].append(_history(now, "traced", detail))
     return True
 
 

@@ -52,6 +52,8 @@ VOLATILE = {
     "finished_at",
     "seconds_from_alert",
     "attempts",
+    "delivered_at",
+    "found_at",
 }
 
 

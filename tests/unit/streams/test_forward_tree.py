@@ -242,3 +242,21 @@ def test_later_alert_makes_found_copy_a_root() -> None:
     bob = [p for p in incident["pulls"] if p["mailbox"] == "bob@example.com"]
     assert [p["recipient_type"] for p in bob] == ["original"]
     assert incident["forwards"] == []
+
+
+def test_traced_history_once_and_only_with_news() -> None:
+    incident = incident_with_alert()
+    incident["pulls"][0]["status"] = "quarantined"
+    before = len(incident["history"])
+    progress = {**traced("alice@example.com", ORIGINAL), "findings": 2}
+    assert apply_traced(incident, progress, NOW)
+    assert apply_traced(incident, progress, NOW)
+    assert len(incident["history"]) == before + 1
+    assert incident["history"][-1]["detail"] == "alice@example.com: 2 findings"
+
+
+def test_empty_search_adds_no_history() -> None:
+    incident = incident_with_alert()
+    before = len(incident["history"])
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
+    assert len(incident["history"]) == before
