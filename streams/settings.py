@@ -430,8 +430,9 @@ class SettingsFileSource(YamlConfigSettingsSource):
             return {}
         if not isinstance(loaded, dict):
             raise SettingsFileError(
-                f"The settings file {file_path} holds a {type(loaded).__name__}, but "
-                "it must be a mapping of setting names to values, such as "
+                f"The settings file {file_path} contains a "
+                f"{type(loaded).__name__}, but it must be a mapping of setting names "
+                "to values, such as "
                 "'kafka_bootstrap: 127.0.0.1:9092'."
             )
         return loaded

@@ -151,7 +151,8 @@ class MailPlatform(abc.ABC):
     name: str = "unknown"
     # Called once for every response in which the platform asked the client to slow
     # down, including those that a client library retried by itself, so that
-    # throttling shows even when no pull failed. Set by whoever counts it.
+    # throttling shows even when no pull failed. The worker sets it to count
+    # throttling in its metrics.
     throttle_listener: Callable[[], None] | None = None
 
     def report_throttled(self) -> None:

@@ -572,8 +572,8 @@ class GraphPlatform(MailPlatform):
         self._incident_lookups: dict[str, asyncio.Future[str]] = {}
 
     def _observe(self, response: httpx.Response) -> None:
-        # 429 is Graph's throttling answer; a 503 with Retry-After is its answer
-        # when the service itself is busy.
+        # Graph throttles with 429, and with 503 and Retry-After when the service
+        # itself is busy.
         status = response.status_code
         if status == 429 or (status == 503 and "Retry-After" in response.headers):
             self.report_throttled()

@@ -96,7 +96,7 @@ def test_platform_quarantine_mailbox_never_planned():
             b"  quarantine_mailbox: b@example.com\n",
             "line 3, column 3: the key 'quarantine_mailbox' appears twice",
         ),
-        (b"- 1\n- 2\n", "holds a list, but it must be a mapping"),
+        (b"- 1\n- 2\n", "contains a list, but it must be a mapping"),
         (b"!!python/object:os.system x\n", "could not determine a constructor"),
         (b"log_level: \xff\n", "is not UTF-8 (invalid byte at offset 11)"),
     ],
