@@ -24,8 +24,10 @@ from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams.commands import (
     ACTIONS,
     CommandError,
+    check_approve_pick,
     command_event,
     normalize_mailbox,
+    normalize_message_id,
 )
 from autopull.streams.records import Record
 from autopull.streams.settings import Role
@@ -50,13 +52,14 @@ COMMAND_ROLES: dict[str, Role] = {
     "reject": "analyst",
     "comment": "analyst",
     "release": "analyst",
+    "retry": "analyst",
     "close": "analyst",
 }
 # Query parameters of GET /api/incidents. Another name, or one given twice, is a 400.
 LIST_PARAMETERS = ("state", "since", "until", "message_id", "mailbox")
 # Fields of a command body. A command carries an address and a short note, so its
 # body has a limit far below the web server's own (1 MiB).
-COMMAND_FIELDS = ("mailbox", "comment", "text")
+COMMAND_FIELDS = ("mailbox", "message_id", "comment", "text")
 COMMAND_MAX_BYTES = 64 * 1024
 
 
@@ -301,10 +304,17 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
                 denied, key_name = authorize(request, "admin")
                 if denied:
                     return denied
-            if incident_id not in model.incidents:
+            incident = model.incidents.get(incident_id)
+            if incident is None:
                 return json_error(
                     404, "not_found", f"Incident {incident_id} was not found."
                 )
+            try:
+                message_id = normalize_message_id(body.get("message_id"))
+                if action == "approve":
+                    check_approve_pick(incident, mailbox, message_id)
+            except CommandError as error:
+                return json_error(400, "bad_request", str(error))
             return await _send(pipe, incident_id, action, body, key_name)
 
     return model
@@ -414,6 +424,7 @@ async def _send(
             actor,
             mailbox=body.get("mailbox"),
             text=text or None,
+            message_id=body.get("message_id"),
         )
     except CommandError as error:
         return json_error(400, "bad_request", str(error))

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         ("approve", "Approve the held pulls of an incident."),
         ("reject", "Reject the held pulls of an incident."),
         ("release", "Restore the quarantined copies of an incident."),
+        ("retry", "Pull again the copies of an incident whose pull failed."),
         ("close", "Close an incident."),
         ("comment", "Add a comment to an incident."),
     ):
@@ -89,9 +90,15 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("text", help="The comment.")
         else:
             command.add_argument("--comment", dest="text", help="Why, for the history.")
-        if action in ("approve", "reject", "release"):
+        if action in ("approve", "reject", "release", "retry"):
             command.add_argument("--mailbox", help="Only this mailbox's copies.")
-        if action in ("approve", "release"):
+        if action == "approve":
+            command.add_argument(
+                "--message-id",
+                help="Only the held copy with this Message-ID, or the search "
+                "candidate with it, which is then pulled instead of searching again.",
+            )
+        if action in ("approve", "release", "retry"):
             command.add_argument(
                 "--wait",
                 action="store_true",
@@ -186,7 +193,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.command == "incidents":
             return run_incidents(settings, state=args.state, as_json=args.json)
         return run_show(settings, args.incident_id, as_json=args.json)
-    if args.command in ("approve", "reject", "release", "close", "comment"):
+    if args.command in ("approve", "reject", "release", "retry", "close", "comment"):
         from autopull.streams.operate import run_command
 
         return run_command(
@@ -196,6 +203,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             mailbox=getattr(args, "mailbox", None),
             text=args.text,
             actor=args.actor,
+            message_id=getattr(args, "message_id", None),
             wait=getattr(args, "wait", False),
             timeout=getattr(args, "timeout", 600.0),
         )

@@ -1,15 +1,18 @@
-"""Follow an approve or release until the worker has acted on every copy it names.
+"""Follow a command until the worker has acted on every copy it names.
 
 A command only requests work from the incident agent. The pulls and restores happen
-later, in whichever worker owns the mailboxes. `autopull approve --wait` and
-`autopull release --wait` read the incidents topic until each copy the command
-named has a final outcome, with a progress bar or plain lines.
+later, in whichever worker owns the mailboxes. `autopull approve --wait`,
+`autopull retry --wait` and `autopull release --wait` read the incidents topic
+until each copy the command named has a final outcome, with a progress bar or
+plain lines.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
+from autopull.streams.incidents import approve_targets, retry_targets
 from autopull.streams.records import PULLED_STATUSES, Record
 
 # Pull statuses after which nothing more happens to a copy without a new command.
@@ -28,28 +31,41 @@ class FollowedCopy:
     mailbox: str
     message_id: str
     history_at_send: int
+    # When the pull had finished at the send: a retried copy has a final outcome
+    # once its pull finishes again.
+    finished_at_send: datetime | None = None
 
 
 def followed_copies(
-    incident: Record, action: str, mailbox: str | None
+    incident: Record, action: str, mailbox: str | None, message_id: str | None = None
 ) -> list[FollowedCopy]:
     """Return the copies that `action` on `incident` starts work for.
 
     This mirrors what the incident agent does with the command: approve pulls the
-    held copies, release restores the pulled copies that are not undone yet. Other
-    actions start no work and name no copies.
+    held copies (only those that `message_id` picks, when given), retry pulls the
+    copies whose pull failed, and release restores the pulled copies that are not
+    undone yet. Other actions start no work and name no copies.
     """
     wanted = mailbox.strip().lower() if mailbox is not None else None
     at = len(incident["history"])
-    copies = []
-    for entry in incident["pulls"]:
-        if wanted not in (None, entry["mailbox"]):
-            continue
-        held = entry["status"] == "held"
-        pulled = entry["status"] in PULLED_STATUSES and not entry["undone"]
-        if (action == "approve" and held) or (action == "release" and pulled):
-            copies.append(FollowedCopy(entry["mailbox"], entry["message_id"], at))
-    return copies
+    if action == "approve":
+        entries = [entry for entry, _ in approve_targets(incident, wanted, message_id)]
+    elif action == "retry":
+        entries = retry_targets(incident, wanted)
+    elif action == "release":
+        entries = [
+            entry
+            for entry in incident["pulls"]
+            if wanted in (None, entry["mailbox"])
+            and entry["status"] in PULLED_STATUSES
+            and not entry["undone"]
+        ]
+    else:
+        entries = []
+    return [
+        FollowedCopy(entry["mailbox"], entry["message_id"], at, entry["finished_at"])
+        for entry in entries
+    ]
 
 
 def settled_copies(
@@ -62,9 +78,13 @@ def settled_copies(
         entry = entries.get((copy.mailbox, copy.message_id))
         if entry is None:
             continue
-        if action == "approve":
-            # An approved entry goes back to no status until its outcome arrives.
-            if entry["status"] in SETTLED_PULL_STATUSES and entry["action"] == "pull":
+        if action in ("approve", "retry"):
+            # An approved or retried entry goes back to no status until its
+            # outcome arrives. Before the agent applies a retry, the entry still
+            # shows the failure it had at the send.
+            finished = entry["status"] in SETTLED_PULL_STATUSES
+            again = action == "approve" or entry["finished_at"] != copy.finished_at_send
+            if finished and again and entry["action"] == "pull":
                 settled[copy] = entry["status"]
         elif entry["undone"]:
             settled[copy] = "restored"

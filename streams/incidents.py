@@ -266,11 +266,12 @@ def _already_recorded(entry: Record, outcome: Record) -> bool:
 
 
 def apply_command(incident: Record, command: Record) -> list[Record]:
-    """Apply a person's command (approve, reject, release, comment, close).
+    """Apply a person's command (approve, reject, release, retry, comment, close).
 
     `command` is the Command record of an IncidentEvent; `mailbox`, when set,
-    limits approve, reject and release to that mailbox. Returns the pull commands
-    the change calls for.
+    limits approve, reject, release and retry to that mailbox, and `message_id`,
+    when set, limits approve to the held copies it names (see `approve_targets`).
+    Returns the pull commands the change calls for.
     """
     now = utcnow()
     action, actor = command["action"], command["actor"]
@@ -279,18 +280,28 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     if mailbox is not None:
         mailbox = mailbox.strip().lower()
     text = command.get("text") or ""
+    note = f" {text}" if text else ""
     commands: list[Record] = []
     if action == "approve":
-        # NOTE: approving a copy held by an ambiguous search searches again, and so
-        # it is held again. No command yet lets a person pick one of the candidates.
-        for entry in _entries(incident, mailbox, {"held"}):
+        picked = command.get("message_id")
+        for entry, chosen in approve_targets(incident, mailbox, picked):
             entry.update(action="pull", status=None, rule="approved")
-            entry["reason"] = f"Approved by {actor}." + (f" {text}" if text else "")
+            entry["reason"] = f"Approved by {actor}.{note}"
+            if chosen is not None:
+                # The pull acts on the chosen candidate and skips the search,
+                # which found several messages or none with a Message-ID.
+                entry["resolved_message_id"] = chosen
+                entry["reason"] = f"Approved by {actor} for {chosen}.{note}"
             commands.append(_command_for(incident, entry, "quarantine", now))
     elif action == "reject":
         for entry in _entries(incident, mailbox, {"held"}):
             entry.update(action="skip", status="skipped", rule="rejected")
-            entry["reason"] = f"Rejected by {actor}." + (f" {text}" if text else "")
+            entry["reason"] = f"Rejected by {actor}.{note}"
+    elif action == "retry":
+        for entry in retry_targets(incident, mailbox):
+            entry.update(status=None, rule="retried", error=None)
+            entry["reason"] = f"Retried by {actor}.{note}"
+            commands.append(_command_for(incident, entry, "quarantine", now))
     elif action == "release":
         for entry in _entries(incident, mailbox, set(PULLED_STATUSES)):
             if not entry["undone"]:
@@ -300,7 +311,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     elif action != "comment":
         raise ValueError(
             f"Command {action!r} on incident {incident['incident_id']} is not known; "
-            "use approve, reject, release, comment or close."
+            "use approve, reject, release, retry, comment or close."
         )
 
     detail = f"{len(commands)} pull commands" if commands else text
@@ -359,6 +370,42 @@ def _withdraw(
         )
     )
     return commands
+
+
+def approve_targets(
+    incident: Record, mailbox: str | None, message_id: str | None
+) -> list[tuple[Record, str | None]]:
+    """Return the held pull entries that an approve acts on, each with its pick.
+
+    Without `message_id`, every held entry (of `mailbox`, when given) is approved
+    as it is, and one held by an ambiguous search searches again. With it, only
+    the entries held for that Message-ID, or whose search offered it as a
+    candidate, are approved. A picked candidate is returned beside its entry, so
+    that the pull acts on that message only.
+    """
+    targets: list[tuple[Record, str | None]] = []
+    for entry in _entries(incident, mailbox, {"held"}):
+        own_ids = (entry["message_id"], entry.get("resolved_message_id"))
+        if message_id is None or message_id in own_ids:
+            targets.append((entry, None))
+        elif message_id in candidate_ids(entry):
+            targets.append((entry, message_id))
+    return targets
+
+
+def candidate_ids(entry: Record) -> list[str]:
+    """Return the Message-IDs of the messages a held search offered, in order."""
+    found = (c["message_id"] for c in entry.get("candidates") or [])
+    return list(dict.fromkeys(message_id for message_id in found if message_id))
+
+
+def retry_targets(incident: Record, mailbox: str | None) -> list[Record]:
+    """Return the pull entries whose quarantine failed, which a retry runs again."""
+    return [
+        entry
+        for entry in _entries(incident, mailbox, {"failed"})
+        if entry["action"] == "pull"
+    ]
 
 
 def _entries(incident: Record, mailbox: str | None, statuses: set[str]) -> list[Record]:

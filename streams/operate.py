@@ -1,4 +1,4 @@
-"""CLI commands for analysts: list and show incidents, approve, release, close.
+"""CLI commands for analysts: list and show incidents, approve, retry, release.
 
 They read the compacted incidents topic, so they work from any machine that
 reaches the broker, whichever worker owns an incident.
@@ -21,8 +21,10 @@ from rich.tree import Tree
 from autopull.streams.commands import (
     API_ACTOR_PREFIX,
     CommandError,
+    check_approve_pick,
     command_event,
     normalize_mailbox,
+    normalize_message_id,
     send_command,
 )
 from autopull.streams.follow import FollowedCopy, followed_copies, settled_copies
@@ -189,6 +191,7 @@ def run_command(
     mailbox: str | None = None,
     text: str | None = None,
     actor: str | None = None,
+    message_id: str | None = None,
     wait: bool = False,
     timeout: float = 600.0,
     out: TextIO | None = None,
@@ -201,6 +204,7 @@ def run_command(
     out = out if out is not None else sys.stderr
     try:
         mailbox = normalize_mailbox(mailbox)
+        message_id = normalize_message_id(message_id)
     except CommandError as error:
         print(f"error: {error}", file=out)
         return 2
@@ -223,9 +227,22 @@ def run_command(
                 file=out,
             )
             return 2
-        copies = followed_copies(incident, action, mailbox)
         try:
-            event = command_event(incident_id, action, name, mailbox=mailbox, text=text)
+            if action == "approve":
+                check_approve_pick(incident, mailbox, message_id)
+            event = command_event(
+                incident_id,
+                action,
+                name,
+                mailbox=mailbox,
+                text=text,
+                message_id=message_id,
+            )
+        except CommandError as error:
+            print(f"error: {error}", file=out)
+            return 2
+        copies = followed_copies(incident, action, mailbox, message_id)
+        try:
             send_command(settings, event)
         except CommandError as error:
             print(f"error: {error}", file=out)
@@ -233,7 +250,7 @@ def run_command(
         target = f" for {mailbox}" if mailbox is not None else ""
         print(f"Sent {action}{target} on {incident_id}.", file=out)
         if wait and not copies:
-            wanted = "held" if action == "approve" else "quarantined"
+            wanted = {"approve": "held", "retry": "failed"}.get(action, "quarantined")
             print(
                 f"Nothing to wait for: {incident_id} has no {wanted} copies{target} "
                 "for this command to act on; `autopull incident show "

@@ -131,6 +131,26 @@ def test_api_release_restores_one_copy(
     accepted = httpx.post(release, json=body, headers=auth("analyst"))
     assert accepted.status_code == 202
 
+    # A Message-ID picks a held copy for approve only, and must name one.
+    approve = f"{base}/api/incidents/{incident_id}/approve"
+    picked = {"message_id": "<other@example.net>"}
+    unheld = httpx.post(approve, json=picked, headers=auth("analyst"))
+    assert unheld.status_code == 400
+    assert "No held copy" in unheld.json()["error"]["message"]
+    assert "other@example.net" in unheld.json()["error"]["message"]
+    off_approve = httpx.post(release, json={**body, **picked}, headers=auth("analyst"))
+    assert off_approve.status_code == 400
+    assert "release does not take one" in off_approve.json()["error"]["message"]
+    retry = f"{base}/api/incidents/{incident_id}/retry"
+    assert httpx.post(retry, json={}, headers=auth("reader")).status_code == 403
+    retried = httpx.post(retry, json={}, headers=auth("analyst"))
+    assert retried.status_code == 202
+    assert retried.json() == {
+        "accepted": True,
+        "incident_id": incident_id,
+        "action": "retry",
+    }
+
     def bob_restored() -> bool:
         response = httpx.get(
             f"{base}/api/incidents/{incident_id}", headers=auth("boss")

@@ -53,3 +53,52 @@ def test_cli_release_rejects_blank_mailbox(tmp_path):
     code = run_command(settings, "INC-1", "release", mailbox="   ", out=out)
     assert code == 2
     assert out.getvalue().startswith("error: The mailbox is blank.")
+
+
+def test_command_event_keeps_bare_message_id():
+    event = command_event(
+        "INC-1", "approve", "carol", message_id=" <pick@example.net> "
+    )
+    assert event["command"]["message_id"] == "pick@example.net"
+
+
+@pytest.mark.parametrize("action", ["reject", "release", "retry", "close"])
+def test_command_event_rejects_message_id_off_approve(action):
+    with pytest.raises(CommandError, match=f"so {action} does not take one"):
+        command_event("INC-1", action, "carol", message_id="pick@example.net")
+
+
+@pytest.mark.parametrize("value", ["", "  ", "<>"])
+def test_command_event_rejects_blank_message_id(value):
+    with pytest.raises(CommandError, match="The Message-ID is blank"):
+        command_event("INC-1", "approve", "carol", message_id=value)
+
+
+def test_command_event_rejects_message_id_with_line_break():
+    with pytest.raises(CommandError, match="line break"):
+        command_event("INC-1", "approve", "carol", message_id="a@b\r\nBcc: x@y")
+
+
+def test_approve_pick_outside_candidates_is_rejected():
+    from autopull.streams.commands import check_approve_pick
+
+    incident = {
+        "incident_id": "INC-1",
+        "pulls": [
+            {
+                "mailbox": "alice@example.com",
+                "message_id": "search-1@no-message-id",
+                "status": "held",
+                "candidates": [
+                    {"message_id": "first@example.net"},
+                    {"message_id": "second@example.net"},
+                ],
+            }
+        ],
+    }
+    check_approve_pick(incident, None, "second@example.net")
+    with pytest.raises(CommandError) as raised:
+        check_approve_pick(incident, None, "other@example.net")
+    message = str(raised.value)
+    assert "Message-ID other@example.net" in message
+    assert "first@example.net, second@example.net" in message

@@ -158,3 +158,38 @@ def test_other_actions_follow_nothing():
     incident = incident_with({"a@example.com": "hold"})
     assert followed_copies(incident, "reject", None) == []
     assert followed_copies(incident, "close", None) == []
+
+
+def test_retry_follows_failed_copies_only():
+    incident = incident_with({"a@example.com": "pull", "b@example.com": "pull"})
+    apply_outcome(incident, outcome("a@example.com", "failed", error="refused"))
+    apply_outcome(incident, outcome("b@example.com", "quarantined"))
+    copies = followed_copies(incident, "retry", None)
+    assert [copy.mailbox for copy in copies] == ["a@example.com"]
+
+
+def test_retry_settles_only_on_new_outcome():
+    incident = incident_with({"a@example.com": "pull"})
+    apply_outcome(incident, outcome("a@example.com", "failed", error="refused"))
+    copies = followed_copies(incident, "retry", None)
+    # Before the agent applies the retry, the entry still shows the old failure.
+    assert settled_copies(incident, "retry", copies) == {}
+
+    apply_command(incident, command("retry"))
+    assert settled_copies(incident, "retry", copies) == {}
+
+    again = outcome("a@example.com", "failed", error="refused")
+    again["finished_at"] = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    apply_outcome(incident, again)
+    settled = settled_copies(incident, "retry", copies)
+    assert {copy.mailbox: status for copy, status in settled.items()} == {
+        "a@example.com": "failed"
+    }
+
+
+def test_approve_with_message_id_follows_its_copies():
+    incident = incident_with({"a@example.com": "hold", "b@example.com": "hold"})
+    incident["pulls"][0]["candidates"] = [{"message_id": "pick@example.net"}]
+    incident["pulls"][0]["message_id"] = "search-1@no-message-id"
+    copies = followed_copies(incident, "approve", None, "pick@example.net")
+    assert [copy.mailbox for copy in copies] == ["a@example.com"]

@@ -380,3 +380,98 @@ def test_release_without_mailbox_restores_every_copy():
     incident = contained_incident()
     commands = apply_command(incident, command("release", None))
     assert [c["mailbox"] for c in commands] == ["alice@example.com", "bob@example.com"]
+
+
+def failed_incident():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    failed = outcome("bob@example.com", "failed")
+    failed["error"] = "The mailbox refused access."
+    apply_outcome(incident, failed)
+    return incident
+
+
+def test_retry_pulls_failed_copies_only():
+    incident = failed_incident()
+    commands = apply_command(incident, command("retry"))
+    assert [(c["kind"], c["mailbox"]) for c in commands] == [
+        ("quarantine", "bob@example.com")
+    ]
+    bob = incident["pulls"][1]
+    assert bob["status"] is None
+    assert bob["error"] is None
+    assert bob["rule"] == "retried"
+    assert bob["reason"] == "Retried by analyst@example.com."
+    assert incident["state"] == "quarantining"
+
+
+def test_retry_then_success_contains_incident():
+    incident = failed_incident()
+    apply_command(incident, command("retry"))
+    later = outcome("bob@example.com", "quarantined")
+    later["finished_at"] = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    apply_outcome(incident, later)
+    assert incident["pulls"][1]["status"] == "quarantined"
+    assert incident["state"] == "contained"
+
+
+def test_retry_other_mailbox_issues_nothing():
+    incident = failed_incident()
+    assert apply_command(incident, command("retry", "alice@example.com")) == []
+    assert incident["pulls"][1]["status"] == "failed"
+
+
+def test_retry_without_failures_issues_nothing():
+    incident = contained_incident()
+    assert apply_command(incident, command("retry")) == []
+    assert incident["state"] == "contained"
+
+
+def searched_incident():
+    """An incident whose copy for alice was held by a search with two candidates."""
+    incident = held_incident()
+    entry = incident["pulls"][0]
+    entry.update(rule="search.not-unique", message_id="search-1@no-message-id")
+    entry["candidates"] = [
+        {"message_id": "first@example.net", "folder": "Inbox"},
+        {"message_id": "second@example.net", "folder": "Archive"},
+        {"message_id": "", "folder": "Drafts"},
+    ]
+    return incident
+
+
+def pick(message_id, mailbox=None):
+    return {**command("approve", mailbox), "message_id": message_id}
+
+
+def test_approve_candidate_pulls_that_message():
+    incident = searched_incident()
+    commands = apply_command(incident, pick("second@example.net"))
+    assert len(commands) == 1
+    assert commands[0]["mailbox"] == "alice@example.com"
+    assert commands[0]["message_id"] == "search-1@no-message-id"
+    assert commands[0]["resolved_message_id"] == "second@example.net"
+    alice = incident["pulls"][0]
+    assert alice["resolved_message_id"] == "second@example.net"
+    assert alice["reason"] == "Approved by analyst@example.com for second@example.net."
+    assert incident["pulls"][1]["status"] == "held"
+
+
+def test_approve_unknown_candidate_changes_nothing():
+    incident = searched_incident()
+    assert apply_command(incident, pick("other@example.net")) == []
+    assert [p["status"] for p in incident["pulls"]] == ["held", "held"]
+
+
+def test_approve_by_message_id_picks_held_copies():
+    incident = searched_incident()
+    commands = apply_command(incident, pick("m1@example.net"))
+    assert [c["mailbox"] for c in commands] == ["bob@example.com"]
+    assert commands[0]["resolved_message_id"] is None
+
+
+def test_approve_candidate_limited_to_mailbox():
+    incident = searched_incident()
+    assert apply_command(incident, pick("first@example.net", "bob@example.com")) == []
+    assert incident["pulls"][0]["status"] == "held"
