@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
+from hypothesis import settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Property tests have no per-example deadline: on a loaded machine one slow
+# example would fail a run in which every example held.
+settings.register_profile("autopull", deadline=None)
+settings.load_profile("autopull")
 
 # ---------------------------------------------------------------------------
 # Kafka broker
