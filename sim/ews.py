@@ -1973,8 +1973,11 @@ class EwsSimulator:
         """List a mailbox's inbox rules from the world's forwarding rules.
 
         `MailboxSmtpAddress` names the mailbox, the acting one when it is absent.
-        Another mailbox needs the acting identity in `full_access`. Without rules the
-        response has no InboxRules element.
+        Another mailbox needs the acting identity in `full_access`.
+
+        NOTE: without rules the response has no InboxRules element. exchangelib 5.6
+        handles that case on purpose, but Microsoft's documented sample shows only a
+        response with one rule, so the empty form is an inference.
         """
         requested = (_text(call.body, _m("MailboxSmtpAddress")) or "").strip().lower()
         try:
