@@ -3,9 +3,11 @@
 It serves SOAP requests on `POST /EWS/Exchange.asmx` as Exchange Server 2016 does,
 for the operations exchangelib sends in mail work: ConvertId, GetFolder,
 FindFolder, CreateFolder, FindItem, GetItem, CreateItem, UpdateItem, MoveItem,
-CopyItem, DeleteItem, ExportItems and UploadItems. Every body starts with the XML
-declaration, every response carries a ServerVersionInfo header, and an operation
-answers with one response message per input item or folder, in request order.
+CopyItem, DeleteItem, ExportItems, UploadItems and GetInboxRules. Every body starts
+with the XML declaration, every response carries a ServerVersionInfo header, and an
+operation answers with one response message per input item or folder, in request
+order. GetInboxRules puts its result in the response element itself, as Exchange
+does.
 
 Callers authenticate with HTTP Basic as a service account and act on a mailbox
 through the ExchangeImpersonation header; a deny list refuses chosen mailboxes. Only
@@ -54,6 +56,7 @@ from .world import (
     Folder,
     FolderExistsError,
     FolderNotFoundError,
+    ForwardingRuleSpec,
     Item,
     UnknownMailboxError,
     World,
@@ -104,6 +107,17 @@ API_VERSIONS = frozenset(
 ROOT = "root"
 # Operations that act on the server, not on a mailbox, so they need no impersonation.
 PROTOCOL_OPERATIONS = frozenset({"ConvertId", "ResolveNames", "ExpandDL"})
+# Operations whose response element carries ResponseClass and ResponseCode itself,
+# with no ResponseMessages list (GetInboxRulesResponse in Messages.xsd).
+UNWRAPPED_OPERATIONS = frozenset({"GetInboxRules"})
+# The RuleActionsType element of each scenario rule kind. The schema orders the
+# actions Delete, ForwardAsAttachmentToRecipients, ForwardToRecipients, ...,
+# RedirectToRecipients, so each rule writes Delete first.
+RULE_ACTIONS = {
+    "forward_as_attachment": "ForwardAsAttachmentToRecipients",
+    "forward": "ForwardToRecipients",
+    "redirect": "RedirectToRecipients",
+}
 # PR_MESSAGE_FLAGS and two of its bits: MSGFLAG_READ and MSGFLAG_UNSENT (a draft).
 MESSAGE_FLAGS_TAG = 0x0E07
 MSGFLAG_READ = 0x1
@@ -789,6 +803,7 @@ class EwsSimulator:
         "DeleteItem": "_delete_item",
         "ExportItems": "_export_items",
         "UploadItems": "_upload_items",
+        "GetInboxRules": "_get_inbox_rules",
     }
     # The element of each operation whose children are the inputs it answers.
     INPUT_LISTS: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -1107,6 +1122,9 @@ class EwsSimulator:
 
     def _envelope_response(self, operation: str, messages: list[Node]) -> web.Response:
         envelope, body = self._envelope()
+        if operation in UNWRAPPED_OPERATIONS:
+            body.extend(messages)
+            return self._xml_response(envelope)
         response = _add(body, _m(f"{operation}Response"))
         holder = _add(response, _m("ResponseMessages"))
         holder.extend(messages)
@@ -1133,7 +1151,7 @@ class EwsSimulator:
 
     def _message(self, call: EwsCall, container: str | None = None) -> Node:
         """Start a successful response message, with its container if it has one."""
-        message = Element(_m(f"{call.operation}ResponseMessage"))
+        message = Element(_message_tag(call.operation))
         message.set("ResponseClass", "Success")
         _add(message, _m("ResponseCode"), "NoError")
         if container is not None:
@@ -1143,7 +1161,7 @@ class EwsSimulator:
     def _error(
         self, call: EwsCall, error: ResponseError, container: str | None = None
     ) -> Node:
-        message = Element(_m(f"{call.operation}ResponseMessage"))
+        message = Element(_message_tag(call.operation))
         message.set("ResponseClass", "Error")
         _add(message, _m("MessageText"), error.text)
         _add(message, _m("ResponseCode"), error.code)
@@ -1949,6 +1967,74 @@ class EwsSimulator:
             is_read=read,
         )
 
+    # --- inbox rules --------------------------------------------------------------
+
+    def _get_inbox_rules(self, call: EwsCall) -> list[Node]:
+        """List a mailbox's inbox rules from the world's forwarding rules.
+
+        `MailboxSmtpAddress` names the mailbox, the acting one when it is absent.
+        Another mailbox needs the acting identity in `full_access`.
+
+        NOTE: without rules the response has no InboxRules element. exchangelib 5.6
+        handles that case on purpose, but Microsoft's documented sample shows only a
+        response with one rule, so the empty form is an inference.
+        """
+        requested = (_text(call.body, _m("MailboxSmtpAddress")) or "").strip().lower()
+        try:
+            address = self._rules_mailbox(call, requested)
+        except ResponseError as error:
+            return [self._error(call, error)]
+
+        message = self._message(call)
+        _add(message, _m("OutlookRuleBlobExists"), "false")
+        rules = [
+            rule
+            for rule in self.world.scenario.forwarding_rules
+            if rule.mailbox.lower() == address
+        ]
+        if rules:
+            holder = _add(message, _m("InboxRules"))
+            for priority, rule in enumerate(rules, start=1):
+                holder.append(self._rule_xml(address, priority, rule))
+        return [message]
+
+    def _rules_mailbox(self, call: EwsCall, requested: str) -> str:
+        assert call.mailbox is not None
+        if not requested:
+            return call.mailbox
+        if requested not in self.world.mailboxes or (
+            self.world.platform_of(requested) != "ews"
+        ):
+            raise ResponseError("ErrorNonExistentMailbox")
+        self._check_access(call, requested)
+        return self.world.mailbox(requested).address
+
+    def _rule_xml(self, address: str, priority: int, rule: ForwardingRuleSpec) -> Node:
+        """Render one rule as a t:Rule (RuleType), its children in schema order."""
+        node = Element(_t("Rule"))
+        digest = hashlib.sha256(f"{address}\x1f{priority}".encode()).digest()
+        _add(node, _t("RuleId"), base64.b64encode(digest[:8]).decode("ascii"))
+        targets = ", ".join(rule.forward_to)
+        _add(node, _t("DisplayName"), f"{rule.kind} to {targets}")
+        _add(node, _t("Priority"), str(priority))
+        _add(node, _t("IsEnabled"), "true" if rule.enabled else "false")
+        actions = _add(node, _t("Actions"))
+        if not rule.keep_copy:
+            _add(actions, _t("Delete"), "true")
+        recipients = _add(actions, _t(RULE_ACTIONS[rule.kind]))
+        for target in rule.forward_to:
+            self._address_xml(recipients, target.strip().lower())
+        return node
+
+    def _address_xml(self, parent: Node, address: str) -> None:
+        """Add a t:Address (EmailAddressType); world mailboxes are of type Mailbox."""
+        box = self.world.mailboxes.get(address)
+        node = _add(parent, _t("Address"))
+        _add(node, _t("Name"), box.display_name if box is not None else address)
+        _add(node, _t("EmailAddress"), address)
+        _add(node, _t("RoutingType"), "SMTP")
+        _add(node, _t("MailboxType"), "Mailbox" if box is not None else "OneOff")
+
     def _convert_id(self, call: EwsCall) -> list[Node]:
         """Convert ids between formats; simulator ids look alike in every format."""
         destination = call.body.get("DestinationFormat", "EwsId")
@@ -2082,6 +2168,12 @@ class EwsSimulator:
 
 
 # --- module helpers -----------------------------------------------------------------
+
+
+def _message_tag(operation: str) -> str:
+    if operation in UNWRAPPED_OPERATIONS:
+        return _m(f"{operation}Response")
+    return _m(f"{operation}ResponseMessage")
 
 
 def _mailbox_xml(parent: Node, address: tuple[str, str]) -> None:

@@ -914,7 +914,7 @@ def message_rule_json(index: int, rule: ForwardingRuleSpec) -> dict[str, Any]:
         "id": make_id("rule", rule.mailbox.lower(), str(index)),
         "displayName": f"{rule.kind} to {', '.join(rule.forward_to)}",
         "sequence": index + 1,
-        "isEnabled": True,
+        "isEnabled": rule.enabled,
         "hasError": False,
         "isReadOnly": False,
         "conditions": {},

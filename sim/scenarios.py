@@ -4,8 +4,12 @@
 malicious message reaches some mailboxes, and people pass it on in the ways mail
 really travels: forward inline or as attachment, fan-out, cycles, redirects,
 distribution lists and inbox rules. Mail crosses a Microsoft 365 tenant and an
-Exchange organisation. Decoys sit beside the copies: replies without the payload,
-messages with the same subject but no payload, and a forward to an outside address.
+Exchange organisation, and inbox rules sit on mailboxes of both. Decoys sit beside
+the copies: replies without the payload, messages with the same subject but no
+payload, a disabled rule, and a forward to an outside address.
+
+`HELD_KINDS` are generated only when named: their copies carry no more than medium
+evidence, so the tracker must wait for an approval before it pulls them.
 
 Each scenario names its mailboxes `s<seed>.<name>@<domain>`, so many scenarios can
 share one world (`combine`) and one worker. The ground truth lists every malicious
@@ -54,6 +58,13 @@ KINDS = (
     "hybrid_chain",
     "decoys",
 )
+HELD_KINDS = ("medium_forward",)
+# Domains of a redirect rule's mailbox and of its target, one pair per layout.
+REDIRECT_LAYOUTS = (
+    (GRAPH_DOMAIN, GRAPH_DOMAIN),
+    (EWS_DOMAIN, EWS_DOMAIN),
+    (EWS_DOMAIN, GRAPH_DOMAIN),
+)
 FORWARD_STYLES = ("attached", "forwarded_header", "references", "attachment_hash")
 TRACKING_FIELDS = (
     "date-time,client-ip,source,event-id,internal-message-id,message-id,"
@@ -70,7 +81,9 @@ class Scenario:
     the tracker must pull, Sent Items copies of forwards included. `innocent`
     lists the messages that must stay untouched. `external` lists the outside
     addresses a copy was sent to, which the incident must report. `sent` lists
-    each (sender, Message-ID) of a forward that a person sent.
+    each (sender, Message-ID) of a forward that a person sent. `held` lists the
+    malicious copies whose only evidence is medium: held until an analyst approves
+    the incident, and not in `malicious`.
     """
 
     seed: int
@@ -84,6 +97,7 @@ class Scenario:
     innocent: set[tuple[str, str]] = field(default_factory=set)
     external: set[str] = field(default_factory=set)
     sent: set[tuple[str, str]] = field(default_factory=set)
+    held: set[tuple[str, str]] = field(default_factory=set)
     original_id: str = ""
 
 
@@ -167,7 +181,11 @@ class _Builder:
         message_id = self.new_id("fwd")
         sent_at = self.later()
         extra: dict[str, str] = {}
-        if style == "attached":
+        if style == "inline_text":
+            # Only the subject and the quoted link tie this forward to the original.
+            body = MIMEMultipart("mixed")
+            body.attach(MIMEText(f"FYI, please check.\n\n> Pay at {self.url} today.\n"))
+        elif style == "attached":
             body = MIMEMultipart("mixed")
             body.attach(MIMEText("See the attached message.\n"))
             inner = MIMEBase("message", "rfc822")
@@ -417,8 +435,10 @@ def _distribution_list(b: _Builder) -> None:
 
 
 def _redirect_rule(b: _Builder) -> None:
-    alice = b.mailbox("alice")
-    deputy = b.mailbox("deputy")
+    home, target = b.random.choice(REDIRECT_LAYOUTS)
+    alice = b.mailbox("alice", home)
+    deputy = b.mailbox("deputy", target)
+    former = b.mailbox("former", home)
     original_id, _, _ = b.original([alice])
     b.scenario.alert["email"]["recipient"] = [alice]
     # The redirect keeps the Message-ID, so the deputy has the original itself.
@@ -427,7 +447,12 @@ def _redirect_rule(b: _Builder) -> None:
     b.scenario.forwarding_rules.append(
         {"mailbox": alice, "forward_to": [deputy], "kind": "redirect"}
     )
+    # A redirect that was switched off sent nothing to the former assistant.
+    b.scenario.forwarding_rules.append(
+        {"mailbox": alice, "forward_to": [former], "kind": "redirect", "enabled": False}
+    )
     b.bystander(deputy)
+    b.bystander(former)
 
 
 def _trace_redirect(b: _Builder) -> None:
@@ -465,6 +490,9 @@ def _inbox_rule(b: _Builder) -> None:
     )
     b.add_message("inbox rule forward", rule_mime, [(backup, "inbox")], True)
     b.scenario.malicious.add((backup, rule_id))
+    b.scenario.forwarding_rules.append(
+        {"mailbox": alice, "forward_to": [backup], "kind": "forward_as_attachment"}
+    )
     b.track("DELIVER", "STOREDRIVER", "7201", original_id, [alice])
     b.track(
         "RECEIVE", "MAILBOXRULE", "7202", rule_id, [backup], reference="7201",
@@ -500,6 +528,18 @@ def _decoys(b: _Builder) -> None:
     b.reply_without_payload(bob, alice, original_id)
 
 
+def _medium_forward(b: _Builder) -> None:
+    alice = b.mailbox("alice", b.random.choice([GRAPH_DOMAIN, EWS_DOMAIN]))
+    bob = b.mailbox("bob", b.random.choice([GRAPH_DOMAIN, EWS_DOMAIN]))
+    original_id, mime, _ = b.original([alice])
+    forward_id, _ = b.forward(alice, [bob], original_id, mime, style="inline_text")
+    # Subject and link are medium evidence only: both copies wait for approval.
+    for pair in ((alice, forward_id), (bob, forward_id)):
+        b.scenario.malicious.discard(pair)
+        b.scenario.held.add(pair)
+    b.bystander(bob)
+
+
 def generate(seed: int, kind: str | None = None) -> Scenario:
     """Build the scenario of `seed`. `kind` overrides the kind the seed selects."""
     chosen = kind or KINDS[seed % len(KINDS)]
@@ -526,8 +566,12 @@ def generate(seed: int, kind: str | None = None) -> Scenario:
         _chain(builder, 3, [GRAPH_DOMAIN, EWS_DOMAIN])
     elif chosen == "decoys":
         _decoys(builder)
+    elif chosen == "medium_forward":
+        _medium_forward(builder)
     else:
-        raise ValueError(f"Scenario kind {chosen!r} is not known; use one of {KINDS}.")
+        raise ValueError(
+            f"Scenario kind {chosen!r} is not known; use one of {KINDS + HELD_KINDS}."
+        )
     return builder.scenario
 
 

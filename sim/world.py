@@ -171,12 +171,16 @@ class DistributionListSpec(_Strict):
 
 
 class ForwardingRuleSpec(_Strict):
-    """A mailbox-level forward or an inbox rule that sends mail on."""
+    """A mailbox-level forward or an inbox rule that sends mail on.
+
+    A rule with `enabled` false is listed by the rule APIs but sends nothing.
+    """
 
     mailbox: str
     forward_to: list[str]
     kind: Literal["redirect", "forward", "forward_as_attachment"] = "redirect"
     keep_copy: bool = True
+    enabled: bool = True
 
 
 class ScenarioSpec(_Strict):

@@ -83,6 +83,7 @@ from ..errors import (
     TransientError,
 )
 from .base import (
+    ForwardingRule,
     MailPlatform,
     MessageCopy,
     MessageSearch,
@@ -122,6 +123,13 @@ COPY_FIELDS = (
     "datetime_received",
 )
 STORED_FIELDS = (*COPY_FIELDS, "headers")
+# The RuleActionsType fields of an inbox rule that send a message on, as exchangelib
+# names them, with the ForwardingRule kind of each.
+FORWARDING_ACTIONS = (
+    ("redirect", "redirect_to_recipients"),
+    ("forward", "forward_to_recipients"),
+    ("forward_as_attachment", "forward_as_attachment_to_recipients"),
+)
 # exchangelib's exceptions for a server that is overloaded or briefly unavailable.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     ews_errors.ErrorExceededConnectionCount,
@@ -641,6 +649,30 @@ class EwsPlatform(MailPlatform):
             return []
         logs = TrackingLogDirectory(folder)
         return await asyncio.to_thread(logs.events, message_id, since)
+
+    async def forwarding_rules(self, mailbox: str) -> list[ForwardingRule]:
+        """Return the enabled inbox rules of `mailbox` that redirect or forward mail.
+
+        GetInboxRules runs as the impersonated mailbox. Each redirect, forward and
+        forward-as-attachment action of an enabled rule gives one ForwardingRule
+        with its SMTP targets.
+        """
+        job = _Job(mailbox.lower(), "")
+        box = self._mailbox(job.mailbox)
+        rules = await self._call(job, job.mailbox, partial(_rules_sync, box))
+        found = [
+            forwarding
+            for rule in rules
+            if rule.is_enabled is not False and rule.actions is not None
+            for forwarding in _forwarding_actions(job.mailbox, rule.actions)
+        ]
+        logger.info(
+            "Read inbox rules mailbox=%s rules=%d forwarding=%d",
+            job.mailbox,
+            len(rules),
+            len(found),
+        )
+        return found
 
     async def quarantine(
         self, mailbox: str, message_id: str, incident_id: str
@@ -1274,6 +1306,29 @@ def _sent_sync(box: _Mailbox, since: datetime) -> list[tuple[bytes, datetime | N
         if item.mime_content:
             found.append((bytes(item.mime_content), item.datetime_sent))
     return found
+
+
+def _rules_sync(box: _Mailbox) -> list[Any]:
+    """Read the mailbox's inbox rules with GetInboxRules."""
+    return _checked(box.account.rules)
+
+
+def _forwarding_actions(mailbox: str, actions: Any) -> list[ForwardingRule]:
+    """Return one ForwardingRule per action of `actions` that sends mail on.
+
+    NOTE: a target without an @ (routing type EX, a legacy Exchange DN) is
+    skipped, because routing and tracing work on SMTP addresses.
+    """
+    rules = []
+    for kind, field_name in FORWARDING_ACTIONS:
+        targets = tuple(
+            address.email_address.strip().lower()
+            for address in getattr(actions, field_name) or []
+            if address.email_address and "@" in address.email_address
+        )
+        if targets:
+            rules.append(ForwardingRule(mailbox, targets, kind))
+    return rules
 
 
 def _mime_sync(box: _Mailbox, item_id: str, changekey: str | None) -> bytes:

@@ -3,7 +3,8 @@
 One Graph simulator, one EWS simulator and one worker serve every scenario of the
 module. Each scenario's alert names only the first recipients; the worker must find
 and quarantine every other malicious copy (forwards, their Sent Items copies,
-redirects, list expansions, inbox-rule copies) and leave every decoy in place.
+redirects, list expansions, inbox-rule copies) and leave every decoy in place. A
+forward whose only evidence is medium shares the run: its copies wait for approval.
 """
 
 from __future__ import annotations
@@ -43,17 +44,24 @@ from autopull.streams.topics import ensure_topics, full_name
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 SEEDS = range(1, 51)
+HELD_SEED = 51
 SERVICE_ACCOUNT = "svc-autopull@corp.example.org"
 PASSWORD = "service-account-password"
 QUARANTINE_FOLDER = "Autopull Quarantine"
 QUARANTINE = {f"quarantine@{GRAPH_DOMAIN}", f"quarantine@{EWS_DOMAIN}"}
 RUN_TIMEOUT = 420.0
 READ_KEY = "trace-read-key"
+ANALYST_KEY = "trace-analyst-key"
+APPROVAL_TIMEOUT = 120.0
 
 
 @dataclass
 class TraceRun:
-    """The finished run: scenarios, the last state of each incident, both sims."""
+    """The finished run: scenarios, the last state of each incident, both sims.
+
+    `held` is the scenario whose forward has only medium evidence; it is not in
+    `scenarios`, whose copies must all be pulled without approval.
+    """
 
     scenarios: list[Scenario]
     incidents: dict[str, dict[str, Any]]
@@ -61,6 +69,8 @@ class TraceRun:
     ews_url: str
     api_url: str
     environment: dict[str, str]
+    held: Scenario
+    settings: Settings
 
     def incident_of(self, scenario: Scenario) -> dict[str, Any]:
         return self.incidents[scenario.original_id]
@@ -142,6 +152,22 @@ def settled(incident: dict[str, Any]) -> bool:
     return not pending and trace_state(incident) == "finished"
 
 
+def held_pairs(incident: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (entry["mailbox"], entry["message_id"])
+        for entry in incident["pulls"]
+        if entry["status"] == "held"
+    }
+
+
+def incidents_by_message(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {
+        message_id: incident
+        for incident in read_incidents(settings).values()
+        for message_id in incident["message_ids"]
+    }
+
+
 @pytest.fixture(scope="module")
 def trace_run(
     kafka_bootstrap: str,
@@ -151,8 +177,9 @@ def trace_run(
 ) -> Iterator[TraceRun]:
     folder = tmp_path_factory.mktemp("trace")
     scenarios = [generate(seed) for seed in SEEDS]
+    held = generate(HELD_SEED, "medium_forward")
     world = folder / "world.json"
-    world.write_text(json.dumps(combine(scenarios)), encoding="utf-8")
+    world.write_text(json.dumps(combine([*scenarios, held])), encoding="utf-8")
     logs = folder / "tracking"
     logs.mkdir()
     (logs / "MSGTRK20261201-1.LOG").write_text(tracking_log(scenarios), "utf-8")
@@ -176,7 +203,11 @@ def trace_run(
             "reader": {
                 "sha256": hashlib.sha256(READ_KEY.encode()).hexdigest(),
                 "role": "read",
-            }
+            },
+            "analyst": {
+                "sha256": hashlib.sha256(ANALYST_KEY.encode()).hexdigest(),
+                "role": "analyst",
+            },
         },
         session_timeout_seconds=6,
         pull_max_wait_seconds=5,
@@ -210,7 +241,7 @@ def trace_run(
     )
     try:
         sender = RawSender(settings)
-        for scenario in scenarios:
+        for scenario in [*scenarios, held]:
             body = json.dumps(scenario.alert).encode()
             sender.send(raw_alert(Input(f"s{scenario.seed}.json", body), None, "test"))
         sender.flush()
@@ -218,22 +249,32 @@ def trace_run(
         by_message: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline:
-            incidents = read_incidents(settings)
-            by_message = {
-                message_id: incident
-                for incident in incidents.values()
-                for message_id in incident["message_ids"]
-            }
+            by_message = incidents_by_message(settings)
             done = [
                 s
                 for s in scenarios
                 if s.original_id in by_message and settled(by_message[s.original_id])
             ]
-            if len(done) == len(scenarios):
+            held_incident = by_message.get(held.original_id)
+            held_done = (
+                held_incident is not None
+                and settled(held_incident)
+                and held.held <= held_pairs(held_incident)
+            )
+            if len(done) == len(scenarios) and held_done:
                 break
             time.sleep(2)
         api_url = f"http://127.0.0.1:{web_port}"
-        yield TraceRun(scenarios, by_message, graph_url, ews_url, api_url, environment)
+        yield TraceRun(
+            scenarios,
+            by_message,
+            graph_url,
+            ews_url,
+            api_url,
+            environment,
+            held,
+            settings,
+        )
     finally:
         for process in (worker, graph, ews):
             process.send_signal(signal.SIGTERM)
@@ -398,3 +439,96 @@ def test_cli_shows_forward_tree(trace_run: TraceRun) -> None:
     assert recipients
     for address in recipients:
         assert address in result.stdout
+
+
+def redirect_mailboxes(scenario: Scenario) -> tuple[str, str, str]:
+    """Return the rule's mailbox, the redirect's target and the disabled target."""
+    addresses = [box["address"] for box in scenario.mailboxes]
+    prefix = f"s{scenario.seed}."
+    alice, deputy, former = (
+        next(a for a in addresses if a.startswith(f"{prefix}{name}@"))
+        for name in ("alice", "deputy", "former")
+    )
+    return alice, deputy, former
+
+
+def test_exchange_redirect_rule_pulls_target(trace_run: TraceRun) -> None:
+    redirects = [s for s in trace_run.scenarios if s.kind == "redirect_rule"]
+    on_exchange = [
+        s for s in redirects if redirect_mailboxes(s)[0].endswith(f"@{EWS_DOMAIN}")
+    ]
+    assert on_exchange
+    for scenario in on_exchange:
+        alice, deputy, _ = redirect_mailboxes(scenario)
+        incident = trace_run.incident_of(scenario)
+
+        [edge] = [e for e in incident["forwards"] if e["to_mailbox"] == deputy]
+        assert edge["from_mailbox"] == alice
+        assert edge["message_id"] == scenario.original_id
+        assert edge["confidence"] == "definitive"
+        assert f"A redirect rule of {alice}" in edge["evidence"]
+        assert edge["action"] == "pull"
+        [entry] = [p for p in incident["pulls"] if p["mailbox"] == deputy]
+        assert entry["status"] == "quarantined"
+        assert copies_left(trace_run, deputy, scenario.original_id) == []
+
+
+def test_disabled_redirect_rule_finds_nothing(trace_run: TraceRun) -> None:
+    redirects = [s for s in trace_run.scenarios if s.kind == "redirect_rule"]
+    assert {redirect_mailboxes(s)[2].split("@")[1] for s in redirects} == {
+        GRAPH_DOMAIN,
+        EWS_DOMAIN,
+    }
+    for scenario in redirects:
+        _, _, former = redirect_mailboxes(scenario)
+        incident = trace_run.incident_of(scenario)
+
+        assert [e for e in incident["forwards"] if e["to_mailbox"] == former] == []
+        assert [p for p in incident["pulls"] if p["mailbox"] == former] == []
+
+
+def test_medium_forward_held_until_approved(trace_run: TraceRun) -> None:
+    scenario = trace_run.held
+    incident = trace_run.incident_of(scenario)
+    assert held_pairs(incident) == scenario.held
+    for entry in incident["pulls"]:
+        if (entry["mailbox"], entry["message_id"]) in scenario.held:
+            assert entry["action"] == "hold"
+            assert entry["rule"] == "trace.medium"
+    # The sender's own Sent Items copy gets a held entry but no hop of its own.
+    edges = {(e["to_mailbox"], e["message_id"]): e for e in incident["forwards"]}
+    received = scenario.held - scenario.sent
+    assert received
+    assert set(edges) & scenario.held == received
+    for pair in received:
+        assert edges[pair]["confidence"] == "medium"
+        assert edges[pair]["action"] == "hold"
+        assert "subject matches" in edges[pair]["evidence"]
+    for pair in scenario.held:
+        assert len(copies_left(trace_run, *pair)) == 1
+
+    response = httpx.post(
+        f"{trace_run.api_url}/api/incidents/{incident['incident_id']}/approve",
+        json={},
+        headers={"Authorization": f"Bearer {ANALYST_KEY}"},
+        timeout=30,
+    )
+    assert response.status_code == 202, response.text
+
+    statuses: dict[tuple[str, str], str | None] = {}
+    deadline = time.monotonic() + APPROVAL_TIMEOUT
+    while time.monotonic() < deadline:
+        approved = incidents_by_message(trace_run.settings)[scenario.original_id]
+        statuses = {
+            (p["mailbox"], p["message_id"]): p["status"]
+            for p in approved["pulls"]
+            if (p["mailbox"], p["message_id"]) in scenario.held
+        }
+        if set(statuses.values()) == {"quarantined"}:
+            break
+        time.sleep(2)
+    assert statuses == dict.fromkeys(scenario.held, "quarantined")
+    for pair in scenario.held:
+        assert copies_left(trace_run, *pair) == []
+    for mailbox, message_id in scenario.innocent:
+        assert len(copies_left(trace_run, mailbox, message_id)) == 1

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from defusedxml import ElementTree as SafeET
 from exchangelib import IMPERSONATION, Account, Build, Configuration, Credentials, Q
 from exchangelib import Version as EwsVersion
 from exchangelib.errors import (
@@ -36,11 +37,13 @@ from exchangelib.protocol import CachingProtocol, FailFast
 from exchangelib.transport import BASIC
 
 from autopull.connectors.errors import (
+    ConnectorError,
     NotFoundError,
     PermanentError,
     ThrottledError,
     TransientError,
 )
+from autopull.connectors.mail.base import ForwardingRule
 from autopull.connectors.mail.ews import (
     INCIDENT_HEADER,
     ORIGINAL_FOLDER_HEADER,
@@ -64,12 +67,44 @@ M1 = "20261201093000.1234.invoice@billing-example.net"
 M2 = "CAH7x+q/Lk=Zp'8#w%41&r@mail.example.net"
 T1 = "t1.every-folder@example.net"
 INCIDENT = "INC-0042"
+SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+MNS = "http://schemas.microsoft.com/exchange/services/2006/messages"
+TNS = "http://schemas.microsoft.com/exchange/services/2006/types"
 
 
 def make_scenario() -> dict[str, Any]:
-    """Return the demo world on Exchange, plus grace@ with T1 in four folders."""
+    """Return the demo world on Exchange, plus grace@ with T1 in four folders.
+
+    Alice has an inbox rule of each forwarding kind and a disabled redirect; Bob
+    has only a disabled rule.
+    """
     scenario: dict[str, Any] = json.loads(DEMO.read_text(encoding="utf-8"))
     scenario["tenants"][0]["platform"] = "ews"
+    scenario["forwarding_rules"] = [
+        {"mailbox": "alice@example.com", "forward_to": ["dave@example.com"]},
+        {
+            "mailbox": "alice@example.com",
+            "forward_to": ["Erin@example.com", "partner@example.net"],
+            "kind": "forward",
+            "keep_copy": False,
+        },
+        {
+            "mailbox": "alice@example.com",
+            "forward_to": ["frank@example.com"],
+            "kind": "forward_as_attachment",
+        },
+        {
+            "mailbox": "alice@example.com",
+            "forward_to": ["uma@example.com"],
+            "enabled": False,
+        },
+        {
+            "mailbox": "bob@example.com",
+            "forward_to": ["tara@example.com"],
+            "kind": "forward",
+            "enabled": False,
+        },
+    ]
     scenario["mailboxes"].append(
         {"address": "grace@example.com", "folders": [{"name": "Projects"}]}
     )
@@ -574,6 +609,194 @@ async def test_missing_quarantine_mailbox_is_permanent(ews_sim: EwsSimulator) ->
 
     assert "vault@example.com" in str(caught.value)
     assert len(copies_of(ews_sim, "alice@example.com", M1)) == 1
+
+
+# --- inbox rules ----------------------------------------------------------------------
+
+
+async def test_rules_name_each_enabled_action(
+    ews: EwsPlatform, ews_sim: EwsSimulator
+) -> None:
+    rules = await ews.forwarding_rules("Alice@example.com")
+
+    assert rules == [
+        ForwardingRule("alice@example.com", ("dave@example.com",), "redirect"),
+        ForwardingRule(
+            "alice@example.com",
+            ("erin@example.com", "partner@example.net"),
+            "forward",
+        ),
+        ForwardingRule(
+            "alice@example.com", ("frank@example.com",), "forward_as_attachment"
+        ),
+    ]
+    [request] = [entry for entry in ews_sim.log if entry.operation == "GetInboxRules"]
+    assert request.mailbox == "alice@example.com"
+    assert request.impersonated
+
+
+async def test_rules_disabled_rule_gives_none(ews: EwsPlatform) -> None:
+    assert await ews.forwarding_rules("bob@example.com") == []
+
+
+async def test_rules_mailbox_without_rules(ews: EwsPlatform) -> None:
+    assert await ews.forwarding_rules("carol@example.com") == []
+
+
+async def test_rules_impersonation_denied_is_permanent(
+    ews: EwsPlatform, ews_sim: EwsSimulator
+) -> None:
+    ews_sim.settings.impersonation_denied = ["alice@example.com"]
+
+    with pytest.raises(PermanentError) as caught:
+        await ews.forwarding_rules("alice@example.com")
+
+    assert "ErrorImpersonateUserDenied" in str(caught.value)
+    assert caught.value.mailbox == "alice@example.com"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("ErrorAccessDenied", PermanentError),
+        # exchangelib returns this one as an object in the rule list, not raised.
+        ("ErrorInvalidOperation", PermanentError),
+        ("ErrorMailboxStoreUnavailable", TransientError),
+        ("ErrorNonExistentMailbox", NotFoundError),
+    ],
+)
+async def test_rules_response_error_is_mapped(
+    ews: EwsPlatform, ews_sim: EwsSimulator, code: str, expected: type[ConnectorError]
+) -> None:
+    fault(ews_sim, kind="error", operation="GetInboxRules", code=code)
+
+    with pytest.raises(expected) as caught:
+        await ews.forwarding_rules("alice@example.com")
+
+    assert type(caught.value) is expected
+    assert caught.value.mailbox == "alice@example.com"
+
+
+async def test_rules_long_back_off_is_throttled(
+    ews: EwsPlatform, ews_sim: EwsSimulator
+) -> None:
+    fault(ews_sim, kind="server_busy", operation="GetInboxRules", back_off_ms=90_000)
+
+    with pytest.raises(ThrottledError) as caught:
+        await ews.forwarding_rules("alice@example.com")
+
+    assert caught.value.retry_after == 90.0
+
+
+def inbox_rules_request(acting: str, requested: str) -> str:
+    return f"""<?xml version="1.0" encoding="utf-8"?>
+<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"
+  xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages"
+  xmlns:t="http://schemas.microsoft.com/exchange/services/2006/types">
+  <s:Header><t:RequestServerVersion Version="Exchange2010_SP1"/>
+    <t:ExchangeImpersonation><t:ConnectingSID>
+      <t:PrimarySmtpAddress>{acting}</t:PrimarySmtpAddress>
+    </t:ConnectingSID></t:ExchangeImpersonation></s:Header>
+  <s:Body><m:GetInboxRules>
+    <m:MailboxSmtpAddress>{requested}</m:MailboxSmtpAddress>
+  </m:GetInboxRules></s:Body>
+</s:Envelope>"""
+
+
+def soap_body(response: httpx.Response) -> Any:
+    envelope = SafeET.fromstring(response.content)
+    body = envelope.find(f"{{{SOAP}}}Body")
+    assert body is not None
+    return body
+
+
+async def test_sim_inbox_rules_response_shape(ews_sim: EwsSimulator) -> None:
+    response = await post_soap(
+        ews_sim, inbox_rules_request("alice@example.com", "alice@example.com")
+    )
+
+    assert response.status_code == 200
+    [answer] = list(soap_body(response))
+    assert answer.tag == f"{{{MNS}}}GetInboxRulesResponse"
+    assert answer.get("ResponseClass") == "Success"
+    assert answer.findtext(f"{{{MNS}}}ResponseCode") == "NoError"
+    assert answer.find(f"{{{MNS}}}ResponseMessages") is None
+    rules = answer.findall(f"{{{MNS}}}InboxRules/{{{TNS}}}Rule")
+    assert [rule.findtext(f"{{{TNS}}}IsEnabled") for rule in rules] == [
+        "true",
+        "true",
+        "true",
+        "false",
+    ]
+    assert [child.tag.split("}")[1] for child in rules[1]] == [
+        "RuleId",
+        "DisplayName",
+        "Priority",
+        "IsEnabled",
+        "Actions",
+    ]
+    actions = rules[1].find(f"{{{TNS}}}Actions")
+    assert actions is not None
+    assert [child.tag.split("}")[1] for child in actions] == [
+        "Delete",
+        "ForwardToRecipients",
+    ]
+    addresses = actions.findall(f"{{{TNS}}}ForwardToRecipients/{{{TNS}}}Address")
+    assert [a.findtext(f"{{{TNS}}}EmailAddress") for a in addresses] == [
+        "erin@example.com",
+        "partner@example.net",
+    ]
+    assert [a.findtext(f"{{{TNS}}}MailboxType") for a in addresses] == [
+        "Mailbox",
+        "OneOff",
+    ]
+
+
+async def test_sim_inbox_rules_omitted_when_none(ews_sim: EwsSimulator) -> None:
+    response = await post_soap(
+        ews_sim, inbox_rules_request("carol@example.com", "carol@example.com")
+    )
+
+    [answer] = list(soap_body(response))
+    assert answer.get("ResponseClass") == "Success"
+    assert answer.find(f"{{{MNS}}}InboxRules") is None
+
+
+@pytest.mark.parametrize(
+    ("requested", "full_access", "code"),
+    [
+        ("bob@example.com", [], "ErrorAccessDenied"),
+        ("bob@example.com", ["alice@example.com"], "NoError"),
+        ("nobody@example.com", [], "ErrorNonExistentMailbox"),
+    ],
+)
+async def test_sim_inbox_rules_of_other_mailbox(
+    ews_sim: EwsSimulator, requested: str, full_access: list[str], code: str
+) -> None:
+    ews_sim.settings.full_access = full_access
+
+    response = await post_soap(
+        ews_sim, inbox_rules_request("alice@example.com", requested)
+    )
+
+    assert response.status_code == 200
+    [answer] = list(soap_body(response))
+    assert answer.findtext(f"{{{MNS}}}ResponseCode") == code
+    expected_class = "Success" if code == "NoError" else "Error"
+    assert answer.get("ResponseClass") == expected_class
+
+
+async def test_sim_inbox_rules_through_exchangelib(ews_sim: EwsSimulator) -> None:
+    alice = service_account(ews_sim, "alice@example.com")
+
+    rules = await asyncio.to_thread(lambda: alice.rules)
+
+    assert [rule.priority for rule in rules] == [1, 2, 3, 4]
+    assert [rule.is_enabled for rule in rules] == [True, True, True, False]
+    assert rules[1].actions.delete is True
+    assert [a.email_address for a in rules[0].actions.redirect_to_recipients] == [
+        "dave@example.com"
+    ]
 
 
 # --- the simulator through exchangelib ------------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from exchangelib.protocol import CachingProtocol
 
+from autopull.connectors.mail.base import ForwardingRule
 from autopull.connectors.mail.ews import EwsPlatform, EwsSettings
 from autopull.connectors.mail.graph import GraphPlatform, GraphSettings
 from autopull.sim.ews import EwsSimSettings, EwsSimulator
@@ -41,10 +42,22 @@ def _fresh_protocol_cache() -> Iterator[None]:
     CachingProtocol.clear_cache()
 
 
+# Each scenario's seed names its mailboxes, so no two share a seed. The seed of a
+# redirect rule also chooses its platforms: 107 keeps it in Microsoft 365, and 109
+# puts it on an Exchange mailbox that redirects to another one.
+SCENARIOS = {
+    "chain": ("chain", 100),
+    "redirect_rule": ("redirect_rule", 107),
+    "hybrid_chain": ("hybrid_chain", 102),
+    "inbox_rule": ("inbox_rule", 103),
+    "decoys": ("decoys", 104),
+    "exchange_redirect": ("redirect_rule", 109),
+}
+
+
 @pytest.fixture
 def scenarios() -> dict[str, Scenario]:
-    kinds = ["chain", "redirect_rule", "hybrid_chain", "inbox_rule", "decoys"]
-    return {kind: generate(100 + index, kind) for index, kind in enumerate(kinds)}
+    return {name: generate(seed, kind) for name, (kind, seed) in SCENARIOS.items()}
 
 
 @pytest.fixture
@@ -162,6 +175,36 @@ async def test_graph_rules_name_redirects(
         ("redirect", (f"s{scenario.seed}.deputy@example.com",))
     ]
     assert await graph.forwarding_rules(f"s{scenario.seed}.deputy@example.com") == []
+
+
+async def test_ews_rules_name_redirects(
+    ews: EwsPlatform, scenarios: dict[str, Scenario]
+) -> None:
+    seed = scenarios["exchange_redirect"].seed
+    alice = f"s{seed}.alice@corp.example.org"
+
+    rules = await ews.forwarding_rules(alice)
+
+    # The disabled redirect to the former assistant is left out.
+    assert rules == [
+        ForwardingRule(alice, (f"s{seed}.deputy@corp.example.org",), "redirect")
+    ]
+    assert await ews.forwarding_rules(f"s{seed}.deputy@corp.example.org") == []
+
+
+async def test_ews_rules_name_inbox_rule_forward(
+    ews: EwsPlatform, scenarios: dict[str, Scenario]
+) -> None:
+    seed = scenarios["inbox_rule"].seed
+    alice = f"s{seed}.alice@corp.example.org"
+
+    rules = await ews.forwarding_rules(alice)
+
+    assert rules == [
+        ForwardingRule(
+            alice, (f"s{seed}.backup@corp.example.org",), "forward_as_attachment"
+        )
+    ]
 
 
 async def test_ews_sent_since_reads_mime(
