@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from autopull.streams.incidents import approve_targets, retry_targets
+from autopull.streams.incidents import approve_targets, outcome_detail, retry_targets
 from autopull.streams.records import PULLED_STATUSES, Record
 
 # Pull statuses after which nothing more happens to a copy without a new command.
@@ -99,13 +99,11 @@ def settled_copies(
 def _restore_outcome_since(incident: Record, copy: FollowedCopy) -> str | None:
     """Return the status of the last restore outcome for `copy` after the send.
 
-    The incident agent records each outcome in the history as
-    "restore outcome" with the detail "MAILBOX: STATUS" and an optional error.
-    NOTE: the detail names no Message-ID, so when one mailbox has two copies in
-    the incident, a failed restore of one settles the other once it has an error.
+    The incident agent records each outcome in the history as "restore outcome"
+    with the detail "MAILBOX <MESSAGE-ID>: STATUS" and an optional error.
     """
     status = None
-    prefix = f"{copy.mailbox}: "
+    prefix = outcome_detail(copy.mailbox, copy.message_id)
     for item in incident["history"][copy.history_at_send :]:
         if item["what"] == "restore outcome" and item["detail"].startswith(prefix):
             status = item["detail"][len(prefix) :].split(" ", 1)[0]

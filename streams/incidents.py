@@ -211,12 +211,18 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
         entry["seconds_from_alert"] = outcome.get("seconds_from_alert")
 
     now = utcnow()
-    detail = f"{outcome['mailbox']}: {outcome['status']}"
+    detail = outcome_detail(outcome["mailbox"], outcome["message_id"])
+    detail += outcome["status"]
     if outcome.get("error"):
         detail += f" ({outcome['error']})"
     incident["history"].append(_history(now, f"{outcome['kind']} outcome", detail))
     _update_state(incident, now)
     return True
+
+
+def outcome_detail(mailbox: str, message_id: str) -> str:
+    """Return how the history detail of an outcome for this copy starts."""
+    return f"{mailbox} <{message_id}>: "
 
 
 def restores_due(incident: Record, outcome: Record) -> list[Record]:

@@ -193,3 +193,30 @@ def test_approve_with_message_id_follows_its_copies():
     incident["pulls"][0]["message_id"] = "search-1@no-message-id"
     copies = followed_copies(incident, "approve", None, "pick@example.net")
     assert [copy.mailbox for copy in copies] == ["a@example.com"]
+
+
+def test_release_tells_two_copies_of_mailbox_apart():
+    incident = incident_with({"a@example.com": "pull"})
+    second = dict(incident["pulls"][0], message_id="m2@example.net")
+    incident["pulls"].append(second)
+    apply_outcome(incident, outcome("a@example.com", "quarantined"))
+    apply_outcome(
+        incident,
+        dict(outcome("a@example.com", "quarantined"), message_id="m2@example.net"),
+    )
+    copies = followed_copies(incident, "release", None)
+    assert [copy.message_id for copy in copies] == [MESSAGE_ID, "m2@example.net"]
+    apply_command(incident, command("release"))
+
+    throttled = dict(
+        outcome("a@example.com", "throttled", kind="restore", error="429 from Graph"),
+        message_id="m2@example.net",
+    )
+    apply_outcome(incident, throttled)
+    failed = outcome("a@example.com", "failed", kind="restore", error="403 from Graph")
+    apply_outcome(incident, failed)
+    # The second copy waits for its parked restore: the failure is the first's.
+    settled = settled_copies(incident, "release", copies)
+    assert {copy.message_id: status for copy, status in settled.items()} == {
+        MESSAGE_ID: "failed"
+    }
