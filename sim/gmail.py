@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import CIMultiDict
 
+from .clock import serving_thread
 from .world import (
     ROOT_FOLDER,
     Folder,
@@ -878,6 +879,14 @@ class GmailSimulator:
     # --- dispatch ---------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # Gmail's client library is synchronous and runs in threads, which wait
+        # blocked for the answer once the whole request is read. On a virtual
+        # clock that wait lets the clock jump.
+        await request.read()
+        with serving_thread():
+            return await self._dispatch(request)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
         segments = [unquote(part) for part in path.split("/")[1:]]
         if segments and segments[0] == "_sim":
