@@ -197,9 +197,9 @@ class GmailSimSettings:
     max_results: int = 500
     default_results: int = 100
     request_log_size: int = 10_000
-    # Close every connection after its response (Connection: close). A benchmark
-    # on the virtual clock needs this, because the timer of an idle connection
-    # would let the clock jump to it while the client threads are busy.
+    # Close every connection after its response (Connection: close). On the
+    # virtual clock this leaves no keep-alive timer of an idle connection
+    # pending, which a jump could expire under a thread about to reuse it.
     close_connections: bool = False
 
 

@@ -188,9 +188,10 @@ class GmailSettings(BaseModel):
         ge=1,
         description="Threads that run Gmail requests, each with its own connection, "
         "started as needed; a burst sends one HTTP batch per thread at once. The "
-        f"default sends a burst phase of {DEFAULT_THREADS * MAX_BATCH_PARTS // 2:,} "
-        "mailboxes, what Gmail's per-project quota of "
-        f"{PROJECT_UNITS_PER_MINUTE:,} units a minute covers, in one round.",
+        "default sends a burst phase of up to "
+        f"{DEFAULT_THREADS * MAX_BATCH_PARTS // 2:,} mailboxes at once, about as "
+        f"many as Gmail's per-project quota of {PROJECT_UNITS_PER_MINUTE:,} units "
+        f"a minute covers at {BURST_UNITS_PER_MAILBOX} units a mailbox.",
     )
     request_timeout: float = Field(
         default=30.0, gt=0, description="Timeout of one HTTP request, in seconds."

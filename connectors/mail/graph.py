@@ -167,9 +167,10 @@ class GraphSettings(BaseModel):
     max_batches_in_flight: int = Field(
         default=DEFAULT_BATCHES_IN_FLIGHT,
         ge=1,
-        description="JSON batches of a burst sent at once. The default is the "
-        f"{APP_REQUESTS_PER_WINDOW:,} requests Graph allows an app per 10 seconds "
-        f"in batches of {MAX_BATCH_REQUESTS}, so a phase goes out in one round.",
+        description="JSON batches of a burst in flight at once. The default is as "
+        f"many batches of {MAX_BATCH_REQUESTS} as Graph's limit of "
+        f"{APP_REQUESTS_PER_WINDOW:,} requests per app in 10 seconds admits, so "
+        "each phase of a burst goes out in one round.",
     )
     batch_max_attempts: int = Field(default=5, ge=1)
 
