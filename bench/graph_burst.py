@@ -104,7 +104,7 @@ class Run:
 
 def main() -> None:
     options = parse_args()
-    # Each batch in flight holds a connection, and the simulator's end of it.
+    # Each batch in flight uses a connection, and the simulator's end of it.
     raise_file_limit(
         2 * (options.batches_in_flight + SINGLE_REQUEST_CONNECTIONS) + 1024
     )

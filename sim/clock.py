@@ -54,7 +54,7 @@ class ThreadWork:
         )
 
     def busy(self) -> bool:
-        """Whether a job is building, sending or reading work in real time."""
+        """Return whether a job builds, sends or reads a request in real time."""
         return self.running() > self.served
 
     def submit(self, executor: concurrent.futures.Executor) -> None:

@@ -879,8 +879,8 @@ class GmailSimulator:
     # --- dispatch ---------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        # Gmail's client library is synchronous and runs in threads, which wait
-        # blocked for the answer once the whole request is read. On a virtual
+        # Gmail's client library is synchronous and runs in threads, which block
+        # on the response once the whole request is read. On a virtual
         # clock that wait lets the clock jump.
         await request.read()
         with serving_thread():

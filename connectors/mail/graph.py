@@ -110,13 +110,13 @@ TRANSIENT_STATUSES = frozenset({408, 409, 412, 423, 425})
 MESSAGE_FIELDS = ["id", "internetMessageId", "parentFolderId", "isRead", "subject"]
 
 
-# Graph's published limits that size a burst: a JSON batch holds at most 20
+# Graph's published limits that size a burst: a JSON batch contains at most 20
 # requests, and one app may send 130,000 requests in any 10 seconds.
 MAX_BATCH_REQUESTS = 20
 APP_REQUESTS_PER_WINDOW = 130_000
-# As many batches as one window of the app limit admits, so that every batch of a
-# phase is in flight at once for phases of up to 130,000 requests (65,000
-# mailboxes at 2 requests each); more in flight could only be throttled.
+# As many batches as one window of the app limit admits. So every batch of a phase
+# is in flight at once for phases of up to 130,000 requests (65,000 mailboxes at
+# 2 requests each), and more batches in flight could only be throttled.
 DEFAULT_BATCHES_IN_FLIGHT = APP_REQUESTS_PER_WINDOW // MAX_BATCH_REQUESTS
 # Connections kept beyond the batches in flight for single requests: the evidence
 # copies and the pulls retried alone.
@@ -138,7 +138,7 @@ class GraphSettings(BaseModel):
 
     NOTE: the adapter does not count the app's requests per 10 seconds. A burst
     sends about 6 requests per mailbox within a few latencies, so one of more than
-    about 21,000 mailboxes gets 429 answers, which it retries after their
+    about 21,000 mailboxes gets 429 responses, which it retries after their
     Retry-After.
     """
 

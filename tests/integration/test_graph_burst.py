@@ -290,8 +290,8 @@ def test_burst_after_lost_evidence_makes_it() -> None:
 
 
 def test_burst_sends_phase_at_once_by_default() -> None:
-    # 520 mailboxes make 52 batches in each of the first two phases, more than
-    # the 50 in flight that once was the default and took two rounds each.
+    # 520 mailboxes make 52 batches in each of the first two phases, so with 50
+    # batches in flight each of them would take two rounds.
     mailboxes = 520
 
     async def work(sim: GraphSimulator, graph: GraphPlatform) -> float:

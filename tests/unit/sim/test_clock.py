@@ -86,9 +86,9 @@ def test_thread_work_holds_the_clock() -> None:
         started = loop.time()
         timer = asyncio.ensure_future(asyncio.sleep(1))
         await loop.run_in_executor(None, time.sleep, 0.2)
-        held = loop.time() - started
+        elapsed_during_job = loop.time() - started
         await timer
-        return held
+        return elapsed_during_job
 
     assert run_virtual(sleep_in_thread) == 0
 
