@@ -125,7 +125,7 @@ PROJECT_UNITS_PER_MINUTE = 1_200_000
 BURST_UNITS_PER_MAILBOX = 31
 # A phase sends at most 2 parts per mailbox. These threads send the largest phase
 # of the mailboxes one minute of project quota covers (38,709) at once, in
-# batches of 100; a larger burst would wait for quota anyway.
+# batches of 100. A larger burst would run out of project quota anyway.
 DEFAULT_THREADS = math.ceil(
     PROJECT_UNITS_PER_MINUTE / BURST_UNITS_PER_MAILBOX * 2 / MAX_BATCH_PARTS
 )

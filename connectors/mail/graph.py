@@ -170,7 +170,7 @@ class GraphSettings(BaseModel):
         description="JSON batches of a burst in flight at once. The default is as "
         f"many batches of {MAX_BATCH_REQUESTS} as Graph's limit of "
         f"{APP_REQUESTS_PER_WINDOW:,} requests per app in 10 seconds admits, so "
-        "each phase of a burst goes out in one round.",
+        "a phase of up to that many requests goes out in one round.",
     )
     batch_max_attempts: int = Field(default=5, ge=1)
 
