@@ -153,6 +153,9 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
         The job counts from now until the loop has stored its result, so the
         clock cannot jump between the job's end and the wake-up of its awaiter.
+
+        NOTE: a job whose future is cancelled stops counting at once, although its
+        thread runs on, so the clock may jump while that thread works.
         """
         pool = executor if executor is not None else self._pool()
         future = super().run_in_executor(pool, func, *args)
