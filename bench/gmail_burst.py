@@ -12,9 +12,9 @@ The simulator and the adapter share one event loop on the virtual clock
 (`autopull.sim.clock`), so durations are those that the latency and the limits
 allow for the requests the adapter sends, not the CPU time of this machine, which
 the script reports beside them. The adapter's requests run on threads
-(google-api-python-client is synchronous); the clock jumps only when the loop has
-been idle for a moment, so thread CPU time can make the virtual time longer, never
-shorter.
+(google-api-python-client is synchronous). The clock jumps only when every thread
+waits for an answer the simulator is holding back, so the threads' CPU time never
+counts as latency, however loaded the machine is.
 
 The run is compared with:
 
@@ -41,11 +41,10 @@ import math
 import os
 import platform
 import resource
-import selectors
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +65,8 @@ SERVICE_ACCOUNT = "autopull@bench.iam.gserviceaccount.com"
 CLIENT_ID = "104500000000000000001"
 MESSAGE_ID = "campaign.20261204.0001@mail.example.net"
 INCIDENT = "INC-BENCH"
+DEFAULT_THREADS: int = GmailSettings.model_fields["max_threads"].default
+DEFAULT_BATCH_SIZE: int = GmailSettings.model_fields["batch_size"].default
 # Start of the virtual clock; any value works, since only differences count.
 EPOCH = 1000.0
 # Requests a safe quarantine of one copy makes one after another: find, read its
@@ -103,15 +104,9 @@ def main() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     latency = options.latency_ms / 1000
 
-    burst = run_on_virtual_clock(
-        timed_run(options, key, options.mailboxes, burst=True),
-        options.grace_ms / 1000,
-        patient=True,
-    )
+    burst = run_on_virtual_clock(timed_run(options, key, options.mailboxes, burst=True))
     baseline = run_on_virtual_clock(
-        timed_run(options, key, options.sample, burst=False),
-        options.baseline_grace_ms / 1000,
-        patient=False,
+        timed_run(options, key, options.sample, burst=False)
     )
 
     # Windows the quarantine mailbox waits beyond the first for its quota units.
@@ -144,102 +139,24 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mailboxes", type=int, default=10_000)
     parser.add_argument("--sample", type=int, default=500)
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--threads", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument(
-        "--grace-ms",
-        type=float,
-        default=3000.0,
-        help="idle real time in ms before the burst's virtual clock jumps "
-        "(default 3000)",
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"the adapter's max_threads (default {DEFAULT_THREADS})",
     )
     parser.add_argument(
-        "--baseline-grace-ms",
-        type=float,
-        default=2.0,
-        help="the same for the sequential baseline, in ms (default 2)",
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"the adapter's batch_size (default {DEFAULT_BATCH_SIZE})",
     )
     return parser.parse_args()
 
 
-class _PatientSelector(selectors.BaseSelector):
-    """A selector that advances virtual time only after a full grace of real idle.
-
-    `autopull.sim.clock` waits at most until the next timer's virtual due time, so
-    with a 100 ms latency it jumps after 100 ms of real idle. The burst's threads
-    spend longer than that building one batch of a hundred parts, and a jump
-    meanwhile would count their CPU time as latency.
-    """
-
-    def __init__(self, inner: selectors.BaseSelector, grace_seconds: float) -> None:
-        self._inner = inner
-        self._grace = grace_seconds
-        self.advance: Callable[[float], None] = lambda seconds: None
-
-    def register(
-        self, fileobj: Any, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._inner.register(fileobj, events, data)
-
-    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
-        return self._inner.unregister(fileobj)
-
-    def modify(
-        self, fileobj: Any, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._inner.modify(fileobj, events, data)
-
-    def select(
-        self, timeout: float | None = None
-    ) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = self._inner.select(0)
-        if ready or timeout == 0:
-            return ready
-        ready = self._inner.select(self._grace)
-        if ready:
-            return ready
-        if timeout is None:
-            return self._inner.select(None)
-        self.advance(timeout)
-        return []
-
-    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
-        return self._inner.get_map()
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-class PatientVirtualLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time that jumps after `grace_seconds` of real idle."""
-
-    def __init__(self, start: float, grace_seconds: float) -> None:
-        selector = _PatientSelector(selectors.DefaultSelector(), grace_seconds)
-        super().__init__(selector)
-        self._virtual_now = start
-        selector.advance = self._advance
-
-    def time(self) -> float:
-        return self._virtual_now
-
-    def _advance(self, seconds: float) -> None:
-        self._virtual_now += seconds
-
-
-def run_on_virtual_clock(
-    main: Coroutine[Any, Any, Run], grace_seconds: float, *, patient: bool
-) -> Run:
-    """Run `main` on a virtual clock that jumps after `grace_seconds` of idle loop.
-
-    The burst runs on `PatientVirtualLoop`. The baseline sends one request at a
-    time, has no timer pending while its thread works, and runs on the shared
-    `VirtualTimeLoop` with its short default grace.
-    """
-    loop: asyncio.AbstractEventLoop
-    if patient:
-        loop = PatientVirtualLoop(EPOCH, grace_seconds)
-    else:
-        loop = VirtualTimeLoop(start=EPOCH, grace_seconds=grace_seconds)
+def run_on_virtual_clock(main: Coroutine[Any, Any, Run]) -> Run:
+    """Run `main` to completion on a fresh virtual clock."""
+    loop = VirtualTimeLoop(start=EPOCH)
     try:
         return loop.run_until_complete(main)
     finally:

@@ -44,7 +44,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from autopull.connectors.mail.graph import GraphPlatform, GraphSettings
+from autopull.connectors.mail.graph import (
+    DEFAULT_BATCHES_IN_FLIGHT,
+    SINGLE_REQUEST_CONNECTIONS,
+    GraphPlatform,
+    GraphSettings,
+)
 from autopull.sim.campaign import (
     CAMPAIGN_MESSAGE_ID,
     CLIENT_ID,
@@ -99,7 +104,10 @@ class Run:
 
 def main() -> None:
     options = parse_args()
-    raise_file_limit(options.batches_in_flight * 4 + 1024)
+    # Each batch in flight uses a connection, and the simulator's end of it.
+    raise_file_limit(
+        2 * (options.batches_in_flight + SINGLE_REQUEST_CONNECTIONS) + 1024
+    )
     limits = Limits()
     latency = options.latency_ms / 1000
 
@@ -145,7 +153,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mailboxes", type=int, default=10_000)
     parser.add_argument("--sample", type=int, default=500)
     parser.add_argument("--latency-ms", type=float, default=150.0)
-    parser.add_argument("--batches-in-flight", type=int, default=1000)
+    parser.add_argument(
+        "--batches-in-flight",
+        type=int,
+        default=DEFAULT_BATCHES_IN_FLIGHT,
+        help="the adapter's max_batches_in_flight "
+        f"(default {DEFAULT_BATCHES_IN_FLIGHT})",
+    )
     return parser.parse_args()
 
 
@@ -168,9 +182,7 @@ async def timed_run(options: argparse.Namespace, mailboxes: int, *, burst: bool)
             client_id=CLIENT_ID,
             client_secret=CLIENT_SECRET,
             quarantine_mailbox=QUARANTINE_MAILBOX,
-            # Room beyond the batches, so that the evidence copy's own requests
-            # never queue for a connection behind a phase's batches.
-            max_connections=options.batches_in_flight + 100,
+            # The pool keeps its default room beside the batches.
             max_batches_in_flight=options.batches_in_flight,
             request_timeout=600,
         )

@@ -9,30 +9,79 @@ once. Socket I/O still runs in real time: before it jumps, the loop waits
 `grace_seconds` of real time for a socket to become ready, so replies already on
 their way over loopback are read first.
 
-NOTE: work that finishes in another thread more than `grace_seconds` after the
-loop went idle (a slow DNS lookup in the default executor, say) lets the clock
-jump past it, so virtual durations can come out longer than they would be, never
-shorter.
+Work in executor threads (`run_in_executor`, `asyncio.to_thread`) holds the clock
+while it runs, however long it takes in real time: a job counts as running from
+its submission until the loop has its result, and the clock jumps only when no job
+runs. A job that waits on a server in this loop (a synchronous HTTP client talking
+to a simulator) would hold the clock for ever, so such a server marks each request
+it serves with `serving_thread`. The clock then jumps once every running job waits
+on a request being served, because only a timer of this loop can end that wait.
+The clock never counts threads started by other means.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import selectors
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 DEFAULT_GRACE_SECONDS = 0.002
+# How long the loop waits for I/O, in real time, while a thread holds the clock.
+# Any I/O or a finished job wakes it sooner.
+THREAD_POLL_SECONDS = 0.05
+
+
+class ThreadWork:
+    """The executor jobs of one loop, and the requests its servers serve to them.
+
+    Every count changes on the loop's own thread only, so no lock is needed.
+    """
+
+    def __init__(self) -> None:
+        self.submitted: dict[concurrent.futures.Executor, int] = {}
+        self.served = 0
+
+    def running(self) -> int:
+        """Count the jobs that run or start at once: at most one per pool thread."""
+        return sum(
+            min(count, _pool_size(executor))
+            for executor, count in self.submitted.items()
+        )
+
+    def busy(self) -> bool:
+        """Return whether a job builds, sends or reads a request in real time."""
+        return self.running() > self.served
+
+    def submit(self, executor: concurrent.futures.Executor) -> None:
+        self.submitted[executor] = self.submitted.get(executor, 0) + 1
+
+    def finish(self, executor: concurrent.futures.Executor) -> None:
+        left = self.submitted[executor] - 1
+        if left:
+            self.submitted[executor] = left
+        else:
+            del self.submitted[executor]
+
+
+def _pool_size(executor: concurrent.futures.Executor) -> int:
+    # ThreadPoolExecutor and ProcessPoolExecutor keep their size in _max_workers.
+    return int(getattr(executor, "_max_workers", 1))
 
 
 class _JumpingSelector(selectors.BaseSelector):
     """A selector that advances its loop's virtual time instead of sleeping."""
 
-    def __init__(self, inner: selectors.BaseSelector, grace_seconds: float) -> None:
+    def __init__(
+        self, inner: selectors.BaseSelector, grace_seconds: float, work: ThreadWork
+    ) -> None:
         self._inner = inner
         self._grace = grace_seconds
+        self._work = work
         self.advance: Callable[[float], None] = lambda seconds: None
 
     def register(
@@ -54,13 +103,16 @@ class _JumpingSelector(selectors.BaseSelector):
         ready = self._inner.select(0)
         if ready or timeout == 0:
             return ready
-        wait = self._grace if timeout is None else min(timeout, self._grace)
-        ready = self._inner.select(wait)
-        if ready:
-            return ready
         if timeout is None:
             # No timer is due at all, so only I/O can wake the loop.
             return self._inner.select(None)
+        if self._work.busy():
+            # A thread still works in real time: wait for it without a jump. The
+            # loop calls again with the same timeout, since its time stood still.
+            return self._inner.select(THREAD_POLL_SECONDS)
+        ready = self._inner.select(min(timeout, self._grace))
+        if ready:
+            return ready
         self.advance(timeout)
         return []
 
@@ -77,7 +129,10 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(
         self, *, start: float = 0.0, grace_seconds: float = DEFAULT_GRACE_SECONDS
     ) -> None:
-        selector = _JumpingSelector(selectors.DefaultSelector(), grace_seconds)
+        self.thread_work = ThreadWork()
+        selector = _JumpingSelector(
+            selectors.DefaultSelector(), grace_seconds, self.thread_work
+        )
         super().__init__(selector)
         self._virtual_now = start
         selector.advance = self._advance
@@ -87,6 +142,55 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def _advance(self, seconds: float) -> None:
         self._virtual_now += seconds
+
+    def run_in_executor(  # type: ignore[override]
+        self,
+        executor: concurrent.futures.Executor | None,
+        func: Callable[..., T],
+        *args: Any,
+    ) -> asyncio.Future[T]:
+        """Run `func(*args)` in `executor` as the base loop does, holding the clock.
+
+        The job counts from now until the loop has stored its result, so the
+        clock cannot jump between the job's end and the wake-up of its awaiter.
+
+        NOTE: a job whose future is cancelled stops counting at once, although its
+        thread runs on, so the clock may jump while that thread works.
+        """
+        pool = executor if executor is not None else self._pool()
+        future = super().run_in_executor(pool, func, *args)
+        self.thread_work.submit(pool)
+        future.add_done_callback(lambda _: self.thread_work.finish(pool))
+        return future
+
+    def _pool(self) -> concurrent.futures.Executor:
+        # The base loop creates its default executor on first use; creating it
+        # here first lets the job be counted against the pool that runs it.
+        if self._default_executor is None:  # type: ignore[attr-defined]
+            self.set_default_executor(
+                concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+            )
+        return self._default_executor  # type: ignore[attr-defined, no-any-return]
+
+
+@contextlib.contextmanager
+def serving_thread() -> Iterator[None]:
+    """Mark a request that an executor job of the running loop waits on.
+
+    A server in a `VirtualTimeLoop` wraps each request it serves to a thread of
+    that loop, from the moment it has read the whole request until it returns
+    the response, so that the clock may jump while the thread waits. On any other
+    loop this does nothing.
+    """
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, VirtualTimeLoop):
+        yield
+        return
+    loop.thread_work.served += 1
+    try:
+        yield
+    finally:
+        loop.thread_work.served -= 1
 
 
 def run_virtual(main: Callable[[], Awaitable[T]], *, start: float = 0.0) -> T:

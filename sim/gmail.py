@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import CIMultiDict
 
+from .clock import serving_thread
 from .world import (
     ROOT_FOLDER,
     Folder,
@@ -196,9 +197,9 @@ class GmailSimSettings:
     max_results: int = 500
     default_results: int = 100
     request_log_size: int = 10_000
-    # Close every connection after its response (Connection: close). A benchmark
-    # on the virtual clock needs this, because the timer of an idle connection
-    # would let the clock jump to it while the client threads are busy.
+    # Close every connection after its response (Connection: close). On the
+    # virtual clock this leaves no keep-alive timer of an idle connection
+    # pending, which a jump could expire under a thread about to reuse it.
     close_connections: bool = False
 
 
@@ -878,6 +879,14 @@ class GmailSimulator:
     # --- dispatch ---------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # Gmail's client library is synchronous and runs in threads, which block
+        # on the response once the whole request is read. On a virtual
+        # clock that wait lets the clock jump.
+        await request.read()
+        with serving_thread():
+            return await self._dispatch(request)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
         segments = [unquote(part) for part in path.split("/")[1:]]
         if segments and segments[0] == "_sim":

@@ -116,6 +116,20 @@ _RETRY_AT = re.compile(r"Retry after (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z)
 NO_LABELS = "-"
 _INCIDENT_SHAPE = re.compile(r"[^\s,/\"]+")
 
+# Gmail's published limits that size a burst: an HTTP batch takes at most 100
+# parts, and one project may spend 1,200,000 quota units a minute.
+MAX_BATCH_PARTS = 100
+PROJECT_UNITS_PER_MINUTE = 1_200_000
+# A burst spends per mailbox: messages.list 5, labels.list 1, messages.get 5,
+# labels.create 5, messages.modify 5, messages.trash 5 and messages.get 5.
+BURST_UNITS_PER_MAILBOX = 31
+# A phase sends at most 2 parts per mailbox. These threads send the largest phase
+# of the mailboxes one minute of project quota covers (38,709) at once, in
+# batches of 100. A larger burst would run out of project quota anyway.
+DEFAULT_THREADS = math.ceil(
+    PROJECT_UNITS_PER_MINUTE / BURST_UNITS_PER_MAILBOX * 2 / MAX_BATCH_PARTS
+)
+
 
 class GmailSettings(BaseModel):
     """Settings of the Gmail adapter: a service account with domain-wide delegation.
@@ -170,7 +184,14 @@ class GmailSettings(BaseModel):
         default=4, ge=1, description="Requests in flight per mailbox."
     )
     max_threads: int = Field(
-        default=16, ge=1, description="Threads that run Gmail requests."
+        default=DEFAULT_THREADS,
+        ge=1,
+        description="Threads that run Gmail requests, each with its own connection, "
+        "started as needed; a burst sends one HTTP batch per thread at once. The "
+        "default sends a burst phase of up to "
+        f"{DEFAULT_THREADS * MAX_BATCH_PARTS // 2:,} mailboxes at once, about as "
+        f"many as Gmail's per-project quota of {PROJECT_UNITS_PER_MINUTE:,} units "
+        f"a minute covers at {BURST_UNITS_PER_MAILBOX} units a mailbox.",
     )
     request_timeout: float = Field(
         default=30.0, gt=0, description="Timeout of one HTTP request, in seconds."
@@ -189,9 +210,10 @@ class GmailSettings(BaseModel):
     batch_size: int = Field(
         default=50,
         ge=1,
-        le=100,
+        le=MAX_BATCH_PARTS,
         description="Requests per HTTP batch when many mailboxes are pulled at once; "
-        "Gmail takes at most 100 and advises 50.",
+        "Gmail takes at most 100 and advises 50. A burst phase with more batches "
+        "than max_threads packs up to 100 requests into each.",
     )
 
     @field_validator("private_key")
@@ -792,13 +814,15 @@ class GmailPlatform(MailPlatform):
     ) -> list[Any]:
         """Run (mailbox, resource, method, parameters) calls in HTTP batches.
 
-        Returns each call's answer, or its `ConnectorError`, in order. Batches of
-        `batch_size` parts run concurrently on the thread pool, and every part
-        carries its own mailbox's token. Nothing is retried here.
+        Returns each call's answer, or its `ConnectorError`, in order. The batches
+        (`batch_parts` parts each) run concurrently on the thread pool, and every
+        part carries its own mailbox's token. Nothing is retried here.
         """
+        size = batch_parts(
+            len(calls), self.settings.batch_size, self.settings.max_threads
+        )
         chunks = [
-            list(calls[start : start + self.settings.batch_size])
-            for start in range(0, len(calls), self.settings.batch_size)
+            list(calls[start : start + size]) for start in range(0, len(calls), size)
         ]
         loop = asyncio.get_running_loop()
         answers = await asyncio.gather(
@@ -1520,6 +1544,16 @@ class GmailPlatform(MailPlatform):
 
 
 # --- helpers --------------------------------------------------------------------------
+
+
+def batch_parts(calls: int, preferred: int, threads: int) -> int:
+    """Return the parts per HTTP batch that send `calls` calls in one round.
+
+    `preferred` parts while `threads` threads carry all the batches at once, and
+    more, up to Gmail's 100, when they would not. Beyond 100 parts times
+    `threads` calls, the batches take more than one round.
+    """
+    return max(preferred, min(MAX_BATCH_PARTS, math.ceil(calls / threads)))
 
 
 def _check_incident(incident_id: str) -> None:

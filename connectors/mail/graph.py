@@ -64,7 +64,7 @@ from msgraph.generated.users.item.messages.messages_request_builder import (
 from msgraph.graph_request_adapter import GraphRequestAdapter
 from msgraph.graph_service_client import GraphServiceClient
 from msgraph_core import GraphClientFactory
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from ..errors import (
     ConnectorError,
@@ -110,6 +110,19 @@ TRANSIENT_STATUSES = frozenset({408, 409, 412, 423, 425})
 MESSAGE_FIELDS = ["id", "internetMessageId", "parentFolderId", "isRead", "subject"]
 
 
+# Graph's published limits that size a burst: a JSON batch contains at most 20
+# requests, and one app may send 130,000 requests in any 10 seconds.
+MAX_BATCH_REQUESTS = 20
+APP_REQUESTS_PER_WINDOW = 130_000
+# As many batches as one window of the app limit admits. So every batch of a phase
+# is in flight at once for phases of up to 130,000 requests (65,000 mailboxes at
+# 2 requests each), and more batches in flight could only be throttled.
+DEFAULT_BATCHES_IN_FLIGHT = APP_REQUESTS_PER_WINDOW // MAX_BATCH_REQUESTS
+# Connections kept beyond the batches in flight for single requests: the evidence
+# copies and the pulls retried alone.
+SINGLE_REQUEST_CONNECTIONS = 100
+
+
 class GraphSettings(BaseModel):
     """Settings of the Microsoft 365 adapter.
 
@@ -120,10 +133,13 @@ class GraphSettings(BaseModel):
     per mailbox are capped at `max_concurrency_per_mailbox` (Graph allows 4), and
     each HTTP request times out after `request_timeout` seconds. A burst of
     quarantines sends JSON batches, at most `max_batches_in_flight` at once over at
-    most `max_connections` connections, and retries a throttled request of a batch
-    alone up to `batch_max_attempts` times. `max_connections` should exceed
-    `max_batches_in_flight`, or single requests such as the evidence copy's queue
-    behind the batches for a connection.
+    most `connection_limit` connections, and retries a throttled request of a batch
+    alone up to `batch_max_attempts` times.
+
+    NOTE: the adapter does not count the app's requests per 10 seconds. A burst
+    sends about 6 requests per mailbox within a few latencies, so one of more than
+    about 21,000 mailboxes gets 429 responses, which it retries after their
+    Retry-After.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -140,9 +156,44 @@ class GraphSettings(BaseModel):
     max_concurrency_per_mailbox: int = Field(default=4, ge=1)
     request_timeout: float = Field(default=30.0, gt=0)
     page_size: int = Field(default=50, ge=1, le=1000)
-    max_connections: int = Field(default=100, ge=1)
-    max_batches_in_flight: int = Field(default=50, ge=1)
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        description="HTTP connections to Graph in all; unset means "
+        f"max_batches_in_flight + {SINGLE_REQUEST_CONNECTIONS}, so that single "
+        "requests never wait behind a burst's batches. Each connection holds a "
+        "file descriptor of the worker.",
+    )
+    max_batches_in_flight: int = Field(
+        default=DEFAULT_BATCHES_IN_FLIGHT,
+        ge=1,
+        description="JSON batches of a burst in flight at once. The default is as "
+        f"many batches of {MAX_BATCH_REQUESTS} as Graph's limit of "
+        f"{APP_REQUESTS_PER_WINDOW:,} requests per app in 10 seconds admits, so "
+        "a phase of up to that many requests goes out in one round.",
+    )
     batch_max_attempts: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _room_beside_batches(self) -> GraphSettings:
+        if (
+            self.max_connections is not None
+            and self.max_connections <= self.max_batches_in_flight
+        ):
+            raise ValueError(
+                f"graph.max_connections ({self.max_connections}) must exceed "
+                f"graph.max_batches_in_flight ({self.max_batches_in_flight}), or "
+                "the evidence copy's requests wait behind a burst's batches; raise "
+                "it or leave it unset"
+            )
+        return self
+
+    @property
+    def connection_limit(self) -> int:
+        """The HTTP connections the adapter opens at most."""
+        if self.max_connections is not None:
+            return self.max_connections
+        return self.max_batches_in_flight + SINGLE_REQUEST_CONNECTIONS
 
 
 # --- authentication -------------------------------------------------------------------
@@ -545,8 +596,8 @@ class GraphPlatform(MailPlatform):
         # AsyncGraphTransport that has no aclose, so closing the client leaves the
         # connection pool open. The adapter keeps the transport and closes it itself.
         limits = httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
+            max_connections=settings.connection_limit,
+            max_keepalive_connections=settings.connection_limit,
         )
         self._transport = _ObservedTransport(self._observe, limits=limits)
         client = httpx.AsyncClient(

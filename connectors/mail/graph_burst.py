@@ -45,6 +45,7 @@ from ..errors import ConnectorError, NotFoundError, PermanentError, TransientErr
 from .base import QuarantineResult, required_message_id
 from .graph import (
     MARKER_PROPERTY_ID,
+    MAX_BATCH_REQUESTS,
     MESSAGE_FIELDS,
     PLATFORM,
     EvidenceSource,
@@ -62,7 +63,6 @@ from .graph import (
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH_REQUESTS = 20
 RETRIED_STATUSES = frozenset({429, 503, 504})
 # Wait for a throttled inner request that carries no Retry-After: 1, 2, 4 ... s.
 BACKOFF_BASE_SECONDS = 1.0

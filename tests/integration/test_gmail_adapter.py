@@ -40,6 +40,7 @@ from autopull.connectors.mail.gmail import (
     GmailPlatform,
     GmailSettings,
 )
+from autopull.sim.clock import run_virtual
 from autopull.sim.gmail import GmailSimSettings, GmailSimulator
 from autopull.sim.world import World
 
@@ -1211,3 +1212,52 @@ async def test_search_other_sender_finds_nothing(gmail: GmailPlatform) -> None:
         window_search("x@mail.example.net", "Odd id", "2026-12-01T09:00:05Z"),
     )
     assert [copy.message_id for copy in found] == [M2]
+
+
+# --- bursts on the virtual clock ------------------------------------------------------
+
+
+def test_burst_takes_six_latencies_with_defaults(
+    tmp_path: Path, service_key: rsa.RSAPrivateKey
+) -> None:
+    # Find, read the labels, import, verify the import, trash, verify the trash:
+    # one latency each when every phase goes out at once.
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        settings = GmailSimSettings(latency_ms=100, close_connections=True)
+        sim = await start_sim(tmp_path, service_key, settings)
+        platform = GmailPlatform(adapter_settings(sim, service_key, page_size=100))
+        try:
+            started = loop.time()
+            results = await platform.quarantine_many(
+                [("bob@example.org", M1, "INC-1"), ("carol@example.org", M3, "INC-3")]
+            )
+            elapsed = loop.time() - started
+        finally:
+            await platform.close()
+            await sim.stop()
+        assert all(not isinstance(r, Exception) for r in results)
+        return elapsed
+
+    assert run_virtual(main) == pytest.approx(0.6)
+
+
+async def test_batch_grows_when_threads_run_short(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    settings = adapter_settings(gmail_sim, service_key, max_threads=2, batch_size=2)
+    platform = GmailPlatform(settings)
+    mailboxes = ["alice", "bob", "carol", "dave", "erin"]
+    calls_sent = [
+        (f"{name}@example.org", "labels", "list", {}) for name in mailboxes * 2
+    ]
+    try:
+        answers = await platform.batch(calls_sent)
+    finally:
+        await platform.close()
+
+    batches = [e for e in gmail_sim.log if e.api_method == "batch"]
+    assert len(answers) == 10
+    assert all(not isinstance(a, Exception) for a in answers)
+    # Ten calls on two threads: two batches of five, not five of two.
+    assert len(batches) == 2

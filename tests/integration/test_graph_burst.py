@@ -287,3 +287,23 @@ def test_burst_after_lost_evidence_makes_it() -> None:
         r for r in sim.world.snapshot(QUARANTINE_MAILBOX) if r["folder"] == "INC-B"
     ]
     assert len(evidence) == 1
+
+
+def test_burst_sends_phase_at_once_by_default() -> None:
+    # 520 mailboxes make 52 batches in each of the first two phases, so with 50
+    # batches in flight each of them would take two rounds.
+    mailboxes = 520
+
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await graph.quarantine_many(pulls(mailboxes))
+        assert all(isinstance(r, QuarantineResult) for r in results)
+        return loop.time() - started
+
+    seconds, sim = with_graph(work, mailboxes=mailboxes, latency_ms=150)
+
+    first_phase = [e for e in sim.log if e.path == "/v1.0/$batch"][:52]
+    assert seconds == pytest.approx(5 * 0.150)
+    assert len({e.at for e in first_phase}) == 1
+    assert_within_limits(sim)

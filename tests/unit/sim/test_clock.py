@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from autopull.sim.clock import run_virtual
+from autopull.sim.clock import ThreadWork, run_virtual, serving_thread
 
 
 def test_virtual_sleep_passes_at_once() -> None:
@@ -76,3 +78,74 @@ def test_virtual_loop_reads_sockets() -> None:
 
     assert answer == b"ping\n"
     assert seconds == 2
+
+
+def test_thread_work_holds_the_clock() -> None:
+    async def sleep_in_thread() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timer = asyncio.ensure_future(asyncio.sleep(1))
+        await loop.run_in_executor(None, time.sleep, 0.2)
+        elapsed_during_job = loop.time() - started
+        await timer
+        return elapsed_during_job
+
+    assert run_virtual(sleep_in_thread) == 0
+
+
+def test_clock_jumps_while_threads_wait_on_server() -> None:
+    async def serve_threads() -> tuple[list[bytes], float]:
+        loop = asyncio.get_running_loop()
+
+        async def reply(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            data = await reader.readline()
+            with serving_thread():
+                await asyncio.sleep(5)
+            writer.write(data)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(reply, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+
+        def ask(text: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                connection.sendall(text + b"\n")
+                return connection.makefile("rb").readline()
+
+        started = loop.time()
+        # Two threads for four requests: two rounds of the server's 5 s.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            answers = await asyncio.gather(
+                *(loop.run_in_executor(pool, ask, b"%d" % n) for n in range(4))
+            )
+        elapsed = loop.time() - started
+        server.close()
+        await server.wait_closed()
+        return answers, elapsed
+
+    answers, elapsed = run_virtual(serve_threads)
+
+    assert answers == [b"0\n", b"1\n", b"2\n", b"3\n"]
+    assert elapsed == 10
+
+
+def test_thread_work_counts_one_job_per_pool_thread() -> None:
+    work = ThreadWork()
+    pool = ThreadPoolExecutor(max_workers=2)
+    for _ in range(5):
+        work.submit(pool)
+    work.served = 1
+
+    assert work.running() == 2
+    assert work.busy()
+    work.served = 2
+    assert not work.busy()
+    for _ in range(4):
+        work.finish(pool)
+    assert work.running() == 1
+    work.finish(pool)
+    assert work.submitted == {}
+    pool.shutdown()
