@@ -46,6 +46,12 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 120.0) -> Any
     raise AssertionError(f"Timed out after {timeout:g} s waiting for {what}.")
 
 
+def send_alert(settings: Settings, path: Path) -> None:
+    sender = RawSender(settings)
+    sender.send(raw_alert(Input(path.name, path.read_bytes()), None, "test"))
+    sender.flush()
+
+
 def entries_of(incident: Record, mailbox: str) -> list[Record]:
     return [entry for entry in incident["pulls"] if entry["mailbox"] == mailbox]
 
@@ -100,9 +106,7 @@ def test_retry_pulls_failed_copy(
     }
     httpx.post(f"{graph_sim.url}/_sim/faults", json=denied).raise_for_status()
     start_worker()
-    sender = RawSender(settings)
-    sender.send(raw_alert(Input("phish.json", PHISH_ALERT.read_bytes()), None, "t"))
-    sender.flush()
+    send_alert(settings, PHISH_ALERT)
 
     def bob_failed(incident: Record) -> bool:
         return any(
@@ -160,9 +164,7 @@ def test_approve_picks_one_candidate(
     settings = pipeline_settings
     ensure_topics(settings)
     start_worker()
-    sender = RawSender(settings)
-    sender.send(raw_alert(Input("wsapi.json", WSAPI_ALERT.read_bytes()), None, "t"))
-    sender.flush()
+    send_alert(settings, WSAPI_ALERT)
 
     def tara_held(incident: Record) -> bool:
         return any(
