@@ -84,6 +84,11 @@ class Directory:
         cached = self._cache.get_person(normalized)
         if cached is not MISSING:
             return cached
+        # A list is not a user. Its expansion is cached for cache_ttl_seconds, which is
+        # usually longer than the negative TTL of its unknown person.
+        expansion = self._cache.get_expansion(normalized)
+        if expansion is not MISSING and expansion.kind == "list":
+            return None
 
         operation = partial(find_person, settings=self._settings, address=normalized)
         person = await self._call("resolve", normalized, operation)
