@@ -182,6 +182,11 @@ class Pipeline:
             key_type=str,
             value_type=None,
             extra_topic_configs={"segment.ms": str(int(longest * 1000))},
+            # faust-streaming 0.15.3 treats every partition of a global table's
+            # changelog as active, and applies active records in batches of this
+            # size. With its default of 1000, a worker kept other workers' results
+            # unapplied until 1000 had arrived or the next rebalance.
+            recovery_buffer_size=1,
         )
         # NOTE: faust-streaming 0.15 sets a changelog's retention and delete policy
         # only for windowed tables, and Topic.derive drops the serializers, so the

@@ -10,19 +10,23 @@ that no worker looked up waits, retried, and is enriched once slapd is back.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from slapdkit import Slapd, read_all
+from slapdkit import (
+    Slapd,
+    by_mailbox,
+    changelog_keys,
+    enriched_for,
+    read_all,
+    send_alert,
+    wait_for,
+)
 
-from autopull.streams.ingest import Input, RawSender, raw_alert
 from autopull.streams.settings import Settings
 from autopull.streams.topics import ensure_topics
 
@@ -49,87 +53,6 @@ def slapd(tmp_path: Path) -> Iterator[Slapd]:
     instance.run("start")
     yield instance
     instance.run("stop")
-
-
-def alert_body(message_id: str, recipients: list[str]) -> bytes:
-    return json.dumps(
-        {
-            "json_version": "2.0",
-            "classification": "phish",
-            "email": {
-                "message_id": f"<{message_id}>",
-                "sender": "billing@example.net",
-                "recipient": recipients,
-                "subject": f"Invoice {message_id}",
-            },
-        }
-    ).encode()
-
-
-def send_alert(settings: Settings, message_id: str, recipients: list[str]) -> None:
-    sender = RawSender(settings)
-    body = alert_body(message_id, recipients)
-    sender.send(raw_alert(Input(f"{message_id}.json", body), None, "test"))
-    sender.flush()
-
-
-def enriched_for(settings: Settings, message_id: str) -> list[dict[str, Any]]:
-    return [
-        enriched
-        for enriched in read_all(settings, "alerts.enriched", "EnrichedAlert")
-        if enriched["alert"]["message_id"] == message_id
-    ]
-
-
-def wait_for(
-    check: Callable[[], Any], seconds: float, what: str, interval: float = 1.0
-) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    pytest.fail(f"{what} did not happen within {seconds:g} s", pytrace=False)
-
-
-def changelog_keys(settings: Settings) -> set[str]:
-    """Return the keys of every record in the directory cache's changelog."""
-    name = f"{settings.faust_id}-directory_cache-changelog"
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.topic_prefix}changelog-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = [
-        TopicPartition(name, partition, OFFSET_BEGINNING)
-        for partition in range(settings.topic_partitions)
-    ]
-    ends = {}
-    for partition in partitions:
-        low, high = consumer.get_watermark_offsets(partition, timeout=10)
-        if high > low:
-            ends[partition.partition] = high
-    consumer.assign(partitions)
-    keys: set[str] = set()
-    deadline = time.monotonic() + 30
-    try:
-        while ends and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=500, timeout=0.5):
-                if message.error() is not None:
-                    continue
-                keys.add(json.loads(message.key()))
-                if message.offset() + 1 >= ends.get(message.partition(), 0):
-                    ends.pop(message.partition(), None)
-    finally:
-        consumer.close()
-    return keys
-
-
-def by_mailbox(enriched: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {recipient["mailbox"]: recipient for recipient in enriched["recipients"]}
 
 
 def test_new_worker_enriches_from_changelog(
