@@ -145,7 +145,7 @@ async def test_person_written_to_changelog(lookups: Lookups) -> None:
     assert value["expires_at"] == lookups.clock.now + 600
     assert value["value"]["mailbox"] == person.mailbox
     assert value["value"]["groups"] == list(person.groups)
-    # The table holds the value it sent, so the changelog and the table agree.
+    # The table contains the value it sent, so the changelog and the table agree.
     assert lookups.table["person:alice@corp.test"] == value
 
 
@@ -212,7 +212,7 @@ async def test_errors_never_cached(lookups: Lookups) -> None:
     assert len(lookups.table) == 0
 
 
-async def test_new_client_answers_from_table(lookups: Lookups) -> None:
+async def test_new_client_reads_table(lookups: Lookups) -> None:
     corp = build_corp()
     lookups.use(openldap_settings(cache_ttl_seconds=600), corp.opener())
     person = await lookups.resolve("alice@corp.test")
@@ -295,3 +295,42 @@ def test_zero_ttl_writes_nothing() -> None:
 
     assert table == {}
     assert cache.get_person("alice@corp.test") is MISSING
+
+
+async def test_sweep_keeps_rewritten_entry(lookups: Lookups) -> None:
+    corp = build_corp()
+    settings = openldap_settings(cache_ttl_seconds=600, negative_cache_ttl_seconds=10)
+    lookups.use(settings, corp.opener())
+    await lookups.resolve("nobody@corp.test")
+    lookups.clock.now += 10
+    # The expired negative entry is searched again and rewritten for 10 s more.
+    await lookups.resolve("nobody@corp.test")
+
+    lookups.clock.now += 5
+    await lookups.resolve("alice@corp.test")
+
+    assert keys(lookups.changelog) == [
+        "person:nobody@corp.test",
+        "person:nobody@corp.test",
+        "person:alice@corp.test",
+    ]
+    assert "person:nobody@corp.test" in lookups.table
+
+
+async def test_sweep_deletes_recovered_expired_entry(lookups: Lookups) -> None:
+    corp = build_corp()
+    lookups.use(openldap_settings(cache_ttl_seconds=600), corp.opener())
+    # An entry another worker wrote, as recovery puts it into the store.
+    lookups.table.data["person:gone@corp.test"] = {
+        "expires_at": lookups.clock.now - 1,
+        "value": None,
+    }
+
+    await lookups.resolve("alice@corp.test")
+
+    assert keys(lookups.changelog) == [
+        "person:alice@corp.test",
+        "person:gone@corp.test",
+    ]
+    assert lookups.changelog[-1][2] is None
+    assert "person:gone@corp.test" not in lookups.table
