@@ -30,6 +30,9 @@ from autopull.streams.webhook import register_webhook
 log = logging.getLogger(__name__)
 
 Handler = Callable[[EventT, dict[str, Any]], Awaitable[None]]
+# Retention of the directory cache's changelog when every time to live is shorter,
+# caching off included, so the broker never gets a retention of 0.
+MIN_DIRECTORY_CACHE_RETENTION_SECONDS = 60.0
 
 
 def broker_url(bootstrap: str) -> str:
@@ -102,6 +105,7 @@ class Pipeline:
         self.ledger = self._table("ledger", None)
         # What forward tracing searched, per incident; only the trace agent writes.
         self.frontier = self._table("frontier", None)
+        self.directory_cache = self._directory_cache_table()
         self.metrics = Metrics()
         self.intel = load_intel(settings)
         if self.intel is not None and settings.intel.feeds:
@@ -156,6 +160,42 @@ class Pipeline:
         # values go through JSON, bytes values are stored as they are.
         return self.app.Table(name, default=None, key_type=str, value_type=value_type)
 
+    def _directory_cache_table(self) -> faust.GlobalTable | None:
+        """Return the global table of directory results, or None without a directory.
+
+        The changelog deletes segments whose newest record is older than the
+        longest time to live, and rolls a segment after as long, so a record that
+        is not written again leaves Kafka within about twice that time. Compaction
+        still keeps one record per key in between.
+        """
+        directory = self.settings.directory
+        if directory is None:
+            return None
+        longest = max(
+            directory.cache_ttl_seconds,
+            directory.negative_cache_ttl_seconds,
+            MIN_DIRECTORY_CACHE_RETENTION_SECONDS,
+        )
+        table = self.app.GlobalTable(
+            "directory_cache",
+            default=None,
+            key_type=str,
+            value_type=None,
+            extra_topic_configs={"segment.ms": str(int(longest * 1000))},
+            # faust-streaming 0.15.3 treats every partition of a global table's
+            # changelog as active, and applies active records in batches of this
+            # size. With its default of 1000, a worker kept other workers' results
+            # unapplied until 1000 had arrived or the next rebalance.
+            recovery_buffer_size=1,
+        )
+        # NOTE: faust-streaming 0.15 sets a changelog's retention and delete policy
+        # only for windowed tables, and Topic.derive drops the serializers, so the
+        # topic is made by the table's own (private) factory with both set.
+        table.changelog_topic = table._new_changelog_topic(
+            retention=longest, compacting=True, deleting=True
+        )
+        return table
+
     def _incident_windows(self, name: str) -> IncidentWindows:
         size = self.settings.incident_window_hours * 3600
         step = self.settings.incident_window_step_hours * 3600
@@ -176,6 +216,8 @@ class Pipeline:
             "ledger": self.ledger,
             "frontier": self.frontier,
         }
+        if self.directory_cache is not None:
+            tables["directory_cache"] = self.directory_cache
 
         def table_sizes() -> list[tuple[tuple[str, ...], float]]:
             return [((name,), float(len(table))) for name, table in tables.items()]

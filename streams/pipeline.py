@@ -29,6 +29,7 @@ from autopull.connectors.mail.base import MailPlatform
 from autopull.connectors.sources.detect import format_names, parse_alert
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.streams import records
+from autopull.streams.directory_cache import TableCache
 from autopull.streams.enrich import LIST_TOO_LARGE, DirectoryLike, enrich_until_done
 from autopull.streams.forward_tree import (
     TracePolicy,
@@ -196,7 +197,10 @@ def _enrich_agent(pipe: Pipeline) -> None:
         if not directory:
             from autopull.connectors.directory.client import Directory
 
-            directory.append(Directory(pipe.settings.directory))
+            cache = None
+            if pipe.directory_cache is not None:
+                cache = TableCache(pipe.directory_cache)
+            directory.append(Directory(pipe.settings.directory, cache=cache))
         return directory[0]
 
     async def handle(event: EventT, alert: Record) -> None:

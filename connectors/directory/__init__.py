@@ -6,7 +6,17 @@ The settings and result types live here and need no LDAP library. The client,
 
 from __future__ import annotations
 
-from .models import Expansion, ExpansionKind, Member, Person
+from .cache import MISSING, DirectoryCache, MemoryCache, Missing
+from .models import (
+    Expansion,
+    ExpansionKind,
+    Member,
+    Person,
+    decode_expansion,
+    decode_person,
+    encode_expansion,
+    encode_person,
+)
 from .settings import (
     ACTIVE_DIRECTORY_ATTRIBUTES,
     OPENLDAP_ATTRIBUTES,
@@ -17,12 +27,20 @@ from .settings import (
 
 __all__ = [
     "ACTIVE_DIRECTORY_ATTRIBUTES",
+    "MISSING",
     "OPENLDAP_ATTRIBUTES",
     "AttributeMap",
+    "DirectoryCache",
     "DirectorySettings",
     "Expansion",
     "ExpansionKind",
     "Flavor",
     "Member",
+    "MemoryCache",
+    "Missing",
     "Person",
+    "decode_expansion",
+    "decode_person",
+    "encode_expansion",
+    "encode_person",
 ]

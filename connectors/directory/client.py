@@ -1,10 +1,11 @@
 """The asynchronous directory client the pipeline uses.
 
 ldap3 blocks, so every lookup runs in a thread of a private pool, with
-`pool_size` threads and at most as many LDAP connections. Results are cached in
-memory for `cache_ttl_seconds`, and addresses that were not found for
-`negative_cache_ttl_seconds`. A lookup that meets a down or slow server is
-retried with exponential backoff; after `max_attempts` it raises TransientError.
+`pool_size` threads and at most as many LDAP connections. Results are cached for
+`cache_ttl_seconds`, and addresses that were not found for
+`negative_cache_ttl_seconds`, in memory unless another `DirectoryCache` is given.
+A lookup that meets a down or slow server is retried with exponential backoff;
+after `max_attempts` it raises TransientError.
 Bad credentials and other configuration errors raise PermanentError at once.
 """
 
@@ -31,7 +32,7 @@ from tenacity import (
 
 from autopull.connectors.errors import TransientError
 
-from .cache import MISSING, TtlCache
+from .cache import MISSING, DirectoryCache, MemoryCache
 from .ldap import LdapSession, SessionPool, map_ldap_error
 from .lookups import expand_address, find_person
 from .models import Expansion, Person
@@ -49,7 +50,8 @@ class Directory:
     """Resolves recipients and expands distribution lists in an LDAP directory.
 
     Use it as an async context manager, or call `close` when done, so the worker
-    threads and connections end.
+    threads and connections end. Results go to `cache`, by default a `MemoryCache`
+    of `cache_max_entries` per kind on `clock`.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Directory:
         clock: Callable[[], float] = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         opener: Callable[[DirectorySettings], LdapSession] = LdapSession.open,
+        cache: DirectoryCache | None = None,
     ) -> None:
         self._settings = settings
         self._sleep = sleep
@@ -66,12 +69,7 @@ class Directory:
         self._executor = ThreadPoolExecutor(
             max_workers=settings.pool_size, thread_name_prefix="autopull-ldap"
         )
-        self._people: TtlCache[str, Person | None] = TtlCache(
-            settings.cache_max_entries, clock
-        )
-        self._expansions: TtlCache[str, Expansion] = TtlCache(
-            settings.cache_max_entries, clock
-        )
+        self._cache = cache or MemoryCache(settings.cache_max_entries, clock)
         self._closed = False
         _warn_if_password_unprotected(settings)
 
@@ -83,9 +81,14 @@ class Directory:
         normalized = normalize_address(address)
         if normalized is None:
             return None
-        cached = self._people.get(normalized)
+        cached = self._cache.get_person(normalized)
         if cached is not MISSING:
             return cached
+        # A list is not a user. Its expansion is cached for cache_ttl_seconds, which is
+        # usually longer than the negative TTL of its unknown person.
+        expansion = self._cache.get_expansion(normalized)
+        if expansion is not MISSING and expansion.kind == "list":
+            return None
 
         operation = partial(find_person, settings=self._settings, address=normalized)
         person = await self._call("resolve", normalized, operation)
@@ -97,7 +100,7 @@ class Directory:
         ttl = self._settings.cache_ttl_seconds
         if person is None:
             ttl = self._settings.negative_cache_ttl_seconds
-        self._people.put(normalized, person, ttl)
+        self._cache.put_person(normalized, person, ttl)
         return person
 
     async def expand(self, address: str) -> Expansion:
@@ -109,7 +112,7 @@ class Directory:
         normalized = normalize_address(address)
         if normalized is None:
             return Expansion(address=address, kind="unknown")
-        cached = self._expansions.get(normalized)
+        cached = self._cache.get_expansion(normalized)
         if cached is not MISSING:
             return cached
 
@@ -125,7 +128,7 @@ class Directory:
         ttl = self._settings.cache_ttl_seconds
         if expansion.kind == "unknown":
             ttl = self._settings.negative_cache_ttl_seconds
-        self._expansions.put(normalized, expansion, ttl)
+        self._cache.put_expansion(normalized, expansion, ttl)
         if expansion.too_large:
             logger.warning(
                 "List has more than max_list_members=%d mailboxes address=%s",
@@ -136,8 +139,7 @@ class Directory:
 
     def clear_cache(self) -> None:
         """Forget every cached result, so the next lookups search the server."""
-        self._people.clear()
-        self._expansions.clear()
+        self._cache.clear()
 
     async def close(self) -> None:
         """Wait for running lookups, then close the threads and connections."""

@@ -153,7 +153,9 @@ class DirectorySettings(BaseModel):
     cache_ttl_seconds: float = Field(
         default=900.0,
         ge=0,
-        description="Seconds a found user or expansion is reused; 0 turns caching off.",
+        description="Seconds a found user or expansion is reused, 0 to turn caching "
+        "off. The longest TTL is also the retention of the worker's directory_cache "
+        "changelog.",
     )
     negative_cache_ttl_seconds: float = Field(
         default=60.0,
@@ -161,7 +163,10 @@ class DirectorySettings(BaseModel):
         description="Seconds an address that was not found stays unknown.",
     )
     cache_max_entries: int = Field(
-        default=10_000, ge=1, description="Entries the cache keeps before evicting."
+        default=10_000,
+        ge=1,
+        description="Entries of each kind an in-memory cache keeps before evicting. "
+        "The worker's table cache is bounded by the TTLs instead.",
     )
 
     @model_validator(mode="before")

@@ -10,76 +10,26 @@ are quarantined.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from slapdkit import Slapd, read_all
 
-from autopull.connectors.directory import DirectorySettings
-from autopull.schemas import AvroCodec
 from autopull.streams.ingest import Input, RawSender, raw_alert
 from autopull.streams.settings import Settings
-from autopull.streams.topics import ensure_topics, full_name
+from autopull.streams.topics import ensure_topics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO = REPO_ROOT / "examples" / "worlds" / "demo.json"
-SLAPD_SCRIPT = REPO_ROOT / "dev" / "slapd.sh"
 MESSAGE_ID = "dir-outage-1@billing-example.net"
 MAILBOXES = ["alice.archer@autopull.test", "bob.brown@autopull.test"]
 ALIASES = ["alice@autopull.test", "robert.brown@autopull.test"]
 OUTAGE_SECONDS = 20.0
-
-
-class Slapd:
-    """A slapd of dev/slapd.sh on a free port, with the entries of directory.ldif."""
-
-    def __init__(self, data_dir: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = int(probe.getsockname()[1])
-        self.data_dir = data_dir
-
-    def run(self, command: str) -> None:
-        env = {
-            **os.environ,
-            "AUTOPULL_SLAPD_PORT": str(self.port),
-            "AUTOPULL_SLAPD_DATA": str(self.data_dir),
-        }
-        env.pop("AUTOPULL_SLAPD_LDIF", None)
-        result = subprocess.run(
-            ["bash", str(SLAPD_SCRIPT), command],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.fail(
-                f"dev/slapd.sh {command} failed: {result.stdout}{result.stderr}",
-                pytrace=False,
-            )
-
-    def settings(self) -> DirectorySettings:
-        return DirectorySettings(
-            url=f"ldap://127.0.0.1:{self.port}/",
-            bind_dn="cn=reader,ou=services,dc=autopull,dc=test",
-            password="reader-secret",
-            base_dn="dc=autopull,dc=test",
-            flavor="openldap",
-            connect_timeout_seconds=1.0,
-            receive_timeout_seconds=2,
-            max_attempts=1,
-        )
 
 
 @pytest.fixture
@@ -132,44 +82,6 @@ def alert_body() -> bytes:
             },
         }
     ).encode()
-
-
-def read_all(settings: Settings, topic: str, record: str) -> list[dict[str, Any]]:
-    """Read `topic` from its start to the end it has when the call starts."""
-    codec = AvroCodec(record)
-    name = full_name(settings, topic)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.topic_prefix}reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = [
-        TopicPartition(name, partition, OFFSET_BEGINNING)
-        for partition in range(settings.topic_partitions)
-    ]
-    remaining = {}
-    for partition in partitions:
-        low, high = consumer.get_watermark_offsets(partition, timeout=10)
-        if high > low:
-            remaining[partition.partition] = high
-    consumer.assign(partitions)
-    values: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    try:
-        while remaining and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=500, timeout=0.5):
-                if message.error() is not None:
-                    continue
-                if message.value() is not None:
-                    values.append(codec.loads(message.value()))
-                if message.offset() + 1 >= remaining.get(message.partition(), 0):
-                    remaining.pop(message.partition(), None)
-    finally:
-        consumer.close()
-    assert not remaining, f"{topic} could not be read to its end within 30 s"
-    return values
 
 
 def test_slapd_outage_alert_waits_then_pulls(

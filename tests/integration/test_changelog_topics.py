@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import ConfigResource
 
+from autopull.connectors.directory import DirectorySettings
 from autopull.streams.app import Pipeline
 from autopull.streams.settings import Settings
 from autopull.streams.topics import admin_client, ensure_changelog_topics
@@ -66,3 +67,47 @@ def test_changelogs_created_with_faust_config(
     assert windows["retention.ms"].value == str(24 * 3600 * 1000)
 
     assert ensure_changelog_topics(settings, pipe.changelog_topics()) == []
+
+
+def test_directory_cache_changelog_expires_with_ttl(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        topic_partitions=3,
+        store="memory://",
+        data_dir=tmp_path,
+        web_enabled=False,
+        directory=DirectorySettings(
+            url="ldap://127.0.0.1:3890/",
+            base_dn="dc=autopull,dc=test",
+            flavor="openldap",
+            cache_ttl_seconds=600,
+            negative_cache_ttl_seconds=30,
+        ),
+    )
+    pipe = Pipeline(settings)
+    name = f"{settings.faust_id}-directory_cache-changelog"
+
+    created = ensure_changelog_topics(settings, pipe.changelog_topics())
+
+    assert name in created
+    admin = admin_client(settings)
+    assert len(admin.list_topics(timeout=10).topics[name].partitions) == 3
+    resource = ConfigResource(ConfigResource.Type.TOPIC, name)
+    config = admin.describe_configs([resource])[resource].result()
+    assert config["cleanup.policy"].value == "compact,delete"
+    # The longest TTL, 600 s, in milliseconds.
+    assert config["retention.ms"].value == "600000"
+    assert config["segment.ms"].value == "600000"
+
+
+def test_directory_cache_table_absent_without_directory(tmp_path: Path) -> None:
+    settings = Settings(store="memory://", data_dir=tmp_path, web_enabled=False)
+    pipe = Pipeline(settings)
+
+    names = [topic.name for topic in pipe.changelog_topics()]
+
+    assert pipe.directory_cache is None
+    assert not any("directory_cache" in name for name in names)

@@ -204,3 +204,18 @@ def test_plain_ldap_password_warning(caplog: pytest.LogCaptureFixture) -> None:
     warnings = [r for r in caplog.records if "unencrypted" in r.getMessage()]
     assert len(warnings) == 1
     assert "s3cret" not in caplog.text
+
+
+async def test_resolve_list_answered_from_expansion(corp: MockDirectory) -> None:
+    clock = Clock()
+    settings = openldap_settings(cache_ttl_seconds=600, negative_cache_ttl_seconds=10)
+    async with Directory(settings, clock=clock, opener=corp.opener()) as client:
+        assert await client.resolve("staff@corp.test") is None
+        expansion = await client.expand("staff@corp.test")
+        searches = corp.searches
+        clock.now = 300
+        person = await client.resolve("staff@corp.test")
+
+    assert expansion.kind == "list"
+    assert person is None
+    assert corp.searches == searches
