@@ -10,7 +10,9 @@ the ledger, the pull.outcomes topic and the incident must agree.
 On Gmail, the killed worker quarantines each message on the one-mailbox path,
 and the new worker retries the four as one burst, or, in the gmail-one-mailbox
 run, one by one again. The original is trashed, or deleted in the gmail-delete
-run.
+run. In the gmail-burst run, the killed worker quarantines the four as one burst,
+whose phases move together, so all four stop between the import of their copy
+and its verification.
 """
 
 from __future__ import annotations
@@ -241,19 +243,39 @@ class GmailPlatform(SimPlatform):
 
     `action` is the adapter's `original_action`: with "trash" the original ends in
     the user's trash, with "delete" it is gone. With `retry_alone`, the new worker
-    also retries each quarantine on the one-mailbox path, not as a burst.
+    also retries each quarantine on the one-mailbox path, not as a burst. With
+    `in_burst`, the killed worker runs the four quarantines as one burst, whose
+    phases move together, so every import is carried out and its response held.
     """
 
-    def __init__(self, url: str, action: str, *, retry_alone: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        action: str,
+        *,
+        retry_alone: bool = False,
+        in_burst: bool = False,
+    ) -> None:
         def messages(step: str) -> str:
             return rf"/users/{re.escape(MAILBOXES[step])}/messages"
 
         self.action = action
         self.retry_alone = retry_alone
+        self.in_burst = in_burst
         method, removal = ("POST", "/[^/]+/trash$")
         if action == "delete":
             method, removal = ("DELETE", "/[^/]+$")
         quarantine = re.escape(QUARANTINE)
+        if in_burst:
+            # Each rule holds one of the four import parts of the burst's batch.
+            held_import = {
+                "method": "POST",
+                "path": rf"/users/{quarantine}/messages/import$",
+                "hold": True,
+                "after_effect": True,
+            }
+            super().__init__(url, {step: held_import for step in STEPS})
+            return
         super().__init__(
             url,
             {
@@ -568,6 +590,7 @@ def gmail_settings(url: str, key: rsa.RSAPrivateKey, action: str) -> dict[str, A
         "gmail",
         "gmail-delete",
         "gmail-one-mailbox",
+        "gmail-burst",
     ]
 )
 def platform_case(
@@ -613,6 +636,7 @@ def platform_case(
 
     # gmail-delete: the adapter deletes the original instead of trashing it.
     # gmail-one-mailbox: the new worker retries without a burst.
+    # gmail-burst: the killed worker quarantines as a burst.
     kind = name.partition("-")[0]
     tenant = gmail_tenant(gmail_key) if kind == "gmail" else None
     world = crash_world(kind, messages, tmp_path / "world.json", tenant)
@@ -625,9 +649,14 @@ def platform_case(
     platform: SimPlatform
     if kind == "gmail":
         action = "delete" if name == "gmail-delete" else "trash"
-        retry_alone = name == "gmail-one-mailbox"
-        gmail_platform = GmailPlatform(url, action, retry_alone=retry_alone)
-        gmail_platform.leave_burst()
+        gmail_platform = GmailPlatform(
+            url,
+            action,
+            retry_alone=name == "gmail-one-mailbox",
+            in_burst=name == "gmail-burst",
+        )
+        if not gmail_platform.in_burst:
+            gmail_platform.leave_burst()
         platform = gmail_platform
         gmail = gmail_settings(url, gmail_key, action)
         settings = base_settings(kafka_bootstrap, topic_prefix, tmp_path, gmail=gmail)
