@@ -53,7 +53,7 @@ from email.parser import BytesParser, HeaderParser
 from email.policy import compat32
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
@@ -541,16 +541,26 @@ class FaultRule:
     """A fault for the next `count` requests whose decoded path matches `path`.
 
     `path` is a regular expression searched in the percent-decoded path; `method`
-    narrows it. The response is `status` with a Google error body whose reason is
-    `reason`, or no response at all with `drop`. `delay_ms` waits that long (real
-    time) first, which makes a client time out. With `after_effect` the request is
-    carried out first and only its response is replaced: the client sees a failure of
-    a change that happened.
+    narrows it, and so does `query`, a regular expression searched in the decoded
+    query string of the URL. `skip` lets that many matching requests through first.
+    The response is `status` with a Google error body whose reason is `reason`, or
+    no response at all with `drop`. `delay_ms` waits that long (real time) first,
+    which makes a client time out. With `after_effect` the request is carried out
+    first and only its response is replaced: the client sees a failure of a change
+    that happened.
+
+    With `hold`, a matching request waits without a response until the rules are
+    cleared or the simulator stops, so a test can stop a client at that request
+    and kill it there. A held request then gets the fault, or, with
+    `after_effect`, the response of the change that already happened. `held`
+    counts the requests waiting on the rule.
     """
 
     path: str
     count: int = 1
     method: str | None = None
+    query: str | None = None
+    skip: int = 0
     status: int = 503
     reason: str | None = None
     message: str | None = None
@@ -558,14 +568,33 @@ class FaultRule:
     drop: bool = False
     delay_ms: float = 0.0
     after_effect: bool = False
+    hold: bool = False
+    held: int = 0
     rule_id: int = 0
+    released: asyncio.Event = field(
+        default_factory=asyncio.Event, repr=False, compare=False
+    )
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, query: str = "") -> bool:
         if self.count <= 0:
             return False
         if self.method is not None and self.method.upper() != method:
             return False
+        if self.query is not None and re.search(self.query, query) is None:
+            return False
         return re.search(self.path, path) is not None
+
+    def view(self) -> dict[str, Any]:
+        """Return the rule as JSON data for the admin API."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+
+    async def wait_for_release(self) -> None:
+        """Wait, counted in `held`, until the rules are cleared."""
+        self.held += 1
+        try:
+            await self.released.wait()
+        finally:
+            self.held -= 1
 
 
 class FaultInjector:
@@ -576,7 +605,7 @@ class FaultInjector:
         self._next_id = 1
 
     def add(self, data: dict[str, Any]) -> FaultRule:
-        allowed = {f.name for f in fields(FaultRule)} - {"rule_id"}
+        allowed = {f.name for f in fields(FaultRule)} - {"rule_id", "held", "released"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(
@@ -585,6 +614,8 @@ class FaultInjector:
         if "path" not in data:
             raise ValueError("A fault needs a 'path' regular expression.")
         re.compile(str(data["path"]))
+        if data.get("query") is not None:
+            re.compile(str(data["query"]))
         if data.get("retry_after") is not None:
             data = {**data, "retry_after": str(data["retry_after"])}
         rule = FaultRule(**data, rule_id=self._next_id)
@@ -592,14 +623,21 @@ class FaultInjector:
         self.rules.append(rule)
         return rule
 
-    def take(self, method: str, path: str) -> FaultRule | None:
+    def take(self, method: str, path: str, query: str = "") -> FaultRule | None:
         for rule in self.rules:
-            if rule.matches(method, path):
-                rule.count -= 1
-                return rule
+            if not rule.matches(method, path, query):
+                continue
+            if rule.skip > 0:
+                rule.skip -= 1
+                continue
+            rule.count -= 1
+            return rule
         return None
 
     def clear(self) -> None:
+        """Remove every rule and release the requests that held rules keep waiting."""
+        for rule in self.rules:
+            rule.released.set()
         self.rules.clear()
 
 
@@ -618,6 +656,7 @@ class LoggedRequest:
     status: int | None = None
     reason: str | None = None
     body: Any = None
+    fault_rule: int | None = None
 
 
 # --- the search language --------------------------------------------------------------
@@ -851,6 +890,8 @@ class GmailSimulator:
         return self.base_url
 
     async def stop(self) -> None:
+        """Release the held requests, then stop serving."""
+        self.faults.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -949,10 +990,15 @@ class GmailSimulator:
             method, api_method, params = self._route(request, segments[4:], entry)
             entry.api_method = api_method
             entry.mailbox = segments[3].lower()
-        fault = self.faults.take(request.method, entry.path)
+        query = unquote_plus(request.raw_path.partition("?")[2])
+        fault = self.faults.take(request.method, entry.path, query)
+        if fault is not None:
+            entry.fault_rule = fault.rule_id
         if fault is not None and fault.delay_ms > 0:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault is not None and not fault.after_effect:
+            if fault.hold:
+                await fault.wait_for_release()
             return self._fault(fault)
 
         if is_token:
@@ -992,7 +1038,9 @@ class GmailSimulator:
             response = await handler(call)
         finally:
             self.limits.release(mailbox)
-        if fault is not None:
+        if fault is not None and fault.hold:
+            await fault.wait_for_release()
+        elif fault is not None:
             return self._fault(fault)
         return response
 
@@ -1604,10 +1652,10 @@ class GmailSimulator:
             self.log.clear()
             return web.json_response({"status": "cleared"})
         if (request.method, path) == ("GET", "faults"):
-            return web.json_response([asdict(rule) for rule in self.faults.rules])
+            return web.json_response([rule.view() for rule in self.faults.rules])
         if (request.method, path) == ("POST", "faults"):
             rule = self.faults.add(await request.json())
-            return web.json_response(asdict(rule), status=201)
+            return web.json_response(rule.view(), status=201)
         if (request.method, path) == ("DELETE", "faults"):
             self.faults.clear()
             return web.json_response({"status": "cleared"})

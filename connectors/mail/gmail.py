@@ -1133,7 +1133,8 @@ class GmailPlatform(MailPlatform):
             if (bare, incident_id) in self._verified_evidence:
                 return location
             label_id = await self._incident_label(incident_id, bare)
-            if not await self._evidence_ids(bare, incident_id, label_id):
+            found = await self._evidence_ids(bare, incident_id, label_id)
+            if not found:
                 await self._import_evidence(
                     mailbox, bare, source_id, incident_id, label_id
                 )
@@ -1147,7 +1148,9 @@ class GmailPlatform(MailPlatform):
                         message_id=bare,
                         platform=PLATFORM,
                     )
-                await self._delete_doubles(bare, incident_id, found)
+            # Duplicates found before an import come from an earlier attempt, such as
+            # a burst whose batch httplib2 sent twice.
+            await self._delete_doubles(bare, incident_id, found)
             self._verified_evidence.add((bare, incident_id))
         return location
 

@@ -359,12 +359,13 @@ async def _mark(platform: GmailPlatform, states: list[_Pull]) -> None:
 class _Evidence:
     """The quarantine copy of each distinct message and incident, step by step.
 
-    Each step adds at most one request per message to a phase. The first lists the
-    quarantine mailbox's labels. The second reads one original's raw MIME while
+    Each step adds at most two requests per message to a phase. The first lists
+    the quarantine mailbox's labels. The second reads one original's raw MIME while
     the incident label is created, or the mailbox is searched for an earlier copy.
-    The third imports the MIME, or reads the earlier copies, and the fourth
-    verifies the import. A message whose copy cannot be made or verified this way
-    sends its pulls to the one-mailbox path.
+    The third imports the MIME, or reads the earlier copy, and the fourth reads the
+    import back and searches for duplicates. A message whose copy cannot be made
+    or verified this way, or that has two copies, sends its pulls to the
+    one-mailbox path.
     """
 
     def __init__(self, platform: GmailPlatform) -> None:
@@ -399,8 +400,6 @@ class _Evidence:
         found: dict[int, tuple[dict[str, str], list[str]]],
     ) -> None:
         """Read one raw original per message; create or search the incident label."""
-        from .gmail import search_query
-
         calls: list[BatchCall] = []
         kinds: list[tuple[str, tuple[str, str]]] = []
         for index, state in enumerate(states):
@@ -427,12 +426,7 @@ class _Evidence:
                 self.labels[incident] = label_id
         for key in self.sources:
             if key[1] in self.labels:
-                query = {
-                    "q": search_query(key[0]),
-                    "labelIds": [self.labels[key[1]]],
-                    "includeSpamTrash": True,
-                }
-                calls.append((self.quarantine, "messages", "list", query))
+                calls.append(self._search_call(key))
                 kinds.append(("search", key))
         for (kind, key), answer in zip(
             kinds, await self.platform.batch(calls), strict=True
@@ -456,10 +450,13 @@ class _Evidence:
             bare, incident = key
             if key in self.failed or incident not in self.labels:
                 continue
-            if self.earlier.get(key):
-                for gmail_id in self.earlier[key]:
-                    calls.append(self._check_call(gmail_id))
-                    kinds.append(("earlier", key))
+            earlier = self.earlier.get(key, [])
+            if len(earlier) > 1:
+                self.failed.add(key)  # the one-mailbox path deletes the duplicates
+                continue
+            if earlier:
+                calls.append(self._check_call(earlier[0]))
+                kinds.append(("earlier", key))
                 continue
             raw = self.raw.get(key)
             if raw is None or _message_id_of(raw) != bare:
@@ -494,14 +491,39 @@ class _Evidence:
                 self.verified[key] = True
 
     async def verify(self) -> None:
-        """Read each imported copy back and check its Message-ID and incident."""
+        """Read each imported copy back and search for duplicates of it.
+
+        The copy must carry its Message-ID and incident. httplib2 sends a batch
+        again, once, when the connection drops before the response, so one import
+        part can store two copies. A message whose search lists a copy besides the
+        imported one goes to the one-mailbox path, which keeps one.
+        """
         keys = [k for k in self.imported if k not in self.failed]
-        calls = [self._check_call(self.imported[k]) for k in keys]
-        for key, answer in zip(keys, await self.platform.batch(calls), strict=True):
-            if isinstance(answer, ConnectorError) or not self._carries(answer, key):
+        calls: list[BatchCall] = []
+        for key in keys:
+            calls += [self._check_call(self.imported[key]), self._search_call(key)]
+        answers = await self.platform.batch(calls)
+        for index, key in enumerate(keys):
+            check, search = answers[2 * index], answers[2 * index + 1]
+            if isinstance(check, ConnectorError) or not self._carries(check, key):
                 self.failed.add(key)
-            else:
-                self.verified[key] = True
+                continue
+            if isinstance(search, ConnectorError):
+                self.failed.add(key)
+                continue
+            listed = {str(m["id"]) for m in search.get("messages", [])}
+            if listed - {self.imported[key]}:
+                logger.warning(
+                    "Burst found a second quarantine copy mailbox=%s message_id=%s "
+                    "incident=%s copies=%d",
+                    self.quarantine,
+                    key[0],
+                    key[1],
+                    len(listed | {self.imported[key]}),
+                )
+                self.failed.add(key)
+                continue
+            self.verified[key] = True
 
     def settle(self, states: list[_Pull]) -> None:
         """Note each pull's verified copy, or send the pull to the one-mailbox path."""
@@ -521,6 +543,17 @@ class _Evidence:
             if name.lower() == wanted:
                 return label_id
         return None
+
+    def _search_call(self, key: tuple[str, str]) -> BatchCall:
+        """Search the quarantine mailbox for the copies of a message and incident."""
+        from .gmail import search_query
+
+        query = {
+            "q": search_query(key[0]),
+            "labelIds": [self.labels[key[1]]],
+            "includeSpamTrash": True,
+        }
+        return (self.quarantine, "messages", "list", query)
 
     def _check_call(self, gmail_id: str) -> BatchCall:
         from .gmail import INCIDENT_HEADER

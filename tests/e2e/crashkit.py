@@ -1,9 +1,9 @@
 """Helpers of the crash tests: topic readers, a mail world and a holding IMAP proxy.
 
 The crash tests stop a worker at one request of a quarantine, kill it with SIGKILL
-and start another. The simulators hold a request through a fault rule with
-`hold`. For Dovecot, `HoldingProxy` sits between the worker and the server and
-holds a command instead.
+and start another. The Graph, EWS and Gmail simulators hold a request through a
+fault rule with `hold`. For Dovecot, `HoldingProxy` sits between the worker and
+the server and holds a command instead.
 """
 
 from __future__ import annotations
@@ -142,13 +142,20 @@ def start_sim(kind: str, world: Path, state: Path, log: Path, *extra: str) -> An
 # --- the mail world -------------------------------------------------------------------
 
 
-def crash_world(platform: str, messages: dict[str, str], path: Path) -> Path:
+def crash_world(
+    platform: str,
+    messages: dict[str, str],
+    path: Path,
+    tenant: dict[str, Any] | None = None,
+) -> Path:
     """Write the demo world on `platform`, with one message per mailbox in its inbox.
 
-    `messages` maps each mailbox to the bare Message-ID of its message.
+    `messages` maps each mailbox to the bare Message-ID of its message, and
+    `tenant` adds fields to the tenant, such as a Gmail service account.
     """
     world = json.loads(DEMO_WORLD.read_text())
     world["tenants"][0]["platform"] = platform
+    world["tenants"][0].update(tenant or {})
     world["mailboxes"] += [{"address": mailbox} for mailbox in messages]
     world["messages"] = [
         {

@@ -6,6 +6,13 @@ and after the original was removed. The simulator (or, for Dovecot, a proxy) hol
 the request that starts the next step. Once all four wait, the worker is killed
 and a new one started. Afterwards every message must be in exactly one place, and
 the ledger, the pull.outcomes topic and the incident must agree.
+
+On Gmail, the killed worker quarantines each message on the one-mailbox path,
+and the new worker retries the four as one burst, or, in the gmail-one-mailbox
+run, one by one again. The original is trashed, or deleted in the gmail-delete
+run. In the gmail-burst run, the killed worker quarantines the four as one burst,
+whose phases move together, so all four stop between the import of their copy
+and its verification.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from crashkit import (
     start_sim,
     wait_until,
 )
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from autopull.streams.ingest import Input, RawSender, raw_alert
 from autopull.streams.settings import Settings
@@ -57,6 +66,8 @@ MESSAGE_IDS = {
 }
 SERVICE_ACCOUNT = "svc-autopull@example.com"
 SERVICE_PASSWORD = "service-account-password"
+GMAIL_SERVICE_ACCOUNT = "autopull@autopull-crash.iam.gserviceaccount.com"
+GMAIL_CLIENT_ID = "104512345678901234567"
 FINAL = {"quarantined", "already_quarantined"}
 HOLD_TIMEOUT_S = 120
 FINISH_TIMEOUT_S = 150
@@ -224,6 +235,138 @@ class EwsPlatform(SimPlatform):
             if row["operation"] in changes
             and row["status"] == 200
             and row["fault_rule"] is None
+        ]
+
+
+class GmailPlatform(SimPlatform):
+    """The Gmail simulator: a quarantine imports a copy, then trashes or deletes.
+
+    `action` is the adapter's `original_action`: with "trash" the original ends in
+    the user's trash, with "delete" it is gone. With `retry_alone`, the new worker
+    also retries each quarantine on the one-mailbox path, not as a burst. With
+    `in_burst`, the killed worker runs the four quarantines as one burst, whose
+    phases move together, so every import is carried out and its response held.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        action: str,
+        *,
+        retry_alone: bool = False,
+        in_burst: bool = False,
+    ) -> None:
+        def messages(step: str) -> str:
+            return rf"/users/{re.escape(MAILBOXES[step])}/messages"
+
+        self.action = action
+        self.retry_alone = retry_alone
+        self.in_burst = in_burst
+        method, removal = ("POST", "/[^/]+/trash$")
+        if action == "delete":
+            method, removal = ("DELETE", "/[^/]+$")
+        quarantine = re.escape(QUARANTINE)
+        if in_burst:
+            # Each rule holds one of the four import parts of the burst's batch.
+            held_import = {
+                "method": "POST",
+                "path": rf"/users/{quarantine}/messages/import$",
+                "hold": True,
+                "after_effect": True,
+            }
+            super().__init__(url, {step: held_import for step in STEPS})
+            return
+        super().__init__(
+            url,
+            {
+                # The raw MIME read comes right before the import.
+                "before_copy": {
+                    "method": "GET",
+                    "path": messages("before_copy") + "/[^/]+$",
+                    "query": "format=raw",
+                    "hold": True,
+                },
+                # The quarantine mailbox is searched for the message before the
+                # import and again to verify it, so the second search is held.
+                "after_copy": {
+                    "method": "GET",
+                    "path": rf"/users/{quarantine}/messages$",
+                    "query": re.escape(f"rfc822msgid:{MESSAGE_IDS['after_copy']}"),
+                    "skip": 1,
+                    "hold": True,
+                },
+                "after_verify": {
+                    "method": method,
+                    "path": messages("after_verify") + removal,
+                    "hold": True,
+                },
+                "after_delete": {
+                    "method": method,
+                    "path": messages("after_delete") + removal,
+                    "hold": True,
+                    "after_effect": True,
+                },
+            },
+        )
+
+    def leave_burst(self) -> None:
+        """Fail each mailbox's first label listing, once, with 503.
+
+        A burst runs its phases in lockstep, so one held request would stop every
+        pull at the same step. The failed listing sends each pull to the
+        one-mailbox path, where the holds stop the quarantines at four steps.
+        """
+        for step in STEPS:
+            rule = {
+                "method": "GET",
+                "path": rf"/users/{re.escape(MAILBOXES[step])}/labels$",
+                "status": 503,
+            }
+            response = httpx.post(f"{self.url}/_sim/faults", json=rule)
+            assert response.status_code == 201, response.text
+
+    def all_held(self) -> bool:
+        rules = httpx.get(f"{self.url}/_sim/faults").json()
+        holds = [rule for rule in rules if rule["hold"]]
+        return len(holds) == len(STEPS) and all(rule["held"] >= 1 for rule in holds)
+
+    def left_with_user(self, step: str) -> int:
+        copies = self.copies(MAILBOXES[step], step)
+        return sum(1 for copy in copies if "TRASH" not in copy["labels"])
+
+    def in_quarantine(self, step: str) -> int:
+        originals = self.copies(MAILBOXES[step], step)
+        if self.action == "trash":
+            assert [c["labels"].count("TRASH") for c in originals] == [1], originals
+        else:
+            assert originals == [], f"{step}: {originals}"
+        return len(self.copies(QUARANTINE, step))
+
+    def marked_incidents(self, step: str) -> list[str | None]:
+        """List the incident each quarantine copy names, checking its mailbox too."""
+        incidents = []
+        for copy in self.copies(QUARANTINE, step):
+            headers = copy["marker_headers"]
+            assert headers.get("X-Autopull-Original-Mailbox") == MAILBOXES[step], copy
+            incidents.append(headers.get("X-Autopull-Incident"))
+        return incidents
+
+    def writes(self) -> list[str]:
+        changes = {
+            "messages.import",
+            "messages.insert",
+            "messages.modify",
+            "messages.batchModify",
+            "messages.trash",
+            "messages.delete",
+            "messages.batchDelete",
+            "labels.create",
+            "labels.delete",
+        }
+        return [
+            f"{row['api_method']} {row['mailbox']}"
+            for row in self.requests()
+            if row["api_method"] in changes and row["status"] in (200, 204)
         ]
 
 
@@ -400,12 +543,62 @@ def base_settings(
     )
 
 
-@pytest.fixture(params=["graph", "ews", "imap", "imap-move"])
+@pytest.fixture(scope="module")
+def gmail_key() -> rsa.RSAPrivateKey:
+    """Generate the Gmail service account's RSA key, once per module."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def gmail_tenant(key: rsa.RSAPrivateKey) -> dict[str, Any]:
+    """Return the tenant fields that grant the service account delegation."""
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {
+        "client_id": GMAIL_CLIENT_ID,
+        "service_account": GMAIL_SERVICE_ACCOUNT,
+        "public_key_pem": public.decode("ascii"),
+    }
+
+
+def gmail_settings(url: str, key: rsa.RSAPrivateKey, action: str) -> dict[str, Any]:
+    """Return the worker's Gmail settings: the service account against `url`."""
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return {
+        "api_url": f"{url}/",
+        "token_uri": f"{url}/token",
+        "service_account_email": GMAIL_SERVICE_ACCOUNT,
+        "client_id": GMAIL_CLIENT_ID,
+        "private_key": private.decode("ascii"),
+        "quarantine_mailbox": QUARANTINE,
+        "original_action": action,
+        # A held request must not time out before all four quarantines wait.
+        "request_timeout": float(HOLD_TIMEOUT_S),
+    }
+
+
+@pytest.fixture(
+    params=[
+        "graph",
+        "ews",
+        "imap",
+        "imap-move",
+        "gmail",
+        "gmail-delete",
+        "gmail-one-mailbox",
+        "gmail-burst",
+    ]
+)
 def platform_case(
     request: pytest.FixtureRequest,
     kafka_bootstrap: str,
     topic_prefix: str,
     tmp_path: Path,
+    gmail_key: rsa.RSAPrivateKey,
 ) -> Iterator[tuple[Platform, Settings]]:
     """Start the platform named by the parameter; yield it and the worker settings."""
     name = request.param
@@ -441,15 +634,33 @@ def platform_case(
         proxy.close()
         return
 
-    world = crash_world(name, messages, tmp_path / "world.json")
+    # gmail-delete: the adapter deletes the original instead of trashing it.
+    # gmail-one-mailbox: the new worker retries without a burst.
+    # gmail-burst: the killed worker quarantines as a burst.
+    kind = name.partition("-")[0]
+    tenant = gmail_tenant(gmail_key) if kind == "gmail" else None
+    world = crash_world(kind, messages, tmp_path / "world.json", tenant)
     extra = []
     if name == "ews":
         extra = ["--service-account", f"{SERVICE_ACCOUNT}:{SERVICE_PASSWORD}"]
     process, url = start_sim(
-        name, world, tmp_path / "state.json", tmp_path / "sim.log", *extra
+        kind, world, tmp_path / "state.json", tmp_path / "sim.log", *extra
     )
     platform: SimPlatform
-    if name == "graph":
+    if kind == "gmail":
+        action = "delete" if name == "gmail-delete" else "trash"
+        gmail_platform = GmailPlatform(
+            url,
+            action,
+            retry_alone=name == "gmail-one-mailbox",
+            in_burst=name == "gmail-burst",
+        )
+        if not gmail_platform.in_burst:
+            gmail_platform.leave_burst()
+        platform = gmail_platform
+        gmail = gmail_settings(url, gmail_key, action)
+        settings = base_settings(kafka_bootstrap, topic_prefix, tmp_path, gmail=gmail)
+    elif name == "graph":
         demo = yaml.safe_load(DEMO_CONFIG.read_text())
         graph = dict(demo["graph"], graph_url=f"{url}/v1.0", authority_url=url)
         platform = GraphPlatform(url)
@@ -500,6 +711,8 @@ def test_kill_at_each_step_keeps_one_copy(
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     platform.release()
+    if isinstance(platform, GmailPlatform) and platform.retry_alone:
+        platform.leave_burst()
     start_worker()
 
     outcomes = TopicReader(settings, "pull.outcomes")
@@ -545,6 +758,9 @@ def test_kill_at_each_step_keeps_one_copy(
 
         assert platform.left_with_user(step) == 0, step
         assert platform.in_quarantine(step) == 1, step
+        if isinstance(platform, GmailPlatform):
+            incidents = platform.marked_incidents(step)
+            assert incidents == [outcome["incident_id"]], step
         if isinstance(platform, ImapPlatform):
             assert platform.removal_folders(step) == [], step
 
@@ -563,4 +779,6 @@ def test_kill_at_each_step_keeps_one_copy(
     stored = [w for w in writes if "CreateItem" in w or "save:" in w]
     if isinstance(platform, GraphPlatform):
         stored = [w for w in writes if w == f"POST /v1.0/users/{QUARANTINE}/messages"]
+    if isinstance(platform, GmailPlatform):
+        stored = [w for w in writes if w == f"messages.import {QUARANTINE}"]
     assert len(stored) == len(STEPS), writes

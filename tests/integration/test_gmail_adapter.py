@@ -1048,6 +1048,73 @@ async def test_burst_failed_part_takes_slow_path(
     assert [e.status for e in trashes] == [503, 200]
 
 
+async def test_burst_dropped_import_keeps_one_copy(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    # The drop closes the batch's connection after an import ran, and httplib2
+    # sends the whole batch again, so that import stores a second copy.
+    gmail_sim.faults.add(
+        {"path": r"/messages/import$", "drop": True, "after_effect": True}
+    )
+
+    results = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    )
+
+    assert [r for r in results if isinstance(r, Exception)] == []
+    stored = [
+        e
+        for e in calls(gmail_sim, "messages.import", QUARANTINE)
+        if e.status in (0, 200)
+    ]
+    deleted = calls(gmail_sim, "messages.delete", QUARANTINE)
+    assert len(stored) > 2
+    assert [e.status for e in deleted] == [204] * (len(stored) - 2)
+    assert len(evidence_of(gmail_sim, M1)) == 1
+    assert len(evidence_of(gmail_sim, M2)) == 1
+
+
+async def test_burst_retry_deletes_duplicates(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    pulls = [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    gmail_sim.faults.add(
+        {"path": r"/messages/import$", "drop": True, "after_effect": True}
+    )
+    # The duplicates outlive the first attempt, because deleting them fails.
+    gmail_sim.faults.add(
+        {
+            "method": "DELETE",
+            "path": r"/quarantine@example\.org/messages/",
+            "status": 500,
+            "count": 10,
+        }
+    )
+    first = GmailPlatform(adapter_settings(gmail_sim, service_key, request_retries=0))
+    try:
+        failed = await first.quarantine_many(pulls)
+    finally:
+        await first.close()
+    doubled = [m for m in (M1, M2) if len(evidence_of(gmail_sim, m)) == 2]
+    gmail_sim.faults.clear()
+
+    again = GmailPlatform(adapter_settings(gmail_sim, service_key))
+    try:
+        results = await again.quarantine_many(pulls)
+    finally:
+        await again.close()
+
+    assert any(isinstance(r, TransientError) for r in failed), failed
+    assert doubled != []
+    assert [r for r in results if isinstance(r, Exception)] == []
+    assert len(evidence_of(gmail_sim, M1)) == 1
+    assert len(evidence_of(gmail_sim, M2)) == 1
+    for mailbox, key in [("alice@example.org", "M1"), ("bob@example.org", "M2")]:
+        assert all("TRASH" in r["labels"] for r in rows_of(gmail_sim, mailbox, key))
+    imports = calls(gmail_sim, "messages.import", QUARANTINE)
+    assert len([e for e in imports if e.status in (0, 200)]) == 2 + len(doubled)
+
+
 async def test_burst_restores_like_one_mailbox(
     gmail: GmailPlatform, gmail_sim: GmailSimulator
 ) -> None:

@@ -7,6 +7,7 @@ these tests check the token endpoint on its own terms.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -578,3 +579,172 @@ async def test_batch_over_100_parts(
     assert response.status_code == 400
     assert "at most 100" in response.json()["error"]["message"]
     assert [e for e in sim.log if e.api_method == "labels.list"] == []
+
+
+# --- held requests --------------------------------------------------------------------
+
+
+async def held_counts(client: httpx.AsyncClient) -> list[int]:
+    """Return the `held` count of each fault rule, through the admin API."""
+    return [rule["held"] for rule in (await client.get("/_sim/faults")).json()]
+
+
+async def wait_for_held(client: httpx.AsyncClient, expected: list[int]) -> None:
+    """Wait up to 5 s until the rules hold `expected` requests, or fail."""
+    deadline = asyncio.get_running_loop().time() + 5
+    while await held_counts(client) != expected:
+        assert asyncio.get_running_loop().time() < deadline, await held_counts(client)
+        await asyncio.sleep(0.02)
+
+
+async def test_hold_waits_until_faults_cleared(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey, sim: GmailSimulator
+) -> None:
+    headers = await bearer(client, key)
+    gmail_id = sim.snapshot("alice@example.org")[0]["id"]
+    rule = {
+        "method": "GET",
+        "path": r"/users/alice@example\.org/messages/[^/]+$",
+        "query": "format=raw",
+        "hold": True,
+    }
+    added = await client.post("/_sim/faults", json=rule)
+    target = f"/gmail/v1/users/alice@example.org/messages/{gmail_id}"
+
+    held = asyncio.create_task(
+        client.get(target, params={"format": "raw"}, headers=headers)
+    )
+    await wait_for_held(client, [1])
+    other = await client.get(target, params={"format": "minimal"}, headers=headers)
+    still_waiting = not held.done()
+    cleared = await client.delete("/_sim/faults")
+    response = await asyncio.wait_for(held, 5)
+
+    assert added.status_code == 201
+    assert added.json()["held"] == 0
+    assert other.status_code == 200
+    assert still_waiting
+    assert cleared.status_code == 200
+    assert response.status_code == 503
+    assert reason_of(response) == "backendError"
+    assert [e.fault_rule for e in sim.log if e.api_method == "messages.get"] == [
+        1,
+        None,
+    ]
+
+
+async def test_hold_after_effect_answers_after_release(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey, sim: GmailSimulator
+) -> None:
+    gmail_id = sim.snapshot("bob@example.org")[0]["id"]
+    rule = {
+        "method": "POST",
+        "path": r"/users/bob@example\.org/messages/[^/]+/trash$",
+        "hold": True,
+        "after_effect": True,
+    }
+    await client.post("/_sim/faults", json=rule)
+    bob = await bearer(client, key, "bob@example.org")
+
+    held = asyncio.create_task(
+        client.post(
+            f"/gmail/v1/users/bob@example.org/messages/{gmail_id}/trash", headers=bob
+        )
+    )
+    await wait_for_held(client, [1])
+    labels_while_held = sim.snapshot("bob@example.org")[0]["labels"]
+    still_waiting = not held.done()
+    await client.delete("/_sim/faults")
+    response = await asyncio.wait_for(held, 5)
+
+    assert "TRASH" in labels_while_held
+    assert still_waiting
+    assert response.status_code == 200
+    assert "TRASH" in response.json()["labelIds"]
+
+
+async def test_hold_skip_lets_first_through(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey
+) -> None:
+    headers = await bearer(client, key)
+    rule = {"method": "GET", "path": r"/labels$", "skip": 1, "hold": True}
+    await client.post("/_sim/faults", json=rule)
+
+    first = await client.get("/gmail/v1/users/me/labels", headers=headers)
+    second = asyncio.create_task(
+        client.get("/gmail/v1/users/me/labels", headers=headers)
+    )
+    await wait_for_held(client, [1])
+    await client.delete("/_sim/faults")
+    answer = await asyncio.wait_for(second, 5)
+
+    assert first.status_code == 200
+    assert answer.status_code == 503
+
+
+async def test_hold_released_when_simulator_stops(key: rsa.RSAPrivateKey) -> None:
+    simulator = GmailSimulator(World.from_scenario(scenario(key)))
+    await simulator.start()
+    simulator.faults.add({"path": r"/labels$", "hold": True})
+    try:
+        async with httpx.AsyncClient(base_url=str(simulator.base_url)) as http:
+            headers = await bearer(http, key)
+            held = asyncio.create_task(
+                http.get("/gmail/v1/users/me/labels", headers=headers)
+            )
+            await wait_for_held(http, [1])
+            started = time.monotonic()
+            await simulator.stop()
+            stopped_after = time.monotonic() - started
+            response = await asyncio.wait_for(held, 5)
+    finally:
+        await simulator.stop()
+
+    assert stopped_after < 5
+    assert response.status_code == 503
+    assert simulator.faults.rules == []
+
+
+async def test_hold_in_batch_holds_its_batch(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey, sim: GmailSimulator
+) -> None:
+    alice = await bearer(client, key, "alice@example.org")
+    bob = await bearer(client, key, "bob@example.org")
+    await client.post(
+        "/_sim/faults", json={"path": r"/bob@example\.org/labels$", "hold": True}
+    )
+    content_type, body = batch_body(
+        [
+            ("/gmail/v1/users/alice@example.org/labels", alice),
+            ("/gmail/v1/users/bob@example.org/labels", bob),
+        ]
+    )
+
+    batch = asyncio.create_task(
+        client.post("/batch", content=body, headers={"Content-Type": content_type})
+    )
+    await wait_for_held(client, [1])
+    still_waiting = not batch.done()
+    await client.delete("/_sim/faults")
+    response = await asyncio.wait_for(batch, 5)
+
+    assert still_waiting
+    assert response.status_code == 200
+    assert response.text.count("HTTP/1.1 200 OK") == 1
+    assert response.text.count("HTTP/1.1 503 Service Unavailable") == 1
+
+
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ({"path": "/labels$", "held": 3}, "Unknown fault fields ['held']"),
+        ({"path": "/labels$", "query": "("}, ""),
+    ],
+)
+async def test_fault_rule_rejects_bad_fields(
+    client: httpx.AsyncClient, rule: dict[str, Any], fragment: str
+) -> None:
+    response = await client.post("/_sim/faults", json=rule)
+
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]
