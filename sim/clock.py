@@ -13,18 +13,30 @@ NOTE: work that finishes in another thread more than `grace_seconds` after the
 loop went idle (a slow DNS lookup in the default executor, say) lets the clock
 jump past it, so virtual durations can come out longer than they would be, never
 shorter.
+
+A client that runs in threads (exchangelib, google-api-python-client) needs more:
+while its thread computes, the loop is idle, and a jump would fire every pending
+timer, the client's own timeouts included. The loop counts the executor jobs whose
+result it has not yet received in `executor_jobs`, queued ones included, and a
+`may_advance` predicate can hold the clock while any of them is computing rather
+than waiting for a reply. Tests set it to
+compare that count with the simulator's requests that wait out their latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import selectors
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple, Unpack
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 DEFAULT_GRACE_SECONDS = 0.002
+# Real seconds a held clock waits for I/O before it asks `may_advance` again.
+HELD_POLL_SECONDS = 0.05
 
 
 class _JumpingSelector(selectors.BaseSelector):
@@ -34,6 +46,7 @@ class _JumpingSelector(selectors.BaseSelector):
         self._inner = inner
         self._grace = grace_seconds
         self.advance: Callable[[float], None] = lambda seconds: None
+        self.may_advance: Callable[[], bool] = lambda: True
 
     def register(
         self, fileobj: Any, events: int, data: Any = None
@@ -61,6 +74,8 @@ class _JumpingSelector(selectors.BaseSelector):
         if timeout is None:
             # No timer is due at all, so only I/O can wake the loop.
             return self._inner.select(None)
+        if not self.may_advance():
+            return self._inner.select(HELD_POLL_SECONDS)
         self.advance(timeout)
         return []
 
@@ -80,10 +95,37 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         selector = _JumpingSelector(selectors.DefaultSelector(), grace_seconds)
         super().__init__(selector)
         self._virtual_now = start
+        self._selector_hooks = selector
         selector.advance = self._advance
+        self.executor_jobs = 0
+
+    @property
+    def may_advance(self) -> Callable[[], bool]:
+        """The condition under which the clock may jump; always true by default."""
+        return self._selector_hooks.may_advance
+
+    @may_advance.setter
+    def may_advance(self, predicate: Callable[[], bool]) -> None:
+        self._selector_hooks.may_advance = predicate
 
     def time(self) -> float:
         return self._virtual_now
+
+    def run_in_executor(
+        self,
+        executor: concurrent.futures.Executor | None,
+        func: Callable[[Unpack[Ts]], T],
+        *args: Unpack[Ts],
+    ) -> asyncio.Future[T]:
+        future = super().run_in_executor(executor, func, *args)
+        self.executor_jobs += 1
+        future.add_done_callback(self._job_done)
+        return future
+
+    def _job_done(self, _: asyncio.Future[Any]) -> None:
+        # Counted down only once the loop has the result, so the clock cannot jump
+        # between a thread's last step and the loop's wake-up.
+        self.executor_jobs -= 1
 
     def _advance(self, seconds: float) -> None:
         self._virtual_now += seconds
