@@ -21,9 +21,9 @@ SoftDelete lets the user bring it back with Recover Deleted Items.
 exchangelib is synchronous, so every EWS request runs in a thread pool, with a
 bounded number of requests per mailbox. exchangelib's retry policy belongs to its
 protocol object, which every impersonated mailbox shares; it is FailFast here, and
-the adapter waits out ErrorServerBusy back-offs per mailbox itself, so one throttled
-mailbox does not stop the others. All exchangelib, requests and transport errors are
-translated in one place, `map_ews_error`.
+the adapter waits out ErrorServerBusy back-offs and the Retry-After of a 503 per
+mailbox itself, so one throttled mailbox does not stop the others. All exchangelib,
+requests and transport errors are translated in one place, `map_ews_error`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import email.header
 import logging
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -167,9 +168,10 @@ class EwsSettings(BaseModel):
     empty to let exchangelib probe the server. Copies go to `quarantine_folder` below
     the top of the quarantine mailbox, one subfolder per incident. At most
     `max_concurrency_per_mailbox` requests per mailbox and `max_connections` in all
-    run at once. The adapter waits in place for a server-requested back-off of up
-    to `max_back_off_wait` seconds, `max_attempts` times per request; a longer one
-    raises ThrottledError with the server's wait.
+    run at once. The adapter waits in place for a server-requested back-off or
+    Retry-After of up to `max_back_off_wait` seconds, `max_attempts` times per
+    request; a longer one raises ThrottledError (TransientError for a 503) with
+    the server's wait.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -265,6 +267,24 @@ class FixedPoolProtocol(Protocol):
         raise ews_errors.SessionPoolMinSizeReached(
             "The adapter keeps its EWS session pool at max_connections sessions."
         )
+
+    def get_session(self) -> Any:
+        """Return a session for the next request, unless its mailbox is paused.
+
+        One step can send several requests (FindItem, then GetItem). A request
+        that would go out during a back-off that began after its step started
+        raises ErrorServerBusy with the remaining wait instead, before anything
+        is sent, so the step runs again after the back-off.
+        """
+        gate: _Gate | None = getattr(_step_gate, "gate", None)
+        remaining = gate.remaining() if gate is not None else 0.0
+        if remaining > 0:
+            raise ews_errors.ErrorServerBusy(
+                f"The mailbox waits {remaining:.3f} s more for a back-off that "
+                "Exchange asked for.",
+                back_off=remaining,
+            )
+        return super().get_session()
 
 
 class FailFastWithRetryAfter(FailFast):
@@ -526,6 +546,18 @@ class _Job:
     mailbox: str
     bare: str
     retries: int = 0
+
+
+# The gate of the mailbox whose step this worker thread runs.
+_step_gate = threading.local()
+
+
+def _run_step(gate: _Gate, step: Callable[[], T]) -> T:
+    _step_gate.gate = gate
+    try:
+        return step()
+    finally:
+        _step_gate.gate = None
 
 
 @dataclass
@@ -1101,7 +1133,9 @@ class EwsPlatform(MailPlatform):
                 # A pause can begin while this request waits for its slot.
                 await self._wait_out_back_off(gate, mailbox, job)
                 try:
-                    return await loop.run_in_executor(self._executor, step)
+                    return await loop.run_in_executor(
+                        self._executor, _run_step, gate, step
+                    )
                 except Exception as exc:  # the one place foreign errors are mapped
                     error = self._mapped(exc, mailbox, job)
                     cause = exc

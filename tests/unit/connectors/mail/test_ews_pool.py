@@ -2,18 +2,20 @@
 
 exchangelib shrinks its pool after each ErrorServerBusy. With three sessions,
 two of them in use and none free, a second shrink waits for the pool lock that
-it holds itself. The adapter's protocol keeps its pool instead.
+it holds itself. The adapter's protocol keeps its pool instead, and gives no
+session to a request of a mailbox that waits out a back-off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
-from exchangelib.errors import SessionPoolMinSizeReached
+from exchangelib.errors import ErrorServerBusy, SessionPoolMinSizeReached
 from exchangelib.protocol import CachingProtocol
 
-from autopull.connectors.mail.ews import EwsPlatform, EwsSettings
+from autopull.connectors.mail.ews import EwsPlatform, EwsSettings, _Gate, _run_step
 
 
 @pytest.fixture
@@ -58,3 +60,20 @@ async def test_pool_kept_when_throttled(platform: EwsPlatform) -> None:
     assert finished
     assert size == 3
     assert [type(outcome) for outcome in outcomes] == [SessionPoolMinSizeReached] * 2
+
+
+async def test_paused_mailbox_gets_no_session(platform: EwsPlatform) -> None:
+    loop = asyncio.get_running_loop()
+    gate = _Gate(asyncio.Semaphore(1), loop.time)
+    gate.pause(5.0)
+
+    def next_request() -> object:
+        return platform._protocol.get_session()
+
+    with pytest.raises(ErrorServerBusy) as caught:
+        await loop.run_in_executor(None, _run_step, gate, next_request)
+    await platform.close()
+    CachingProtocol.clear_cache()
+
+    assert caught.value.back_off is not None
+    assert 4.0 < caught.value.back_off <= 5.0
