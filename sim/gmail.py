@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import secrets
 import time
@@ -545,6 +546,11 @@ class FaultRule:
     time) first, which makes a client time out. With `after_effect` the request is
     carried out first and only its response is replaced: the client sees a failure of
     a change that happened.
+
+    A rule with a `probability` below 1 hits each matching request with that
+    chance, and a rule with `until` stops at that time on the simulator's clock
+    (`SimClock.now`), so a storm of faults can cover a share of the requests for a
+    while.
     """
 
     path: str
@@ -557,10 +563,14 @@ class FaultRule:
     drop: bool = False
     delay_ms: float = 0.0
     after_effect: bool = False
+    probability: float = 1.0
+    until: float | None = None
     rule_id: int = 0
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, now: float) -> bool:
         if self.count <= 0:
+            return False
+        if self.until is not None and now >= self.until:
             return False
         if self.method is not None and self.method.upper() != method:
             return False
@@ -570,9 +580,12 @@ class FaultRule:
 class FaultInjector:
     """The fault rules set through the admin API, used in the order they were added."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, seed: int = 0) -> None:
         self.rules: list[FaultRule] = []
         self._next_id = 1
+        self._clock = clock
+        # Seeded, so that a storm of faults hits the same requests on every run.
+        self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> FaultRule:
         allowed = {f.name for f in fields(FaultRule)} - {"rule_id"}
@@ -584,6 +597,12 @@ class FaultInjector:
         if "path" not in data:
             raise ValueError("A fault needs a 'path' regular expression.")
         re.compile(str(data["path"]))
+        probability = data.get("probability", 1.0)
+        if not isinstance(probability, int | float) or not 0 < probability <= 1:
+            raise ValueError(
+                f"The fault probability {probability!r} is outside (0, 1]; give the "
+                "share of matching requests to fail, such as 0.4."
+            )
         if data.get("retry_after") is not None:
             data = {**data, "retry_after": str(data["retry_after"])}
         rule = FaultRule(**data, rule_id=self._next_id)
@@ -592,10 +611,14 @@ class FaultInjector:
         return rule
 
     def take(self, method: str, path: str) -> FaultRule | None:
+        now = self._clock()
         for rule in self.rules:
-            if rule.matches(method, path):
-                rule.count -= 1
-                return rule
+            if not rule.matches(method, path, now):
+                continue
+            if rule.probability < 1 and self._random.random() >= rule.probability:
+                continue
+            rule.count -= 1
+            return rule
         return None
 
     def clear(self) -> None:
@@ -604,7 +627,12 @@ class FaultInjector:
 
 @dataclass
 class LoggedRequest:
-    """One request as the simulator saw it, for tests and benchmarks."""
+    """One request as the simulator saw it, for tests and benchmarks.
+
+    `time` is `SimClock.now` at arrival, `retry_after` the Retry-After header of
+    the answer, if it had one, and `fault_rule` the id of the fault rule that
+    replaced the answer.
+    """
 
     seq: int
     time: float
@@ -617,6 +645,8 @@ class LoggedRequest:
     status: int | None = None
     reason: str | None = None
     body: Any = None
+    retry_after: str | None = None
+    fault_rule: int | None = None
 
 
 # --- the search language --------------------------------------------------------------
@@ -818,7 +848,7 @@ class GmailSimulator:
         self.clock = clock or SimClock(self.settings.time_scale)
         self.tokens = TokenIssuer(world, self.clock, self.settings)
         self.limits = UserLimits(self.settings, self.clock)
-        self.faults = FaultInjector()
+        self.faults = FaultInjector(self.clock.now)
         self.log: deque[LoggedRequest] = deque(maxlen=self.settings.request_log_size)
         self._seq = 0
         self._ids: dict[str, str] = {}
@@ -929,6 +959,7 @@ class GmailSimulator:
                 GmailError(500, "backendError", f"Simulator error: {exc!r}")
             )
         entry.status = response.status
+        entry.retry_after = response.headers.get("Retry-After")
         return response
 
     async def _serve(
@@ -941,6 +972,8 @@ class GmailSimulator:
             entry.api_method = api_method
             entry.mailbox = segments[3].lower()
         fault = self.faults.take(request.method, entry.path)
+        if fault is not None:
+            entry.fault_rule = fault.rule_id
         if fault is not None and fault.delay_ms > 0:
             await asyncio.sleep(fault.delay_ms / 1000)
         if fault is not None and not fault.after_effect:
