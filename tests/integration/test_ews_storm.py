@@ -8,21 +8,21 @@ while the request log keeps their times on that clock.
 
 The clock jumps only while every executor job waits for a reply that waits out
 the simulator's latency, so it never skips ahead of a thread that is still
-computing. A deadlock in the threads would stop the clock, so the run has two firm
-limits in real time: a watchdog that cancels the pulls, and a timeout on each test
-that ends the process if the threads never return.
+computing. Pulls still throttled after their attempts are parked and run again
+once due, as the pull agent does. A deadlock in the threads would stop the clock,
+so the run has two firm limits in real time: a watchdog that cancels the pulls,
+and a timeout on each test that ends the process if the threads never return.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
 
 import pytest
 from exchangelib.protocol import CachingProtocol
+from storms import pull_command, pull_until_settled
 
 from autopull.connectors.mail.ews import EwsPlatform, EwsSettings
 from autopull.sim.campaign import (
@@ -34,8 +34,7 @@ from autopull.sim.campaign import (
 from autopull.sim.clock import VirtualTimeLoop, run_virtual
 from autopull.sim.ews import EwsLoggedRequest, EwsSimSettings, EwsSimulator
 from autopull.sim.world import World
-from autopull.streams.pulls import PullResult, RetryPolicy, execute_many
-from autopull.streams.records import Record
+from autopull.streams.pulls import PullResult
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(170, method="thread")]
 
@@ -45,29 +44,13 @@ BACK_OFF_MS = 2000
 RETRY_AFTER = 3
 # Real seconds the pulls may take before the watchdog cancels them.
 DEADLINE_SECONDS = 120.0
+# Runs of the batch: the first, then up to two of the pulls it parked.
+ROUNDS = 3
 SERVICE_ACCOUNT = "svc-autopull@burst.example.com"
 PASSWORD = "storm-service-account-password"
 INCIDENT = "INC-EWS-STORM"
 ADAPTER_CONCURRENCY = 4
 THREADS = 8
-
-
-def pull_command(mailbox: str, number: int) -> Record:
-    now = datetime.now(UTC)
-    return {
-        "command_id": f"ews-storm-{number}",
-        "incident_id": INCIDENT,
-        "kind": "quarantine",
-        "mailbox": mailbox,
-        "message_id": CAMPAIGN_MESSAGE_ID,
-        "alert_id": "ews-storm:1",
-        "alert_received_at": now,
-        "issued_at": now,
-        "recipient_type": "original",
-        "reason": "",
-        "attempt": 1,
-        "not_before": None,
-    }
 
 
 def ews_world() -> World:
@@ -126,22 +109,15 @@ def run_storm() -> tuple[list[PullResult], EwsSimulator, float]:
                 "count": 10**9,
             }
         )
-        commands = [pull_command(user_mailbox(i), i) for i in range(MAILBOXES)]
-        task = asyncio.current_task()
-        assert task is not None
-        watchdog = threading.Timer(
-            DEADLINE_SECONDS, loop.call_soon_threadsafe, args=(task.cancel,)
-        )
-        watchdog.start()
+        commands = [
+            pull_command(user_mailbox(i), i, INCIDENT, CAMPAIGN_MESSAGE_ID)
+            for i in range(MAILBOXES)
+        ]
         try:
-            results = await execute_many(commands, lambda _: platform, RetryPolicy())
-        except asyncio.CancelledError:
-            raise TimeoutError(
-                f"The storm's {MAILBOXES} pulls did not finish within "
-                f"{DEADLINE_SECONDS:g} s of real time."
-            ) from None
+            results, _ = await pull_until_settled(
+                commands, lambda _: platform, rounds=ROUNDS, deadline=DEADLINE_SECONDS
+            )
         finally:
-            watchdog.cancel()
             await platform.close()
             await sim.stop()
         return results, sim
@@ -196,7 +172,8 @@ def test_storm_hits_forty_percent(
     injected = [e for e in during if e.fault_rule is not None]
 
     assert len(during) > 200
-    assert 0.35 <= len(injected) / len(during) <= 0.45
+    # 40% expected; the bounds allow for a sample of a few hundred requests.
+    assert 0.3 <= len(injected) / len(during) <= 0.5
     assert {e.status for e in injected} == {500, 503}
     assert all(e.fault_rule is None for e in requests if e.at >= first + STORM_SECONDS)
 
