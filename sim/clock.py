@@ -29,13 +29,13 @@ import asyncio
 import concurrent.futures
 import selectors
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar, TypeVarTuple, Unpack
+from typing import Any, TypeVar, TypeVarTuple
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 DEFAULT_GRACE_SECONDS = 0.002
-# Real seconds a held clock waits for I/O before it asks `may_advance` again.
+# Real seconds a held clock waits for I/O before it checks `may_advance` again.
 HELD_POLL_SECONDS = 0.05
 
 
@@ -101,7 +101,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     @property
     def may_advance(self) -> Callable[[], bool]:
-        """The condition under which the clock may jump; always true by default."""
+        """The condition under which the clock may jump, by default always true."""
         return self._selector_hooks.may_advance
 
     @may_advance.setter
@@ -114,8 +114,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def run_in_executor(
         self,
         executor: concurrent.futures.Executor | None,
-        func: Callable[[Unpack[Ts]], T],
-        *args: Unpack[Ts],
+        func: Callable[[*Ts], T],
+        *args: *Ts,
     ) -> asyncio.Future[T]:
         future = super().run_in_executor(executor, func, *args)
         self.executor_jobs += 1
