@@ -750,8 +750,8 @@ class EwsLoggedRequest:
 
     `at` is the simulator clock in seconds. `early` marks a request that arrived
     while its budget still had to wait out a back-off. `back_off_ms` is the
-    BackOffMilliseconds of an ErrorServerBusy answer, and `retry_after` the
-    Retry-After seconds of a 503 answer.
+    BackOffMilliseconds of an ErrorServerBusy response, and `retry_after` the
+    Retry-After seconds of a 503 response.
     """
 
     seq: int
