@@ -17,6 +17,10 @@ to a simulator) would hold the clock for ever, so such a server marks each reque
 it serves with `serving_thread`. The clock then jumps once every running job waits
 on a request being served, because only a timer of this loop can end that wait.
 The clock never counts threads started by other means.
+
+A test may hold the clock further with a `may_advance` predicate, for example
+until a simulator's own count of requests in flight matches the executor jobs in
+`executor_jobs`.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ class _JumpingSelector(selectors.BaseSelector):
         self._grace = grace_seconds
         self._work = work
         self.advance: Callable[[float], None] = lambda seconds: None
+        self.may_advance: Callable[[], bool] = lambda: True
 
     def register(
         self, fileobj: Any, events: int, data: Any = None
@@ -106,7 +111,7 @@ class _JumpingSelector(selectors.BaseSelector):
         if timeout is None:
             # No timer is due at all, so only I/O can wake the loop.
             return self._inner.select(None)
-        if self._work.busy():
+        if self._work.busy() or not self.may_advance():
             # A thread still works in real time: wait for it without a jump. The
             # loop calls again with the same timeout, since its time stood still.
             return self._inner.select(THREAD_POLL_SECONDS)
@@ -135,7 +140,20 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         )
         super().__init__(selector)
         self._virtual_now = start
+        self._selector_hooks = selector
         selector.advance = self._advance
+        # Executor jobs whose result the loop has not received yet, queued ones
+        # included.
+        self.executor_jobs = 0
+
+    @property
+    def may_advance(self) -> Callable[[], bool]:
+        """The extra condition under which the clock may jump, by default true."""
+        return self._selector_hooks.may_advance
+
+    @may_advance.setter
+    def may_advance(self, predicate: Callable[[], bool]) -> None:
+        self._selector_hooks.may_advance = predicate
 
     def time(self) -> float:
         return self._virtual_now
@@ -160,8 +178,13 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         pool = executor if executor is not None else self._pool()
         future = super().run_in_executor(pool, func, *args)
         self.thread_work.submit(pool)
-        future.add_done_callback(lambda _: self.thread_work.finish(pool))
+        self.executor_jobs += 1
+        future.add_done_callback(lambda _: self._job_done(pool))
         return future
+
+    def _job_done(self, pool: concurrent.futures.Executor) -> None:
+        self.thread_work.finish(pool)
+        self.executor_jobs -= 1
 
     def _pool(self) -> concurrent.futures.Executor:
         # The base loop creates its default executor on first use; creating it

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import logging
 import operator
+import random
 import re
 import signal
 import time
@@ -49,6 +50,7 @@ from xml.etree.ElementTree import Element, SubElement
 from aiohttp import web
 from defusedxml import ElementTree as SafeET
 
+from .clock import serving_thread
 from .world import (
     RECOVERABLE_FOLDER,
     ROOT_FOLDER,
@@ -637,6 +639,10 @@ class EwsFaultRule:
     `status`. `drop` closes the connection. With `after`, the operation runs first
     and only its response is replaced, as when a reply is lost on the way.
 
+    A rule with a `probability` below 1 hits each matching request with that
+    chance, and a rule with `until` stops at that time on the simulator's clock, so
+    a storm of faults can cover a share of the requests for a while.
+
     With `contains`, only requests whose raw body contains that text match, and
     `skip` lets that many matching requests through first. With `hold`, the request
     waits until the rules are cleared, so a test can stop a client at that request
@@ -656,6 +662,8 @@ class EwsFaultRule:
     after: bool = False
     contains: str | None = None
     skip: int = 0
+    probability: float = 1.0
+    until: float | None = None
     hold: bool = False
     held: int = 0
     rule_id: int = 0
@@ -675,8 +683,12 @@ class EwsFaultRule:
         finally:
             self.held -= 1
 
-    def matches(self, operation: str, mailbox: str | None, body: bytes = b"") -> bool:
+    def matches(
+        self, operation: str, mailbox: str | None, now: float, body: bytes = b""
+    ) -> bool:
         if self.count <= 0:
+            return False
+        if self.until is not None and now >= self.until:
             return False
         if self.contains is not None and self.contains.encode() not in body:
             return False
@@ -690,9 +702,14 @@ class EwsFaultRule:
 class FaultInjector:
     """The fault rules set through the admin API, used in the order they were added."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, seed: int = 0
+    ) -> None:
         self.rules: list[EwsFaultRule] = []
         self._next_id = 1
+        self._clock = clock
+        # Seeded, so that a storm of faults hits the same requests on every run.
+        self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> EwsFaultRule:
         allowed = {f.name for f in fields(EwsFaultRule)} - {
@@ -708,6 +725,12 @@ class FaultInjector:
         kind = data.get("kind", "server_busy")
         if kind not in FAULT_KINDS:
             raise ValueError(f"Unknown fault kind {kind!r}; use {sorted(FAULT_KINDS)}.")
+        probability = data.get("probability", 1.0)
+        if not isinstance(probability, int | float) or not 0 < probability <= 1:
+            raise ValueError(
+                f"The fault probability {probability!r} is outside (0, 1]; give the "
+                "share of matching requests to fail, such as 0.4."
+            )
         rule = EwsFaultRule(**data, rule_id=self._next_id)
         self._next_id += 1
         self.rules.append(rule)
@@ -716,8 +739,11 @@ class FaultInjector:
     def take(
         self, operation: str, mailbox: str | None, body: bytes = b""
     ) -> EwsFaultRule | None:
+        now = self._clock()
         for rule in self.rules:
-            if not rule.matches(operation, mailbox, body):
+            if not rule.matches(operation, mailbox, now, body):
+                continue
+            if rule.probability < 1 and self._random.random() >= rule.probability:
                 continue
             if rule.skip > 0:
                 rule.skip -= 1
@@ -738,7 +764,9 @@ class EwsLoggedRequest:
     """One request as the simulator saw it, for tests and the demo.
 
     `at` is the simulator clock in seconds. `early` marks a request that arrived
-    while its budget still had to wait out a back-off.
+    while its budget still had to wait out a back-off. `back_off_ms` is the
+    BackOffMilliseconds of an ErrorServerBusy response, and `retry_after` the
+    Retry-After seconds of a 503 response.
     """
 
     seq: int
@@ -753,6 +781,8 @@ class EwsLoggedRequest:
     code: str | None = None
     early: bool = False
     fault_rule: int | None = None
+    back_off_ms: int | None = None
+    retry_after: int | None = None
     duration_ms: float | None = None
 
 
@@ -837,7 +867,7 @@ class EwsSimulator:
         self.clock = clock
         self.wall_clock = wall_clock
         self.budgets = Budgets(self.settings, clock)
-        self.faults = FaultInjector()
+        self.faults = FaultInjector(clock)
         self.log: deque[EwsLoggedRequest] = deque(maxlen=self.settings.request_log_size)
         # Export blobs carry only MIME here, so the read state of recent exports is
         # kept aside for the uploads that bring them back.
@@ -895,6 +925,14 @@ class EwsSimulator:
     # --- dispatch -----------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # exchangelib is synchronous and runs in threads, which block on the
+        # response once the whole request is read. On a virtual clock that wait
+        # lets the clock jump.
+        await request.read()
+        with serving_thread():
+            return await self._dispatch(request)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
         segments = [unquote(part) for part in path.split("/")[1:]]
         if segments and segments[0] == "_sim":
@@ -915,6 +953,7 @@ class EwsSimulator:
         except SoapFault as fault:
             response = self._fault_response(fault)
             entry.code = fault.code
+            entry.back_off_ms = fault.back_off_ms
         except _DropConnection:
             # Status 0 in the log marks a dropped connection. aiohttp treats a
             # cancelled handler as a lost client and sends nothing more.
@@ -930,6 +969,8 @@ class EwsSimulator:
             response = self._fault_response(failure)
             entry.code = failure.code
         entry.status = response.status
+        if response.status == 503 and "Retry-After" in response.headers:
+            entry.retry_after = int(response.headers["Retry-After"])
         entry.duration_ms = round((self.clock() - started) * 1000, 3)
         return response
 

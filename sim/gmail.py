@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import re
 import secrets
 import time
@@ -554,6 +555,11 @@ class FaultRule:
     and kill it there. A held request then gets the fault, or, with
     `after_effect`, the response of the change that already happened. `held`
     counts the requests waiting on the rule.
+
+    A rule with a `probability` below 1 hits each matching request with that
+    chance, and a rule with `until` stops at that time on the simulator's clock
+    (`SimClock.now`), so a storm of faults can cover a share of the requests for a
+    while.
     """
 
     path: str
@@ -570,13 +576,17 @@ class FaultRule:
     after_effect: bool = False
     hold: bool = False
     held: int = 0
+    probability: float = 1.0
+    until: float | None = None
     rule_id: int = 0
     released: asyncio.Event = field(
         default_factory=asyncio.Event, repr=False, compare=False
     )
 
-    def matches(self, method: str, path: str, query: str = "") -> bool:
+    def matches(self, method: str, path: str, now: float, query: str = "") -> bool:
         if self.count <= 0:
+            return False
+        if self.until is not None and now >= self.until:
             return False
         if self.method is not None and self.method.upper() != method:
             return False
@@ -600,9 +610,12 @@ class FaultRule:
 class FaultInjector:
     """The fault rules set through the admin API, used in the order they were added."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, seed: int = 0) -> None:
         self.rules: list[FaultRule] = []
         self._next_id = 1
+        self._clock = clock
+        # Seeded, so that a storm of faults hits the same requests on every run.
+        self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> FaultRule:
         allowed = {f.name for f in fields(FaultRule)} - {"rule_id", "held", "released"}
@@ -616,6 +629,12 @@ class FaultInjector:
         re.compile(str(data["path"]))
         if data.get("query") is not None:
             re.compile(str(data["query"]))
+        probability = data.get("probability", 1.0)
+        if not isinstance(probability, int | float) or not 0 < probability <= 1:
+            raise ValueError(
+                f"The fault probability {probability!r} is outside (0, 1]; give the "
+                "share of matching requests to fail, such as 0.4."
+            )
         if data.get("retry_after") is not None:
             data = {**data, "retry_after": str(data["retry_after"])}
         rule = FaultRule(**data, rule_id=self._next_id)
@@ -624,8 +643,11 @@ class FaultInjector:
         return rule
 
     def take(self, method: str, path: str, query: str = "") -> FaultRule | None:
+        now = self._clock()
         for rule in self.rules:
-            if not rule.matches(method, path, query):
+            if not rule.matches(method, path, now, query):
+                continue
+            if rule.probability < 1 and self._random.random() >= rule.probability:
                 continue
             if rule.skip > 0:
                 rule.skip -= 1
@@ -643,7 +665,12 @@ class FaultInjector:
 
 @dataclass
 class LoggedRequest:
-    """One request as the simulator saw it, for tests and benchmarks."""
+    """One request as the simulator saw it, for tests and benchmarks.
+
+    `time` is `SimClock.now` at arrival, `retry_after` the Retry-After header of
+    the answer, if it had one, and `fault_rule` the id of the fault rule that
+    replaced the answer.
+    """
 
     seq: int
     time: float
@@ -656,6 +683,7 @@ class LoggedRequest:
     status: int | None = None
     reason: str | None = None
     body: Any = None
+    retry_after: str | None = None
     fault_rule: int | None = None
 
 
@@ -858,7 +886,7 @@ class GmailSimulator:
         self.clock = clock or SimClock(self.settings.time_scale)
         self.tokens = TokenIssuer(world, self.clock, self.settings)
         self.limits = UserLimits(self.settings, self.clock)
-        self.faults = FaultInjector()
+        self.faults = FaultInjector(self.clock.now)
         self.log: deque[LoggedRequest] = deque(maxlen=self.settings.request_log_size)
         self._seq = 0
         self._ids: dict[str, str] = {}
@@ -979,6 +1007,7 @@ class GmailSimulator:
                 GmailError(500, "backendError", f"Simulator error: {exc!r}")
             )
         entry.status = response.status
+        entry.retry_after = response.headers.get("Retry-After")
         return response
 
     async def _serve(

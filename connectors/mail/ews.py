@@ -21,9 +21,9 @@ SoftDelete lets the user bring it back with Recover Deleted Items.
 exchangelib is synchronous, so every EWS request runs in a thread pool, with a
 bounded number of requests per mailbox. exchangelib's retry policy belongs to its
 protocol object, which every impersonated mailbox shares; it is FailFast here, and
-the adapter waits out ErrorServerBusy back-offs per mailbox itself, so one throttled
-mailbox does not stop the others. All exchangelib, requests and transport errors are
-translated in one place, `map_ews_error`.
+the adapter waits out ErrorServerBusy back-offs and the Retry-After of a 503 per
+mailbox itself, so one throttled mailbox does not stop the others. All exchangelib,
+requests and transport errors are translated in one place, `map_ews_error`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import email.header
 import logging
-import time
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -176,9 +176,10 @@ class EwsSettings(BaseModel):
     empty to let exchangelib probe the server. Copies go to `quarantine_folder` below
     the top of the quarantine mailbox, one subfolder per incident. At most
     `max_concurrency_per_mailbox` requests per mailbox and `max_connections` in all
-    run at once. The adapter waits in place for a server-requested back-off of up
-    to `max_back_off_wait` seconds, `max_attempts` times per request; a longer one
-    raises ThrottledError with the server's wait.
+    run at once. The adapter waits in place for a server-requested back-off or
+    Retry-After of up to `max_back_off_wait` seconds, `max_attempts` times per
+    request; a longer one raises ThrottledError (TransientError for a 503) with
+    the server's wait.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -256,6 +257,42 @@ _register_message_flags()
 
 class ServiceUnavailable(ews_errors.ErrorServerBusy):
     """HTTP 503 from Exchange or a proxy, with its Retry-After in `back_off`."""
+
+
+class FixedPoolProtocol(Protocol):
+    """exchangelib's protocol object with a session pool that never shrinks.
+
+    exchangelib 5.6 drops one HTTP session after each ErrorServerBusy, 503 or
+    ErrorExceededConnectionCount. It takes the session to drop while it holds the
+    pool lock, and when every session is in use and the pool is below its size,
+    it tries to add one under the same lock. The thread then waits on itself,
+    and every other thread that needs a session waits behind it. The adapter
+    limits requests per mailbox and waits out back-offs itself, so the pool keeps
+    its sessions instead.
+    """
+
+    def decrease_poolsize(self) -> None:
+        raise ews_errors.SessionPoolMinSizeReached(
+            "The adapter keeps its EWS session pool at max_connections sessions."
+        )
+
+    def get_session(self) -> Any:
+        """Return a session for the next request, unless its mailbox is paused.
+
+        One step can send several requests (FindItem, then GetItem). A request
+        that would go out during a back-off that began after its step started
+        raises ErrorServerBusy with the remaining wait instead, before anything
+        is sent, so the step runs again after the back-off.
+        """
+        gate: _Gate | None = getattr(_step_gate, "gate", None)
+        remaining = gate.remaining() if gate is not None else 0.0
+        if remaining > 0:
+            raise ews_errors.ErrorServerBusy(
+                f"The mailbox waits {remaining:.3f} s more for a back-off that "
+                "Exchange asked for.",
+                back_off=remaining,
+            )
+        return super().get_session()
 
 
 class FailFastWithRetryAfter(FailFast):
@@ -519,18 +556,34 @@ class _Job:
     retries: int = 0
 
 
+# The gate of the mailbox whose step this worker thread runs.
+_step_gate = threading.local()
+
+
+def _run_step(gate: _Gate, step: Callable[[], T]) -> T:
+    _step_gate.gate = gate
+    try:
+        return step()
+    finally:
+        _step_gate.gate = None
+
+
 @dataclass
 class _Gate:
-    """The requests in flight for one mailbox and the back-off it must wait out."""
+    """The requests in flight for one mailbox and the back-off it must wait out.
+
+    `clock` is the event loop's time, so that waits and back-offs agree on one clock.
+    """
 
     slots: asyncio.Semaphore
+    clock: Callable[[], float]
     paused_until: float = 0.0
 
     def remaining(self) -> float:
-        return max(0.0, self.paused_until - time.monotonic())
+        return max(0.0, self.paused_until - self.clock())
 
     def pause(self, seconds: float) -> None:
-        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        self.paused_until = max(self.paused_until, self.clock() + seconds)
 
 
 @dataclass
@@ -583,11 +636,13 @@ class EwsPlatform(MailPlatform):
         exchangelib caches one protocol per endpoint and credentials. A cached one
         from an earlier adapter carries that adapter's policy, so it is replaced.
         """
-        protocol = Protocol(config=self._config)
-        if protocol.config is not self._config:
+        protocol = FixedPoolProtocol(config=self._config)
+        if protocol.config is not self._config or not isinstance(
+            protocol, FixedPoolProtocol
+        ):
             with suppress(KeyError):
                 del Protocol[self._config]
-            protocol = Protocol(config=self._config)
+            protocol = FixedPoolProtocol(config=self._config)
         # An instance attribute, so only this protocol object gets the timeout.
         protocol.TIMEOUT = self.settings.request_timeout
         return protocol
@@ -1089,28 +1144,34 @@ class EwsPlatform(MailPlatform):
         key = mailbox.lower()
         if key not in self._gates:
             limit = self.settings.max_concurrency_per_mailbox
-            self._gates[key] = _Gate(asyncio.Semaphore(limit))
+            clock = asyncio.get_running_loop().time
+            self._gates[key] = _Gate(asyncio.Semaphore(limit), clock)
         return self._gates[key]
 
     async def _call(self, job: _Job, mailbox: str, step: Callable[[], T]) -> T:
         """Run one blocking exchangelib step for a mailbox and map its errors.
 
         The step runs in the thread pool within the mailbox's request slots. After
-        ErrorServerBusy the mailbox pauses for the server's back-off; the step is
-        tried again after a wait of up to `max_back_off_wait`, `max_attempts` times
-        in all, and a longer wait raises ThrottledError at once.
+        ErrorServerBusy, or a 503 with Retry-After, the mailbox pauses for the
+        server's wait. A request that got its slot during a pause waits it out
+        before it is sent. The step is tried again after a wait of up to
+        `max_back_off_wait`, `max_attempts` times in all, and a longer wait raises
+        the mapped error at once.
         """
         gate = self._gate(mailbox)
         loop = asyncio.get_running_loop()
         for attempt in range(1, self.settings.max_attempts + 1):
-            await self._wait_out_back_off(gate, mailbox, job)
             async with gate.slots:
+                # A pause can begin while this request waits for its slot.
+                await self._wait_out_back_off(gate, mailbox, job)
                 try:
-                    return await loop.run_in_executor(self._executor, step)
+                    return await loop.run_in_executor(
+                        self._executor, _run_step, gate, step
+                    )
                 except Exception as exc:  # the one place foreign errors are mapped
                     error = self._mapped(exc, mailbox, job)
                     cause = exc
-            retry_after = error.retry_after if isinstance(error, ThrottledError) else 0
+            retry_after = error.retry_after if isinstance(error, TransientError) else 0
             if not retry_after:
                 raise error from cause
             gate.pause(retry_after)
@@ -1121,26 +1182,29 @@ class EwsPlatform(MailPlatform):
                 raise error from cause
             job.retries += 1
             logger.warning(
-                "Exchange throttled mailbox=%s message_id=%s back_off=%.3f attempt=%d",
+                "Exchange asked to wait mailbox=%s message_id=%s wait=%.3f attempt=%d "
+                "error_class=%s",
                 mailbox,
                 job.bare,
                 retry_after,
                 attempt,
+                type(error).__name__,
             )
         raise AssertionError("unreachable")
 
     async def _wait_out_back_off(self, gate: _Gate, mailbox: str, job: _Job) -> None:
-        remaining = gate.remaining()
-        if remaining > self.settings.max_back_off_wait:
-            raise ThrottledError(
-                f"Mailbox {mailbox} must wait {remaining:.1f} s more before its next "
-                "EWS request, as Exchange asked; the request is parked until then.",
-                retry_after=remaining,
-                mailbox=mailbox,
-                message_id=job.bare,
-                platform=PLATFORM,
-            )
-        if remaining > 0:
+        # Requests sent before a pause began can extend it while this one sleeps.
+        while (remaining := gate.remaining()) > 0:
+            if remaining > self.settings.max_back_off_wait:
+                raise ThrottledError(
+                    f"Mailbox {mailbox} must wait {remaining:.1f} s more before its "
+                    "next EWS request, as Exchange asked; the request is parked "
+                    "until then.",
+                    retry_after=remaining,
+                    mailbox=mailbox,
+                    message_id=job.bare,
+                    platform=PLATFORM,
+                )
             await asyncio.sleep(remaining)
 
     def _mapped(self, exc: Exception, mailbox: str, job: _Job) -> ConnectorError:

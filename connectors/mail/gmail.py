@@ -572,6 +572,9 @@ class GmailPlatform(MailPlatform):
         self._local = threading.local()
         self._subjects: dict[str, service_account.Credentials] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        # Event loop time before which no request goes to a mailbox, because
+        # Gmail named a wait for it.
+        self._paused_until: dict[str, float] = {}
         self._evidence_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -816,7 +819,8 @@ class GmailPlatform(MailPlatform):
 
         Returns each call's answer, or its `ConnectorError`, in order. The batches
         (`batch_parts` parts each) run concurrently on the thread pool, and every
-        part carries its own mailbox's token. Nothing is retried here.
+        part carries its own mailbox's token. Nothing is retried here, but a wait
+        that Gmail names for a part pauses the one-mailbox requests to its mailbox.
         """
         size = batch_parts(
             len(calls), self.settings.batch_size, self.settings.max_threads
@@ -831,7 +835,11 @@ class GmailPlatform(MailPlatform):
                 for chunk in chunks
             )
         )
-        return [answer for chunk in answers for answer in chunk]
+        flat = [answer for chunk in answers for answer in chunk]
+        for (mailbox, *_), answer in zip(calls, flat, strict=True):
+            if isinstance(answer, TransientError) and answer.retry_after:
+                self._pause(mailbox, answer.retry_after)
+        return flat
 
     async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
         """List what `mailbox` sent since `since`, with the headers tracing matches on
@@ -1440,16 +1448,46 @@ class GmailPlatform(MailPlatform):
     async def _run(
         self, mailbox: str, bare: str | None, request: Callable[[], Any]
     ) -> Any:
+        """Send one request once the mailbox's pause is over.
+
+        A wait that Gmail names pauses every later request to that mailbox, not
+        only the failed one.
+        """
         loop = asyncio.get_running_loop()
+        await self._wait_out_pause(mailbox, bare)
         try:
             return await loop.run_in_executor(self._threads, request)
         except Exception as exc:  # the one place foreign errors are mapped
             error = map_gmail_error(
                 exc, mailbox=mailbox, message_id=bare, client_id=self.settings.client_id
             )
+            if isinstance(error, TransientError) and error.retry_after:
+                self._pause(mailbox, error.retry_after)
             if error is exc:
                 raise
             raise error from exc
+
+    def _pause(self, mailbox: str, seconds: float) -> None:
+        key = mailbox.lower()
+        until = asyncio.get_running_loop().time() + seconds
+        self._paused_until[key] = max(self._paused_until.get(key, 0.0), until)
+
+    async def _wait_out_pause(self, mailbox: str, bare: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        key = mailbox.lower()
+        # Requests sent before a pause began can extend it while this one sleeps.
+        while (remaining := self._paused_until.get(key, 0.0) - loop.time()) > 0:
+            if remaining > self.settings.max_retry_wait:
+                raise ThrottledError(
+                    f"Mailbox {mailbox} must wait {remaining:.1f} s more before its "
+                    "next Gmail request, as Gmail asked; the request is parked until "
+                    "then.",
+                    retry_after=remaining,
+                    mailbox=mailbox,
+                    message_id=bare,
+                    platform=PLATFORM,
+                )
+            await asyncio.sleep(remaining)
 
     def _execute(
         self, mailbox: str, resource: str, method: str, params: dict[str, Any]

@@ -181,7 +181,9 @@ async def _run(
     for index, outcome in zip(owners, outcomes, strict=True):
         state = states[index]
         if isinstance(outcome, ConnectorError):
-            if state.active:
+            # A pull with several failed calls in one batch leaves once, after the
+            # longest wait that any of them named.
+            if state.result is None:
                 logger.warning(
                     "Burst call failed mailbox=%s message_id=%s error=%s",
                     state.mailbox,
@@ -379,6 +381,18 @@ class _Evidence:
         self.imported: dict[tuple[str, str], str] = {}
         self.verified: dict[tuple[str, str], bool] = {}
         self.failed: set[tuple[str, str]] = set()
+        # The failures that named a wait, by key. A label's key is ("", incident),
+        # and the label list's is ("", "").
+        self.waits: dict[tuple[str, str], TransientError] = {}
+
+    def fail(self, key: tuple[str, str], error: ConnectorError | None = None) -> None:
+        """Mark a key failed, keeping the longest wait that a failure named."""
+        self.failed.add(key)
+        if not isinstance(error, TransientError) or error.retry_after is None:
+            return
+        known = self.waits.get(key)
+        if known is None or (known.retry_after or 0) < error.retry_after:
+            self.waits[key] = error
 
     def label_name(self, incident: str) -> str:
         return f"{self.platform.settings.label_prefix}/{incident}"
@@ -388,7 +402,7 @@ class _Evidence:
             0
         ]
         if isinstance(answer, ConnectorError):
-            self.failed.add(("", ""))
+            self.fail(("", ""), answer)
             return
         self.label_names = {
             str(x["id"]): str(x.get("name", x["id"])) for x in answer.get("labels", [])
@@ -432,7 +446,7 @@ class _Evidence:
             kinds, await self.platform.batch(calls), strict=True
         ):
             if isinstance(answer, ConnectorError):
-                self.failed.add(key)
+                self.fail(key, answer)
             elif kind == "raw":
                 self.raw[key] = _b64url_decode(str(answer.get("raw", "")))
             elif kind == "label":
@@ -478,7 +492,7 @@ class _Evidence:
             kinds, await self.platform.batch(calls), strict=True
         ):
             if isinstance(answer, ConnectorError):
-                self.failed.add(key)
+                self.fail(key, answer)
             elif kind == "import":
                 self.imported[key] = str(answer.get("id", ""))
                 logger.info(
@@ -505,11 +519,14 @@ class _Evidence:
         answers = await self.platform.batch(calls)
         for index, key in enumerate(keys):
             check, search = answers[2 * index], answers[2 * index + 1]
-            if isinstance(check, ConnectorError) or not self._carries(check, key):
-                self.failed.add(key)
+            if isinstance(check, ConnectorError):
+                self.fail(key, check)
+                continue
+            if not self._carries(check, key):
+                self.fail(key)
                 continue
             if isinstance(search, ConnectorError):
-                self.failed.add(key)
+                self.fail(key, search)
                 continue
             listed = {str(m["id"]) for m in search.get("messages", [])}
             if listed - {self.imported[key]}:
@@ -521,7 +538,7 @@ class _Evidence:
                     key[1],
                     len(listed | {self.imported[key]}),
                 )
-                self.failed.add(key)
+                self.fail(key)
                 continue
             self.verified[key] = True
 
@@ -534,6 +551,16 @@ class _Evidence:
             if self.verified.get(key) and key not in self.failed:
                 self.platform.note_evidence(state.bare, state.incident)
                 state.evidence = f"{self.quarantine}/{self.label_name(state.incident)}"
+                continue
+            # The one-mailbox path repeats the quarantine mailbox's requests, so it
+            # waits for the longest wait that their failures named.
+            waits = [
+                self.waits[k]
+                for k in (key, ("", state.incident), ("", ""))
+                if k in self.waits
+            ]
+            if waits:
+                _give_up(state, max(waits, key=lambda e: e.retry_after or 0))
             else:
                 state.slow = True
 

@@ -538,16 +538,63 @@ async def test_huge_back_off_parks_without_sleeping(
     assert len(copies_of(ews_sim, "dave@example.com", M2)) == 2
 
 
-async def test_unavailable_carries_retry_after(
-    ews: EwsPlatform, ews_sim: EwsSimulator
-) -> None:
+async def test_unavailable_carries_retry_after(ews_sim: EwsSimulator) -> None:
+    platform = EwsPlatform(adapter_settings(ews_sim.endpoint, max_back_off_wait=5.0))
     fault(ews_sim, kind="unavailable", retry_after=7, mailbox="alice@example.com")
-
-    with pytest.raises(TransientError) as caught:
-        await ews.find("alice@example.com", M1)
+    try:
+        with pytest.raises(TransientError) as caught:
+            await platform.find("alice@example.com", M1)
+    finally:
+        await platform.close()
 
     assert not isinstance(caught.value, ThrottledError)
     assert caught.value.retry_after == 7.0
+    assert [e.status for e in ews_sim.log] == [503]
+
+
+async def test_unavailable_retried_after_retry_after(
+    ews: EwsPlatform, ews_sim: EwsSimulator
+) -> None:
+    fault(ews_sim, kind="unavailable", retry_after=1, mailbox="alice@example.com")
+
+    copies = await ews.find("alice@example.com", M1)
+
+    answered = next(e for e in ews_sim.log if e.status == 503)
+    retried = next(e for e in ews_sim.log if e.seq > answered.seq)
+    assert len(copies) == 1
+    assert answered.retry_after == 1
+    assert retried.at - answered.at >= 1.0
+
+
+async def test_back_off_holds_requests_waiting_for_slot(
+    ews_sim: EwsSimulator,
+) -> None:
+    # One request slot: the second find waits for it while the first one is
+    # throttled, and must then wait out the back-off that began meanwhile.
+    ews_sim.settings.latency_ms = 200
+    platform = EwsPlatform(
+        adapter_settings(ews_sim.endpoint, max_concurrency_per_mailbox=1)
+    )
+    fault(
+        ews_sim,
+        kind="server_busy",
+        back_off_ms=1500,
+        operation="FindItem",
+        mailbox="dave@example.com",
+    )
+    try:
+        first, second = await asyncio.gather(
+            platform.find("dave@example.com", M2),
+            platform.find("dave@example.com", M2),
+        )
+    finally:
+        await platform.close()
+
+    busy = next(e for e in ews_sim.log if e.code == "ErrorServerBusy")
+    after = [e for e in ews_sim.log if e.seq > busy.seq]
+    assert len(first) == len(second) == 2
+    assert [e.seq for e in ews_sim.log if e.early] == []
+    assert after[0].at - busy.at >= 1.5
 
 
 async def test_connection_limit_is_transient(

@@ -1225,6 +1225,59 @@ async def test_burst_long_retry_after_goes_back(
     assert len(calls(gmail_sim, "messages.trash", "bob@example.org")) == 1
 
 
+async def test_burst_two_failures_wait_longest(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    # Both calls of bob's first step fail in one batch: the labels with a 1 s
+    # Retry-After before the search with a 2 s one.
+    gmail_sim.faults.add(
+        {"path": r"/bob@example.org/labels$", "status": 503, "retry_after": "1"}
+    )
+    gmail_sim.faults.add(
+        {
+            "path": r"/bob@example.org/messages$",
+            "method": "GET",
+            "status": 429,
+            "reason": "userRateLimitExceeded",
+            "retry_after": "2",
+        }
+    )
+
+    results = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-2")]
+    )
+
+    searches = calls(gmail_sim, "messages.list", "bob@example.org")
+    assert all(not isinstance(r, Exception) for r in results)
+    assert [e.status for e in searches[:2]] == [429, 200]
+    assert searches[1].time - searches[0].time >= 2.0
+
+
+async def test_burst_quarantine_mailbox_wait_kept(
+    gmail: GmailPlatform, gmail_sim: GmailSimulator
+) -> None:
+    # The burst cannot create the incident label in the quarantine mailbox, and
+    # the pulls that then go one mailbox at a time must keep its Retry-After.
+    gmail_sim.faults.add(
+        {
+            "path": rf"/{QUARANTINE}/labels$",
+            "method": "POST",
+            "status": 429,
+            "reason": "userRateLimitExceeded",
+            "retry_after": "2",
+        }
+    )
+
+    results = await gmail.quarantine_many(
+        [("alice@example.org", M1, "INC-1"), ("bob@example.org", M2, "INC-1")]
+    )
+
+    creations = calls(gmail_sim, "labels.create", QUARANTINE)
+    assert all(not isinstance(r, Exception) for r in results)
+    assert [e.status for e in creations] == [429, 200]
+    assert creations[1].time - creations[0].time >= 2.0
+
+
 # --- search by sender, subject and time -----------------------------------------------
 
 

@@ -7,7 +7,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from autopull.sim.clock import ThreadWork, run_virtual, serving_thread
+from autopull.sim.clock import ThreadWork, VirtualTimeLoop, run_virtual, serving_thread
 
 
 def test_virtual_sleep_passes_at_once() -> None:
@@ -149,3 +149,36 @@ def test_thread_work_counts_one_job_per_pool_thread() -> None:
     work.finish(pool)
     assert work.submitted == {}
     pool.shutdown()
+
+
+def test_held_clock_waits_for_thread() -> None:
+    async def thread_then_timer() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeLoop)
+        loop.may_advance = lambda: loop.executor_jobs == 0
+        started = loop.time()
+        timer = asyncio.ensure_future(asyncio.sleep(300))
+        # The thread works for longer than the loop's grace, with a timer pending.
+        await loop.run_in_executor(None, time.sleep, 0.2)
+        after_thread = loop.time() - started
+        await timer
+        return after_thread, loop.time() - started
+
+    after_thread, after_timer = run_virtual(thread_then_timer)
+
+    assert after_thread == 0
+    assert after_timer == 300
+
+
+def test_executor_jobs_counted_until_done() -> None:
+    async def count() -> list[int]:
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, VirtualTimeLoop)
+        seen = [loop.executor_jobs]
+        jobs = [loop.run_in_executor(None, time.sleep, 0.01) for _ in range(3)]
+        seen.append(loop.executor_jobs)
+        await asyncio.gather(*jobs)
+        seen.append(loop.executor_jobs)
+        return seen
+
+    assert run_virtual(count) == [0, 3, 0]
