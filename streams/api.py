@@ -25,6 +25,7 @@ from autopull.streams.commands import (
     ACTIONS,
     CommandError,
     check_approve_pick,
+    check_mailbox,
     command_event,
     normalize_mailbox,
     normalize_message_id,
@@ -311,6 +312,7 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
                 )
             try:
                 message_id = normalize_message_id(body.get("message_id"))
+                check_mailbox(incident, mailbox)
                 if action == "approve":
                     check_approve_pick(incident, mailbox, message_id)
             except CommandError as error:

@@ -28,6 +28,23 @@ class CommandError(Exception):
     """A command that cannot be sent."""
 
 
+def check_text(value: str | None, field: str) -> None:
+    """Raise CommandError when `value` cannot be written as UTF-8.
+
+    A JSON string may carry a lone UTF-16 surrogate such as "\\ud800", which no
+    Avro string can hold.
+    """
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise CommandError(
+            f"The {field} contains a lone UTF-16 surrogate at position "
+            f"{error.start}, which is not text; send it as valid Unicode."
+        ) from None
+
+
 def normalize_mailbox(mailbox: str | None) -> str | None:
     """Return `mailbox` stripped and in lower case, or None when none is given.
 
@@ -37,6 +54,7 @@ def normalize_mailbox(mailbox: str | None) -> str | None:
     """
     if mailbox is None:
         return None
+    check_text(mailbox, "mailbox")
     address = mailbox.strip().lower()
     if not address:
         raise CommandError(
@@ -60,6 +78,7 @@ def normalize_message_id(message_id: str | None) -> str | None:
     """
     if message_id is None:
         return None
+    check_text(message_id, "Message-ID")
     try:
         bare = checked_message_id(message_id, field="message_id")
     except InvalidAlertError as error:
@@ -73,20 +92,51 @@ def normalize_message_id(message_id: str | None) -> str | None:
     return bare
 
 
+def check_mailbox(incident: records.Record, mailbox: str | None) -> None:
+    """Raise CommandError when `mailbox` has no copy in `incident`.
+
+    Such a command would change nothing, yet the history would record it.
+    """
+    if mailbox is None:
+        return
+    mailboxes = sorted({entry["mailbox"] for entry in incident["pulls"]})
+    if mailbox in mailboxes:
+        return
+    listed = ", ".join(mailboxes) or "none"
+    raise CommandError(
+        f"The mailbox {mailbox} has no copy in incident {incident['incident_id']}. "
+        f"Its mailboxes are: {listed}."
+    )
+
+
 def check_approve_pick(
     incident: records.Record, mailbox: str | None, message_id: str | None
 ) -> None:
-    """Raise CommandError when an approve's Message-ID names no held copy.
+    """Raise CommandError when an approve can pull nothing it names.
 
-    The incident agent would approve nothing, so the error lists the ids that the
-    held copies and their searches offer instead.
+    The incident agent would approve nothing, so the error says why: held copies
+    without a Message-ID or a search to find them by, or a Message-ID that no held
+    copy has and no search offered, with the ids that they offer instead.
     """
-    if message_id is None or approve_targets(incident, mailbox, message_id):
+    held = [
+        entry
+        for entry in incident["pulls"]
+        if entry["status"] == "held" and mailbox in (None, entry["mailbox"])
+    ]
+    if message_id is None:
+        if held and not approve_targets(incident, mailbox, None):
+            raise CommandError(
+                f"The held copies of incident {incident['incident_id']} have no "
+                "Message-ID and no sender, subject and time to search by, so an "
+                "approval cannot pull them. Reject them, or remove the message on "
+                "the mail server."
+            )
+        return
+    if approve_targets(incident, mailbox, message_id):
         return
     offered: list[str] = []
-    for entry in incident["pulls"]:
-        if entry["status"] == "held" and mailbox in (None, entry["mailbox"]):
-            offered.extend(candidate_ids(entry) or [entry["message_id"]])
+    for entry in held:
+        offered.extend(candidate_ids(entry) or [entry["message_id"]])
     where = f" in {mailbox}" if mailbox is not None else ""
     listed = ", ".join(dict.fromkeys(offered)) or "none: no copy is held"
     raise CommandError(
@@ -119,6 +169,8 @@ def command_event(
         raise CommandError("A command needs the name of the person who gives it.")
     if action == "comment" and not (text or "").strip():
         raise CommandError("A comment needs its text; it was empty.")
+    check_text(text, "comment")
+    check_text(actor, "actor")
     if message_id is not None and action != "approve":
         raise CommandError(
             f"A Message-ID picks the copy to approve, so {action} does not take "

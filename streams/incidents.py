@@ -387,15 +387,19 @@ def approve_targets(
     as it is, and one held by an ambiguous search searches again. With it, only
     the entries held for that Message-ID, or whose search offered it as a
     candidate, are approved. A picked candidate is returned beside its entry, so
-    that the pull acts on that message only.
+    that the pull acts on that message only. An entry with neither a Message-ID
+    nor a search is never approved, because no pull could find its message.
     """
     targets: list[tuple[Record, str | None]] = []
     for entry in _entries(incident, mailbox, {"held"}):
         own_ids = (entry["message_id"], entry.get("resolved_message_id"))
-        if message_id is None or message_id in own_ids:
-            targets.append((entry, None))
-        elif message_id in candidate_ids(entry):
+        if message_id in candidate_ids(entry):
             targets.append((entry, message_id))
+        elif not (entry["message_id"] or entry.get("search")):
+            # Nothing names the message to pull, so an approval would only fail.
+            continue
+        elif message_id is None or message_id in own_ids:
+            targets.append((entry, None))
     return targets
 
 

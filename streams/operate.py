@@ -22,6 +22,7 @@ from autopull.streams.commands import (
     API_ACTOR_PREFIX,
     CommandError,
     check_approve_pick,
+    check_mailbox,
     command_event,
     normalize_mailbox,
     normalize_message_id,
@@ -228,6 +229,7 @@ def run_command(
             )
             return 2
         try:
+            check_mailbox(incident, mailbox)
             if action == "approve":
                 check_approve_pick(incident, mailbox, message_id)
             event = command_event(

@@ -102,3 +102,63 @@ def test_approve_pick_outside_candidates_is_rejected():
     message = str(raised.value)
     assert "Message-ID other@example.net" in message
     assert "first@example.net, second@example.net" in message
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"text": "note \ud800"}, "The comment contains a lone UTF-16 surrogate"),
+        ({"mailbox": "bob\udfff@example.com"}, "The mailbox contains"),
+        ({"message_id": "a\ud800@example.net"}, "The Message-ID contains"),
+    ],
+)
+def test_command_event_rejects_lone_surrogate(fields, named):
+    action = "approve" if "message_id" in fields else "comment"
+    with pytest.raises(CommandError, match=named):
+        command_event("INC-1", action, "carol", **{"text": "x", **fields})
+
+
+def incident_of(*entries):
+    return {"incident_id": "INC-1", "pulls": list(entries)}
+
+
+def pull(mailbox, status="held", message_id="m1@example.net", search=None):
+    return {
+        "mailbox": mailbox,
+        "message_id": message_id,
+        "status": status,
+        "search": search,
+        "candidates": [],
+    }
+
+
+def test_mailbox_outside_incident_is_rejected():
+    from autopull.streams.commands import check_mailbox
+
+    incident = incident_of(pull("alice@example.com"), pull("bob@example.com"))
+    check_mailbox(incident, "bob@example.com")
+    check_mailbox(incident, None)
+    with pytest.raises(CommandError) as raised:
+        check_mailbox(incident, "zed@example.com")
+    message = str(raised.value)
+    assert "The mailbox zed@example.com has no copy in incident INC-1" in message
+    assert "alice@example.com, bob@example.com" in message
+
+
+def test_approve_without_message_id_to_pull_is_rejected():
+    from autopull.streams.commands import check_approve_pick
+
+    incident = incident_of(pull("alice@example.com", message_id=""))
+    with pytest.raises(CommandError, match="have no Message-ID"):
+        check_approve_pick(incident, None, None)
+
+
+def test_approve_searchable_hold_is_accepted():
+    from autopull.streams.commands import check_approve_pick
+
+    search = {"senders": ["billing@example.net"], "subject": "Invoice"}
+    searched = pull("alice@example.com", message_id="search-1@no-message-id")
+    incident = incident_of(
+        pull("bob@example.com", message_id=""), dict(searched, search=search)
+    )
+    check_approve_pick(incident, None, None)

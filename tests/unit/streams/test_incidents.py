@@ -475,3 +475,11 @@ def test_approve_candidate_limited_to_mailbox():
     incident = searched_incident()
     assert apply_command(incident, pick("first@example.net", "bob@example.com")) == []
     assert incident["pulls"][0]["status"] == "held"
+
+
+def test_approve_skips_copy_without_message_id():
+    incident = held_incident()
+    incident["pulls"][0]["message_id"] = ""
+    commands = apply_command(incident, command("approve"))
+    assert [c["mailbox"] for c in commands] == ["bob@example.com"]
+    assert incident["pulls"][0]["status"] == "held"
