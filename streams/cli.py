@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging.config
+import os
 import sys
 from collections.abc import Sequence
 
@@ -165,7 +166,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except PolicyError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    return _dispatch(args, settings)
+    try:
+        return _dispatch(args, settings)
+    except TimeoutError as error:
+        # The broker did not answer in time; the message names its address.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of standard output went away (`autopull incidents | head`).
+        # Point stdout at /dev/null so that the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

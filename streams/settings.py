@@ -9,6 +9,7 @@ unwrapped only where a client library needs them.
 from __future__ import annotations
 
 import os
+import re
 from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
@@ -446,6 +447,19 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
+def _named_settings(message: str) -> str:
+    """Return the variables and file keys of the top-level settings in `message`."""
+    names = [
+        name
+        for name in Settings.model_fields
+        if re.search(rf"(?<![\w.]){re.escape(name)}(?![\w])", message)
+    ]
+    if not names:
+        return "settings"
+    variables = ", ".join(f"AUTOPULL_{name.upper()}" for name in names)
+    return f"{variables} (file keys {', '.join(names)})"
+
+
 def describe_settings_error(error: ValidationError) -> str:
     """Describe each invalid setting by its environment variable and file key.
 
@@ -455,6 +469,11 @@ def describe_settings_error(error: ValidationError) -> str:
     lines = [f"{count} invalid setting{'s' if count != 1 else ''}:"]
     for problem in error.errors(include_url=False, include_input=False):
         path = [str(part) for part in problem["loc"]]
+        if not path:
+            # A check across settings has no location; name the settings that
+            # its message mentions.
+            lines.append(f"  {_named_settings(problem['msg'])}: {problem['msg']}")
+            continue
         variable = "AUTOPULL_" + "__".join(path).upper()
         key = ".".join(path)
         lines.append(f"  {variable} (file key {key}): {problem['msg']}")

@@ -18,6 +18,7 @@ class IncidentWatcher:
 
     def __init__(self, settings: Settings) -> None:
         self.codec = AvroCodec("Incident", registry=settings.schema_registry_url)
+        self.bootstrap = settings.kafka_bootstrap
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -58,8 +59,9 @@ class IncidentWatcher:
             if not behind:
                 return
         raise TimeoutError(
-            f"Reading the incidents topic did not finish within {timeout} s; check "
-            "that the broker is reachable."
+            f"Reading the incidents topic did not finish within {timeout:g} s. "
+            f"Check that the broker at {self.bootstrap} is reachable, or set "
+            "AUTOPULL_KAFKA_BOOTSTRAP to its address."
         )
 
     def pulls(self) -> dict[tuple[str, str], Record]:

@@ -150,3 +150,37 @@ def test_stall_timeout_below_pull_wait_rejected():
 def test_stall_timeout_above_pull_wait_accepted():
     settings = Settings(stall_timeout_seconds=61, pull_max_wait_seconds=60)
     assert settings.stall_timeout_seconds == 61
+
+
+def test_cross_setting_error_names_variables(monkeypatch, capsys):
+    from autopull.streams.cli import main
+
+    monkeypatch.setenv("AUTOPULL_STALL_TIMEOUT_SECONDS", "10")
+    assert main(["incidents"]) == 2
+    error = capsys.readouterr().err
+    named = (
+        "AUTOPULL_PULL_MAX_WAIT_SECONDS, AUTOPULL_STALL_TIMEOUT_SECONDS (file keys "
+        "pull_max_wait_seconds, stall_timeout_seconds): Value error, "
+        "stall_timeout_seconds is 10.0"
+    )
+    assert named in error
+    assert "AUTOPULL_ (file key )" not in error
+
+
+def test_cli_reports_timeout_without_traceback(monkeypatch, capsys):
+    from autopull.streams import watch
+    from autopull.streams.cli import main
+
+    def never_caught_up(self, timeout=30.0):
+        raise TimeoutError(
+            f"Reading the incidents topic did not finish within 0 s. Check that "
+            f"the broker at {self.bootstrap} is reachable."
+        )
+
+    monkeypatch.setattr(watch.IncidentWatcher, "catch_up", never_caught_up)
+    monkeypatch.setenv("AUTOPULL_KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    assert main(["incidents"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: Reading the incidents topic did not finish")
+    assert "127.0.0.1:9" in error
+    assert "Traceback" not in error
