@@ -20,6 +20,7 @@ from autopull.streams.settings import (
     describe_settings_error,
     load_settings,
 )
+from autopull.streams.topics import TopicError
 from autopull.streams.views import INCIDENT_STATES
 
 FORMAT_NAMES = format_names()
@@ -168,8 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         return _dispatch(args, settings)
+    except TopicError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except TimeoutError as error:
-        # The broker did not answer in time; the message names its address.
+        # The broker did not respond in time; the message names its address.
         print(f"error: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:

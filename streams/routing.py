@@ -38,6 +38,24 @@ def platform_name(settings: Settings, mailbox: str) -> str | None:
     return configured[0] if len(configured) == 1 and not routes else None
 
 
+def routing_warning(settings: Settings) -> str | None:
+    """Return a warning when every address, external ones too, goes to one platform.
+
+    Without a routing table, the one configured platform gets every mailbox, so a
+    pull for an address of another organisation is sent to it and fails there,
+    and forward tracing counts forwards to such an address as internal.
+    """
+    configured = configured_platforms(settings)
+    if settings.routing or len(configured) != 1:
+        return None
+    return (
+        f"The routing table is empty, so every address is taken to be a mailbox on "
+        f"{configured[0]}, external ones included. Set AUTOPULL_ROUTING (or "
+        f"`routing` in the settings file) to your domains, such as "
+        f'{{"example.com": "{configured[0]}"}}.'
+    )
+
+
 def _create(settings: Settings, name: str) -> MailPlatform | None:
     if name == "graph" and settings.graph is not None:
         from autopull.connectors.mail.graph import GraphPlatform

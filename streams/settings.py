@@ -284,7 +284,11 @@ class Settings(BaseSettings):
     routing: dict[str, str] = Field(
         default_factory=dict,
         description="Platform of each mailbox or domain (graph, ews, gmail, imap); "
-        "an exact address wins over its domain.",
+        "an exact address wins over its domain. An address that matches no entry is "
+        "external: its pull fails with an error naming this setting, and forward "
+        "tracing only reports forwards to it. Left "
+        "empty with one platform configured, every address goes to that platform, "
+        "and the worker logs a warning at start.",
     )
     api_keys: dict[str, ApiKey] = Field(
         default_factory=dict,
@@ -470,7 +474,7 @@ def describe_settings_error(error: ValidationError) -> str:
     for problem in error.errors(include_url=False, include_input=False):
         path = [str(part) for part in problem["loc"]]
         if not path:
-            # A check across settings has no location; name the settings that
+            # A check across settings has no location, so name the settings that
             # its message mentions.
             lines.append(f"  {_named_settings(problem['msg'])}: {problem['msg']}")
             continue

@@ -22,6 +22,10 @@ DAY_MS = 24 * 3600 * 1000
 LARGE_MESSAGE_FACTOR = 4
 
 
+class TopicError(RuntimeError):
+    """A topic that exists with other settings, or that the broker did not create."""
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """One Autopull topic: its short name, value record and broker configuration."""
@@ -88,7 +92,7 @@ def admin_client(settings: Settings) -> AdminClient:
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the pipeline's missing topics and return the names created.
 
-    Raises `RuntimeError` naming the topic when the broker refuses one, for example
+    Raises `TopicError` naming the topic when the broker refuses one, for example
     because a topic of that name exists with a different partition count.
     """
     admin = admin_client(settings)
@@ -109,7 +113,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
             name in existing
             and len(existing[name].partitions) != settings.topic_partitions
         ):
-            raise RuntimeError(
+            raise TopicError(
                 f"Topic {name} has {len(existing[name].partitions)} partitions but the "
                 f"settings ask for {settings.topic_partitions}; set "
                 "AUTOPULL_TOPIC_PARTITIONS to match, or use another topic prefix."
@@ -152,7 +156,7 @@ def ensure_changelog_topics(
         if not missing:
             return created
         if time.monotonic() > deadline:
-            raise RuntimeError(
+            raise TopicError(
                 f"The broker did not list the changelog topics {', '.join(missing)} "
                 f"within {timeout:g} s of creating them; check the broker's log."
             )
@@ -171,7 +175,7 @@ def _create(admin: AdminClient, wanted: list[NewTopic], timeout: float) -> list[
             error = exc.args[0]
             if error.name() == "TOPIC_ALREADY_EXISTS":
                 continue
-            raise RuntimeError(f"Creating topic {name} failed: {error.str()}") from exc
+            raise TopicError(f"Creating topic {name} failed: {error.str()}") from exc
         created.append(name)
         log.info("Created topic topic=%s", name)
     return created

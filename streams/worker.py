@@ -7,6 +7,7 @@ import logging
 import faust
 
 from autopull.streams.app import Pipeline
+from autopull.streams.routing import routing_warning
 from autopull.streams.settings import Settings
 from autopull.streams.topics import ensure_changelog_topics, ensure_topics
 
@@ -25,6 +26,9 @@ def run_worker(settings: Settings) -> int:
         settings.kafka_bootstrap,
         len(created),
     )
+    warning = routing_warning(settings)
+    if warning is not None:
+        log.warning("%s", warning)
     worker = faust.Worker(pipe.app, loglevel=settings.log_level.lower())
     worker.execute_from_commandline()
     return 0

@@ -82,3 +82,15 @@ def test_gmail_domain_routes_to_gmail(tmp_path):
     assert isinstance(route("dana@example.org"), GmailPlatform)
     assert route("erik@example.org") is platforms["gmail"]
     assert platform_name(settings, "alice@example.com") == "graph"
+
+
+def test_routing_warning_for_one_platform_without_table():
+    from autopull.streams.routing import routing_warning
+
+    settings = Settings(graph=GRAPH)
+    warning = routing_warning(settings)
+    assert warning is not None
+    assert "every address is taken to be a mailbox on graph" in warning
+    assert '{"example.com": "graph"}' in warning
+    routed = Settings(graph=GRAPH, routing={"example.com": "graph"})
+    assert routing_warning(routed) is None
