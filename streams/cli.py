@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--timeout",
-                type=float,
+                type=positive_seconds,
                 default=600.0,
                 help="Seconds to wait with --wait (default 600).",
             )
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--timeout",
-        type=float,
+        type=positive_seconds,
         default=300.0,
         help="Seconds to wait for every planned copy to reach a final outcome.",
     )
@@ -134,6 +134,21 @@ def _parser() -> argparse.ArgumentParser:
         "--stop", action="store_true", help="Stop the demo's broker and simulator."
     )
     return parser
+
+
+def positive_seconds(value: str) -> float:
+    """Parse a number of seconds above zero, for argparse."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number of seconds"
+        ) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} must be a number of seconds above 0"
+        )
+    return seconds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

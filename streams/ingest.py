@@ -61,7 +61,9 @@ def read_input(path: str, limit: int) -> Input:
                 f"it, such as {file / '*.json'}."
             )
         if not file.is_file():
-            raise IngestError(f"{path}: the file was not found.")
+            raise IngestError(
+                f"{path}: the file was not found. Check the path and its permissions."
+            )
         size = file.stat().st_size
         if size > limit:
             raise IngestError(

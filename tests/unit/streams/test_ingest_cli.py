@@ -142,3 +142,20 @@ def test_plan_errors_only_prints_no_table(tmp_path: Path) -> None:
     assert code == 1
     assert out.getvalue() == ""
     assert "broken.json" in err.getvalue()
+
+
+@pytest.mark.parametrize("timeout", ["-5", "0", "nan", "soon"])
+def test_cli_rejects_timeout_not_above_zero(timeout, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["approve", "INC-1", "--wait", "--timeout", timeout])
+    assert raised.value.code == 2
+    assert f"argument --timeout: {timeout!r}" in capsys.readouterr().err
+
+
+def test_ingest_missing_file_names_next_step(tmp_path):
+    missing = tmp_path / "missing.json"
+    with pytest.raises(IngestError) as raised:
+        read_input(str(missing), 1024)
+    assert str(raised.value) == (
+        f"{missing}: the file was not found. Check the path and its permissions."
+    )
