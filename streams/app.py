@@ -58,7 +58,13 @@ class AvroTable:
         return record
 
     def __setitem__(self, key: str, value: dict[str, Any]) -> None:
-        self.table[key] = self.codec.dumps(value)
+        self.put(key, value)
+
+    def put(self, key: str, value: dict[str, Any]) -> bytes:
+        """Store `value` under `key` and return its encoded bytes."""
+        data: bytes = self.codec.dumps(value)
+        self.table[key] = data
+        return data
 
     def __len__(self) -> int:
         return len(self.table)
@@ -97,7 +103,7 @@ class Pipeline:
         )
         self.incidents = AvroTable(
             self._table("incidents", bytes),
-            AvroCodec("Incident", registry=settings.schema_registry_url),
+            AvroCodec("Incident"),
         )
         self.ledger = self._table("ledger", None)
         # What forward tracing searched, per incident; only the trace agent writes.
@@ -245,6 +251,10 @@ class Pipeline:
         await self.topics[topic].send(
             key=key.encode(), value=self.codecs[topic].dumps(value)
         )
+
+    async def send_encoded(self, topic: str, key: str, data: bytes) -> None:
+        """Send `data`, already encoded with the topic's codec, keyed by `key`."""
+        await self.topics[topic].send(key=key.encode(), value=data)
 
     async def dead_letter(
         self,

@@ -383,8 +383,10 @@ def _incident_agent(pipe: Pipeline) -> None:
             )
             return
 
-        pipe.incidents[incident_id] = incident
-        await pipe.send("incidents", incident_id, incident)
+        # The table and the topic get the same Avro body, encoded once.
+        data = pipe.incidents.put(incident_id, incident)
+        topic_data = pipe.codecs["incidents"].reframe(data)
+        await pipe.send_encoded("incidents", incident_id, topic_data)
         for command in commands:
             await pipe.send("pull.commands", command["mailbox"], command)
         log.info(

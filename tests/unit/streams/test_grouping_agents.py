@@ -45,6 +45,10 @@ class Chain:
     async def record(self, topic: str, key: str, value: dict[str, Any]) -> None:
         self.sent.append((topic, key, value))
 
+    async def record_encoded(self, topic: str, key: str, data: bytes) -> None:
+        """Record a value that an agent encoded itself, decoded as a consumer would."""
+        self.sent.append((topic, key, self.pipe.decode(topic, data)))
+
     async def feed(self, enriched: dict[str, Any]) -> None:
         """Run one enriched alert through group, link, exposure and incident."""
         await self._put("alerts.enriched", enriched["campaign_key"], enriched)
@@ -101,6 +105,7 @@ async def chain(tmp_path: Path, policy_file: Path | None) -> AsyncIterator[Chain
         managers.append(manager)
     result = Chain(pipe, contexts)
     pipe.send = result.record  # type: ignore[method-assign]
+    pipe.send_encoded = result.record_encoded  # type: ignore[method-assign]
     yield result
     for manager in reversed(managers):
         await manager.__aexit__(None, None, None)
