@@ -331,7 +331,7 @@ def _incident_agent(pipe: Pipeline) -> None:
 
     async def handle(event: EventT, change: Record) -> None:
         incident_id = change["incident_id"]
-        incident = pipe.incidents.get(incident_id)
+        incident = pipe.incidents.take(incident_id)
         commands: list[Record] = []
         if change["kind"] == "alert_joined" and change["alert"]:
             if incident is None:
