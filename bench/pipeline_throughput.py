@@ -16,11 +16,15 @@ alerts.raw topic, then reads the same messages three ways, one after the other:
   incident.events. Faust commits every 2.8 seconds, so the pipeline's time is an
   upper bound by up to that much.
 
+Each way is reported in alerts per second and in alerts per CPU second of the
+process doing the work, which depends less on what else the machine runs.
+
 Then it writes `--recovery-keys` records to the changelog of the worker's ledger
 table and times a worker with an empty data folder from its start until /readyz
 reports the tables recovered, next to a worker whose changelog is empty.
 
 Run: .venv/bin/python bench/pipeline_throughput.py --bootstrap 127.0.0.1:29150
+(add --skip-recovery to measure alerts per second only).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -72,6 +77,7 @@ STAGE_TOPICS = (
     "alerts.by_mailbox",
     "incident.events",
 )
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HOLD_ALL_POLICY = """\
 version: 1
 rules:
@@ -81,12 +87,40 @@ rules:
 """
 
 
+@dataclass(frozen=True)
+class Measure:
+    """Wall-clock and CPU seconds that one way of reading took for `count` alerts.
+
+    CPU seconds are those of the process doing the work, all its threads included,
+    so they depend less than wall-clock time on what else the machine runs.
+    """
+
+    count: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Alerts per wall-clock second."""
+        return self.count / self.seconds
+
+    @property
+    def cpu_rate(self) -> float:
+        """Alerts per CPU second."""
+        return self.count / self.cpu_seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", required=True, help="Kafka host:port.")
     parser.add_argument("--alerts", type=int, default=20000, help="Alerts to send.")
     parser.add_argument(
         "--recovery-keys", type=int, default=1_000_000, help="Ledger keys to recover."
+    )
+    parser.add_argument(
+        "--skip-recovery",
+        action="store_true",
+        help="Measure alerts per second only, without the table recovery times.",
     )
     parser.add_argument(
         "--timeout", type=float, default=1800.0, help="Seconds each stage may take."
@@ -110,13 +144,22 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print(f"alerts: {len(messages):,} raw alerts")
 
     passthrough = run_passthrough(settings, source, len(messages), args.timeout)
-    report("passthrough", len(messages), passthrough)
+    report("passthrough", passthrough)
     loop = asyncio.run(run_plain_loop(settings, source, len(messages), args.timeout))
-    report("plain loop", len(messages), loop)
+    report("plain loop", loop)
     pipeline = run_pipeline(settings, work, messages, args.timeout)
-    report("pipeline", len(messages), pipeline)
-    print(f"pipeline / plain loop: {pipeline / loop:.3f}")
-    print(f"pipeline / passthrough: {pipeline / passthrough:.3f}")
+    report("pipeline", pipeline)
+    print(
+        f"pipeline / plain loop: {pipeline.rate / loop.rate:.3f} "
+        f"(by CPU time {pipeline.cpu_rate / loop.cpu_rate:.3f})"
+    )
+    print(
+        f"pipeline / passthrough: {pipeline.rate / passthrough.rate:.3f} "
+        f"(by CPU time {pipeline.cpu_rate / passthrough.cpu_rate:.3f})"
+    )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    if args.skip_recovery:
+        return
 
     empty = time_recovery(args.bootstrap, work, "empty", 0, args.timeout)
     print(f"worker start to ready, empty ledger changelog: {empty:.1f} s")
@@ -241,31 +284,34 @@ def create_topic(settings: Settings, name: str) -> str:
 
 def run_passthrough(
     settings: Settings, topic: str, count: int, timeout: float
-) -> float:
+) -> Measure:
     output = create_topic(settings, "bench.passthrough")
     source = consumer(settings, "passthrough")
     source.subscribe([topic])
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
     seen = 0
     started = None
+    cpu_started = time.process_time()
     deadline = time.monotonic() + timeout
     while seen < count and time.monotonic() < deadline:
         for message in source.consume(500, timeout=1.0):
             if message.error():
                 continue
-            started = started or time.monotonic()
+            if started is None:
+                started, cpu_started = time.monotonic(), time.process_time()
             producer.produce(output, key=message.key(), value=message.value())
             producer.poll(0)
             seen += 1
     producer.flush(60)
     elapsed = time.monotonic() - (started or time.monotonic())
+    cpu = time.process_time() - cpu_started
     source.close()
-    return count / elapsed
+    return Measure(count, elapsed, cpu)
 
 
 async def run_plain_loop(
     settings: Settings, topic: str, count: int, seconds: float
-) -> float:
+) -> Measure:
     output = create_topic(settings, "bench.enriched")
     intel = load_intel(settings)
     raw_codec = AvroCodec("RawAlert")
@@ -276,12 +322,14 @@ async def run_plain_loop(
 
     seen = 0
     started = None
+    cpu_started = time.process_time()
     deadline = time.monotonic() + seconds
     while seen < count and time.monotonic() < deadline:
         for message in source.consume(500, timeout=1.0):
             if message.error():
                 continue
-            started = started or time.monotonic()
+            if started is None:
+                started, cpu_started = time.monotonic(), time.process_time()
             raw = raw_codec.loads(message.value())
             alerts = parse_alert(
                 raw["body"],
@@ -297,8 +345,9 @@ async def run_plain_loop(
 
     producer.flush(60)
     elapsed = time.monotonic() - (started or time.monotonic())
+    cpu = time.process_time() - cpu_started
     source.close()
-    return count / elapsed
+    return Measure(count, elapsed, cpu)
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -362,18 +411,33 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
 
 def run_pipeline(
     settings: Settings, work: Path, messages: list[tuple[str, bytes]], timeout: float
-) -> float:
+) -> Measure:
     # The worker starts on an empty alerts.raw, so its start is not timed.
-    process = start_worker(settings, work / "worker-run.log")
+    log = work / "worker-run.log"
+    process = start_worker(settings, log)
     try:
         wait_ready(settings, process, timeout)
         started = time.monotonic()
+        cpu_started = process_cpu_seconds(process.pid)
         produce(settings, full_name(settings, "alerts.raw"), messages)
         wait_for_commits(settings, len(messages), timeout)
         elapsed = time.monotonic() - started
+        cpu = process_cpu_seconds(process.pid) - cpu_started
     finally:
         stop_worker(process)
-    return elapsed
+    rejoins = log.read_text(errors="replace").count("re-joining group")
+    if rejoins:
+        # A worker starved of CPU misses heartbeats, leaves its group and
+        # processes again what it had not committed, so the run did more work.
+        print(f"pipeline worker: {rejoins} missed heartbeats made it rejoin")
+    return Measure(len(messages), elapsed, cpu)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return the user and system CPU seconds of process `pid`, all threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # utime and stime are fields 14 and 15 of proc(5), in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def wait_for_commits(settings: Settings, count: int, timeout: float) -> None:
@@ -458,8 +522,11 @@ def time_recovery(
         stop_worker(process)
 
 
-def report(name: str, count: int, rate: float) -> None:
-    print(f"{name}: {rate:,.0f} alerts/s ({count / rate:.1f} s for {count:,})")
+def report(name: str, measure: Measure) -> None:
+    print(
+        f"{name}: {measure.rate:,.0f} alerts/s ({measure.seconds:.1f} s for "
+        f"{measure.count:,}), {measure.cpu_rate:,.0f} alerts per CPU second"
+    )
 
 
 def free_port() -> int:

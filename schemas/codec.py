@@ -827,6 +827,25 @@ class AvroCodec(Codec):
             self.schema_id = self.registry.register(self.subject, self.record)
         return self.schema_id
 
+    def reframe(self, data: bytes) -> bytes:
+        """Return a single-object message of this codec's record in its own framing.
+
+        The Avro body stays as it is, so a value encoded once without a registry
+        can go to a topic whose codec writes Confluent framing.
+        """
+        header = self.record.single_object_header
+        if data[:SINGLE_OBJECT_HEADER_SIZE] != header:
+            raise SchemaError(
+                f"The message does not start with the single-object header of the "
+                f"current {self.record.name} schema ({header.hex()}): encode it with "
+                f"AvroCodec({self.record.name!r}) and no registry."
+            )
+        schema_id = self.register()
+        if schema_id is None:
+            return data
+        body = data[SINGLE_OBJECT_HEADER_SIZE:]
+        return CONFLUENT_MAGIC + schema_id.to_bytes(4, "big") + body
+
     def _dumps(self, obj: Any) -> bytes:
         # NOTE: the first encode with a registry blocks the event loop for one
         # HTTP request unless register() was called at startup.

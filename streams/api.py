@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -78,14 +79,61 @@ class RequestError(Exception):
         return json_error(self.status, self.code, self.message)
 
 
+class LatestIncidents(Mapping[str, Record]):
+    """Incidents by id, kept as their latest encoded record and decoded when read.
+
+    The incidents topic carries the whole incident after every change, and most of
+    those records are replaced before anyone reads them, so decoding each one on
+    arrival would cost a full decode per change. A record that cannot be decoded
+    is logged and skipped, and the incident keeps the state it had when last read.
+    """
+
+    def __init__(self, codec: AvroCodec) -> None:
+        self.codec = codec
+        self._encoded: dict[str, bytes] = {}
+        self._decoded: dict[str, Record] = {}
+
+    def put(self, incident_id: str, data: bytes) -> None:
+        """Keep `data` as the latest record of `incident_id`, to decode on read."""
+        self._encoded[incident_id] = data
+
+    def __getitem__(self, incident_id: str) -> Record:
+        data = self._encoded.pop(incident_id, None)
+        if data is not None:
+            self._decode(incident_id, data)
+        return self._decoded[incident_id]
+
+    def __iter__(self) -> Iterator[str]:
+        self._decode_all()
+        return iter(self._decoded)
+
+    def __len__(self) -> int:
+        self._decode_all()
+        return len(self._decoded)
+
+    def _decode_all(self) -> None:
+        encoded, self._encoded = self._encoded, {}
+        for incident_id, data in encoded.items():
+            self._decode(incident_id, data)
+
+    def _decode(self, incident_id: str, data: bytes) -> None:
+        try:
+            self._decoded[incident_id] = self.codec.loads(data)
+        except SchemaError:
+            log.exception(
+                "Skipping an unreadable record on the incidents topic incident_id=%s",
+                incident_id,
+            )
+
+
 class IncidentReadModel:
     """The latest state of every incident, read from the incidents topic."""
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
-        self.incidents: dict[str, Record] = {}
-        self.caught_up = asyncio.Event()
         self.codec = AvroCodec("Incident", registry=pipe.settings.schema_registry_url)
+        self.incidents = LatestIncidents(self.codec)
+        self.caught_up = asyncio.Event()
 
     async def run(self) -> None:
         """Follow the topic until cancelled; set `caught_up` once at its end."""
@@ -106,7 +154,7 @@ class IncidentReadModel:
                 batches = await consumer.getmany(timeout_ms=500)
                 for records in batches.values():
                     for record in records:
-                        self._apply(record.value)
+                        self._apply(record.key, record.value)
                 if self.caught_up.is_set() or not consumer.assignment():
                     continue
                 partitions = sorted(consumer.assignment())
@@ -120,15 +168,19 @@ class IncidentReadModel:
         finally:
             await consumer.stop()
 
-    def _apply(self, value: bytes | None) -> None:
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:
+            return
+        if key is not None:
+            # The incident agent keys each record by its incident id.
+            self.incidents.put(key.decode(errors="replace"), value)
             return
         try:
             incident = self.codec.loads(value)
         except SchemaError:
             log.exception("Skipping an unreadable record on the incidents topic")
             return
-        self.incidents[incident["incident_id"]] = incident
+        self.incidents.put(incident["incident_id"], value)
 
 
 def _parse_time(value: str | None, name: str) -> datetime | None:

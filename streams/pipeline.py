@@ -335,7 +335,7 @@ def _incident_agent(pipe: Pipeline) -> None:
 
     async def handle(event: EventT, change: Record) -> None:
         incident_id = change["incident_id"]
-        incident = pipe.incidents.get(incident_id)
+        incident = pipe.incidents.take(incident_id)
         commands: list[Record] = []
         if change["kind"] == "alert_joined" and change["alert"]:
             if incident is None:
@@ -387,8 +387,10 @@ def _incident_agent(pipe: Pipeline) -> None:
             )
             return
 
-        pipe.incidents[incident_id] = incident
-        await pipe.send("incidents", incident_id, incident)
+        # The table and the topic get the same Avro body, encoded once.
+        data = pipe.incidents.put(incident_id, incident)
+        topic_data = pipe.codecs["incidents"].reframe(data)
+        await pipe.send_encoded("incidents", incident_id, topic_data)
         for command in commands:
             await pipe.send("pull.commands", command["mailbox"], command)
         log.info(

@@ -29,6 +29,15 @@ def run_worker(settings: Settings) -> int:
     warning = routing_warning(settings)
     if warning is not None:
         log.warning("%s", warning)
-    worker = faust.Worker(pipe.app, loglevel=settings.log_level.lower())
-    worker.execute_from_commandline()
+    create_worker(pipe).execute_from_commandline()
     return 0
+
+
+def create_worker(pipe: Pipeline) -> faust.Worker:
+    """Return the Faust worker of `pipe`, logging at the configured level."""
+    worker = faust.Worker(pipe.app, loglevel=pipe.settings.log_level.lower())
+    # At WARNING and above, faust-streaming 0.15.3 keeps a terminal spinner that
+    # sets the root logger to DEBUG, so every debug call of Faust and aiokafka
+    # builds a log record. Without the spinner the root logger keeps the level.
+    worker.spinner = None
+    return worker

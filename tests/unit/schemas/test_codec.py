@@ -730,6 +730,31 @@ def test_avro_codec_registry_without_subject_raises() -> None:
         AvroCodec("PullOutcome", registry="http://127.0.0.1:1")
 
 
+def test_reframe_without_registry_keeps_bytes() -> None:
+    data = encode("PullOutcome", PULL_OUTCOME)
+
+    assert AvroCodec("PullOutcome").reframe(data) == data
+
+
+def test_reframe_with_registry_writes_confluent_framing() -> None:
+    codec = AvroCodec(
+        "PullOutcome", registry="http://127.0.0.1:1", subject="t.outcomes-value"
+    )
+    codec.schema_id = 258
+    record = catalog().record("PullOutcome")
+
+    reframed = codec.reframe(encode("PullOutcome", PULL_OUTCOME))
+
+    assert reframed == encode_framed(record, 258, PULL_OUTCOME)
+
+
+def test_reframe_other_record_raises_schema_error() -> None:
+    data = encode("PullOutcome", PULL_OUTCOME)
+
+    with pytest.raises(SchemaError, match="single-object header of the current"):
+        AvroCodec("PullCommand").reframe(data)
+
+
 def test_avro_codec_unknown_record_raises_schema_error() -> None:
     with pytest.raises(SchemaError, match="PullResult"):
         AvroCodec("PullResult")

@@ -45,6 +45,10 @@ class Chain:
     async def record(self, topic: str, key: str, value: dict[str, Any]) -> None:
         self.sent.append((topic, key, value))
 
+    async def record_encoded(self, topic: str, key: str, data: bytes) -> None:
+        """Record a value that an agent encoded itself, decoded as a consumer would."""
+        self.sent.append((topic, key, self.pipe.decode(topic, data)))
+
     async def feed(self, enriched: dict[str, Any]) -> None:
         """Run one enriched alert through group, link, exposure and incident."""
         await self._put("alerts.enriched", enriched["campaign_key"], enriched)
@@ -52,6 +56,14 @@ class Chain:
             self.sent = [item for item in self.sent if item[0] not in self.contexts]
             for topic, key, value in pending:
                 await self._put(topic, key, value)
+        self.check_kept_incidents()
+
+    def check_kept_incidents(self) -> None:
+        """Assert that each incident the agent kept equals its stored record."""
+        table = self.pipe.incidents
+        for incident_id, (data, record) in table._kept.items():
+            assert table.table.get(incident_id) == data
+            assert record == table.codec.loads(data)
 
     async def _put(self, topic: str, key: str, value: dict[str, Any]) -> None:
         data = self.pipe.codecs[topic].dumps(value)
@@ -101,6 +113,7 @@ async def chain(tmp_path: Path, policy_file: Path | None) -> AsyncIterator[Chain
         managers.append(manager)
     result = Chain(pipe, contexts)
     pipe.send = result.record  # type: ignore[method-assign]
+    pipe.send_encoded = result.record_encoded  # type: ignore[method-assign]
     yield result
     for manager in reversed(managers):
         await manager.__aexit__(None, None, None)
@@ -486,3 +499,30 @@ async def test_one_alert_at_limit_pulled(chain: Chain, shape: str) -> None:
     assert {pull["action"] for pull in incident["pulls"]} == {"pull"}
     commands = [item for item in chain.sent if item[0] == "pull.commands"]
     assert len(commands) == 50
+
+
+async def test_incident_agent_keeps_written_incident(chain: Chain) -> None:
+    await chain.feed(await enriched("tap-delivered-phish.json", OPENED))
+    (incident_id,) = chain.incidents()
+    kept = chain.pipe.incidents._kept[incident_id][1]
+
+    taken = chain.pipe.incidents.take(incident_id)
+
+    assert taken is kept
+    assert incident_id not in chain.pipe.incidents._kept
+
+
+async def test_changed_table_bytes_decode_again(chain: Chain) -> None:
+    await chain.feed(await enriched("tap-delivered-phish.json", OPENED))
+    (incident_id,) = chain.incidents()
+    table = chain.pipe.incidents
+    stored = table.get(incident_id)
+    assert stored is not None
+    stored["title"] = "Changed elsewhere"
+    # A changelog recovery writes the store without the agent.
+    table.table.data[incident_id] = table.codec.dumps(stored)
+
+    taken = table.take(incident_id)
+
+    assert taken is not None
+    assert taken["title"] == "Changed elsewhere"
