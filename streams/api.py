@@ -131,7 +131,8 @@ class IncidentReadModel:
 
     def __init__(self, pipe: Pipeline) -> None:
         self.pipe = pipe
-        self.codec = AvroCodec("Incident", registry=pipe.settings.schema_registry_url)
+        # The topic's records carry the registry's framing when one is configured.
+        self.codec = pipe.codecs["incidents"]
         self.incidents = LatestIncidents(self.codec)
         self.caught_up = asyncio.Event()
 

@@ -7,7 +7,7 @@ import uuid
 
 from confluent_kafka import Consumer, TopicPartition
 
-from autopull.schemas import AvroCodec
+from autopull.schemas import AvroCodec, topic_subject
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
 from autopull.streams.topics import full_name
@@ -17,7 +17,12 @@ class IncidentWatcher:
     """Follows the incidents topic from its start and keeps the latest of each."""
 
     def __init__(self, settings: Settings) -> None:
-        self.codec = AvroCodec("Incident", registry=settings.schema_registry_url)
+        topic = full_name(settings, "incidents")
+        self.codec = AvroCodec(
+            "Incident",
+            registry=settings.schema_registry_url,
+            subject=topic_subject(topic),
+        )
         self.bootstrap = settings.kafka_bootstrap
         self.consumer = Consumer(
             {

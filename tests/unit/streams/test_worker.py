@@ -28,3 +28,23 @@ def test_worker_keeps_root_logger_level(tmp_path: Path, level: str) -> None:
 
     assert root.level == getattr(logging, level)
     assert not root.isEnabledFor(logging.DEBUG)
+
+
+def test_pipeline_builds_with_schema_registry(tmp_path: Path) -> None:
+    from autopull.streams.api import IncidentReadModel
+    from autopull.streams.watch import IncidentWatcher
+
+    settings = Settings(
+        kafka_bootstrap="127.0.0.1:9",
+        data_dir=tmp_path,
+        web_enabled=False,
+        schema_registry_url="http://127.0.0.1:9",
+    )
+    pipe = Pipeline(settings)
+    model = IncidentReadModel(pipe)
+    assert model.codec is pipe.codecs["incidents"]
+    watcher = IncidentWatcher(settings)
+    try:
+        assert watcher.codec.subject == "autopull.incidents-value"
+    finally:
+        watcher.close()
