@@ -238,7 +238,9 @@ def test_cleared_verdict_drops_held_copies():
     assert {p["status"] for p in incident["pulls"]} == {"skipped"}
 
 
-def test_cleared_during_quarantine_restores_after():
+def test_cleared_during_quarantine_restores_after(monkeypatch):
+    # Commands carry the time they were issued; a fixed clock makes two equal.
+    monkeypatch.setattr("autopull.streams.incidents.utcnow", lambda: RECEIVED)
     incident = new_incident("INC-1", "campaign:c1", RECEIVED)
     apply_alert(incident, enriched(), pull_all)
     apply_outcome(incident, outcome("alice@example.com", "quarantined"))
