@@ -13,6 +13,7 @@ from typing import Any
 import faust
 from faust.types import EventT, StreamT
 
+from autopull.connectors.errors import AutopullError
 from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
@@ -47,6 +48,16 @@ def broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{host}" for host in hosts)
 
 
+class RecordTooLargeError(AutopullError):
+    """A table record whose encoded size is above the configured maximum."""
+
+    def __init__(self, message: str, *, key: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.key = key
+        self.size = size
+        self.limit = limit
+
+
 class AvroTable:
     """A Faust table whose values are Avro records, stored as their encoded bytes.
 
@@ -61,11 +72,20 @@ class AvroTable:
     """
 
     def __init__(
-        self, table: faust.Table, codec: AvroCodec, *, kept_records: int = 0
+        self,
+        table: faust.Table,
+        codec: AvroCodec,
+        *,
+        kept_records: int = 0,
+        max_bytes: int | None = None,
+        max_bytes_setting: str = "",
     ) -> None:
         self.table = table
         self.codec = codec
         self.kept_records = kept_records
+        self.max_bytes = max_bytes
+        # The environment variable that sets `max_bytes`, named in the error.
+        self.max_bytes_setting = max_bytes_setting
         # The last put of each key, as its bytes and its record, oldest first.
         self._kept: dict[str, tuple[bytes, dict[str, Any]]] = {}
 
@@ -96,8 +116,22 @@ class AvroTable:
         self.put(key, value)
 
     def put(self, key: str, value: dict[str, Any]) -> bytes:
-        """Store `value` under `key` and return its encoded bytes."""
+        """Store `value` under `key` and return its encoded bytes.
+
+        Raises RecordTooLargeError, and leaves the table as it was, when the
+        encoded value is above `max_bytes`. Kafka would reject its changelog
+        record later, outside the event, and that would stop the worker.
+        """
         data: bytes = self.codec.dumps(value)
+        if self.max_bytes is not None and len(data) > self.max_bytes:
+            raise RecordTooLargeError(
+                f"The record for {key} would be {len(data):,} bytes, above the "
+                f"maximum of {self.max_bytes:,}, so it was not stored. Raise "
+                f"{self.max_bytes_setting or 'the maximum'} to keep it.",
+                key=key,
+                size=len(data),
+                limit=self.max_bytes,
+            )
         self.table[key] = data
         if self.kept_records > 0:
             self._kept.pop(key, None)
@@ -145,6 +179,8 @@ class Pipeline:
             self._table("incidents", bytes),
             AvroCodec("Incident"),
             kept_records=KEPT_INCIDENTS,
+            max_bytes=settings.incident_max_bytes,
+            max_bytes_setting="AUTOPULL_INCIDENT_MAX_BYTES",
         )
         self.ledger = self._table("ledger", None)
         # What forward tracing searched, per incident; only the trace agent writes.
@@ -190,6 +226,7 @@ class Pipeline:
             if topic.retention:
                 # Faust keeps the retention in seconds.
                 config["retention.ms"] = str(int(float(topic.retention) * 1000))
+            config.setdefault("max.message.bytes", str(self.settings.max_record_bytes))
             changelogs.append(
                 ChangelogTopic(
                     topic.get_topic_name(),
@@ -309,8 +346,8 @@ class Pipeline:
             topic_allow_declare=True,
             table_standby_replicas=0 if settings.topic_replication == 1 else 1,
             producer_acks=-1,
-            producer_max_request_size=settings.ingest_max_bytes * 4,
-            consumer_max_fetch_size=settings.ingest_max_bytes * 4,
+            producer_max_request_size=settings.max_record_bytes,
+            consumer_max_fetch_size=settings.max_record_bytes,
             broker_session_timeout=session,
             broker_heartbeat_interval=max(session / 10, 1.0),
             broker_rebalance_timeout=session,

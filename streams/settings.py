@@ -209,6 +209,14 @@ class Settings(BaseSettings):
     ingest_max_bytes: int = Field(
         default=MIB, ge=1024, description="Largest alert body accepted, in bytes."
     )
+    incident_max_bytes: int = Field(
+        default=16 * MIB,
+        ge=MIB,
+        description="Largest incident record, in bytes. An event that would make an "
+        "incident larger goes to alerts.dead, with both sizes in its reason, and the "
+        "incident stays as it was. An incident takes roughly 300 bytes per mailbox "
+        "(an estimate), so the default holds about 50,000 mailboxes.",
+    )
     pull_batch_size: int = Field(
         default=64, ge=1, description="Pull commands processed together by one agent."
     )
@@ -354,6 +362,15 @@ class Settings(BaseSettings):
         is invalid.
         """
         return self.policy.policy_settings(self.quarantine_mailboxes())
+
+    @property
+    def max_record_bytes(self) -> int:
+        """Return the largest record the worker writes to or reads from a topic.
+
+        Raw alerts and dead letters carry whole input bodies with framing, and
+        incidents may reach `incident_max_bytes`; 1 MiB is left for the envelope.
+        """
+        return max(self.ingest_max_bytes * 4, self.incident_max_bytes) + MIB
 
     @property
     def faust_id(self) -> str:

@@ -18,8 +18,6 @@ from autopull.streams.settings import Settings
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
-# Raw alerts and dead letters carry whole input bodies, framing included.
-LARGE_MESSAGE_FACTOR = 4
 
 
 class TopicError(RuntimeError):
@@ -36,10 +34,14 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Return the specs of every topic of the pipeline."""
+    """Return the specs of every topic of the pipeline.
+
+    Every topic takes records up to `Settings.max_record_bytes`, because an alert
+    to many recipients, and the incident it grows, may exceed the broker's default.
+    """
     retention = str(settings.raw_retention_days * DAY_MS)
-    large = str(settings.ingest_max_bytes * LARGE_MESSAGE_FACTOR)
-    return [
+    large = str(settings.max_record_bytes)
+    specs = [
         TopicSpec(
             "alerts.raw",
             "RawAlert",
@@ -68,6 +70,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"retention.ms": retention, "max.message.bytes": large},
         ),
     ]
+    for spec in specs:
+        spec.config.setdefault("max.message.bytes", large)
+    return specs
 
 
 @dataclass(frozen=True)
