@@ -27,6 +27,7 @@ from autopull.streams.commands import (
     CommandError,
     check_approve_pick,
     check_mailbox,
+    check_retry,
     command_event,
     normalize_mailbox,
     normalize_message_id,
@@ -368,6 +369,8 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
                 check_mailbox(incident, mailbox)
                 if action == "approve":
                     check_approve_pick(incident, mailbox, message_id)
+                elif action == "retry":
+                    check_retry(incident, mailbox)
             except CommandError as error:
                 return json_error(400, "bad_request", str(error))
             return await _send(pipe, incident_id, action, body, key_name)

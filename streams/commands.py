@@ -12,7 +12,11 @@ from autopull.connectors.sources.common import checked_message_id
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.schemas import AvroCodec
 from autopull.streams import records
-from autopull.streams.incidents import approve_targets, candidate_ids
+from autopull.streams.incidents import (
+    approve_targets,
+    candidate_ids,
+    retry_targets,
+)
 from autopull.streams.settings import Settings
 from autopull.streams.topics import full_name
 
@@ -123,26 +127,46 @@ def check_approve_pick(
         for entry in incident["pulls"]
         if entry["status"] == "held" and mailbox in (None, entry["mailbox"])
     ]
-    if message_id is None:
-        if held and not approve_targets(incident, mailbox, None):
-            raise CommandError(
-                f"The held copies of incident {incident['incident_id']} have no "
-                "Message-ID and no sender, subject and time to search by, so an "
-                "approval cannot pull them. Reject them, or remove the message on "
-                "the mail server."
-            )
-        return
+    where = f" in {mailbox}" if mailbox is not None else ""
+    if not held:
+        raise CommandError(
+            f"Incident {incident['incident_id']} has no held copy{where}, so there "
+            "is nothing to approve; `autopull incident show` lists each copy's status."
+        )
     if approve_targets(incident, mailbox, message_id):
         return
+    named = [
+        entry
+        for entry in held
+        if message_id in (None, entry["message_id"], entry.get("resolved_message_id"))
+    ]
+    if named:
+        # Every copy the approve names is held in a way no pull can resolve.
+        raise CommandError(
+            f"The held copies{where} of incident {incident['incident_id']} have no "
+            "Message-ID to pull them by, and a new search would find the same "
+            "messages without one. Reject them, or remove the message on the mail "
+            "server."
+        )
     offered: list[str] = []
     for entry in held:
         offered.extend(candidate_ids(entry) or [entry["message_id"]])
-    where = f" in {mailbox}" if mailbox is not None else ""
     listed = ", ".join(dict.fromkeys(offered)) or "none: no copy is held"
     raise CommandError(
         f"No held copy{where} of incident {incident['incident_id']} has the "
         f"Message-ID {message_id} or offers it as a search candidate. Held copies "
         f"and candidates: {listed}."
+    )
+
+
+def check_retry(incident: records.Record, mailbox: str | None) -> None:
+    """Raise CommandError when no pull of `incident` (in `mailbox`) has failed."""
+    if retry_targets(incident, mailbox):
+        return
+    where = f" in {mailbox}" if mailbox is not None else ""
+    raise CommandError(
+        f"No pull{where} of incident {incident['incident_id']} has failed, so there "
+        "is nothing to retry; `autopull incident show` lists each copy's status."
     )
 
 

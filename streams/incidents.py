@@ -388,19 +388,31 @@ def approve_targets(
     the entries held for that Message-ID, or whose search offered it as a
     candidate, are approved. A picked candidate is returned beside its entry, so
     that the pull acts on that message only. An entry with neither a Message-ID
-    nor a search is never approved, because no pull could find its message.
+    nor a search, or whose search found only messages without one, is never
+    approved, because no pull could act on its message.
     """
     targets: list[tuple[Record, str | None]] = []
     for entry in _entries(incident, mailbox, {"held"}):
         own_ids = (entry["message_id"], entry.get("resolved_message_id"))
         if message_id in candidate_ids(entry):
             targets.append((entry, message_id))
-        elif not (entry["message_id"] or entry.get("search")):
-            # Nothing names the message to pull, so an approval would only fail.
+        elif not pullable_as_held(entry):
             continue
         elif message_id is None or message_id in own_ids:
             targets.append((entry, None))
     return targets
+
+
+def pullable_as_held(entry: Record) -> bool:
+    """Tell whether approving a held entry as it is could pull its message.
+
+    Not when nothing names the message (no Message-ID and no search), and not
+    when its search found only messages without a Message-ID, because a new
+    search would find them again and hold the copy again.
+    """
+    if not (entry["message_id"] or entry.get("search")):
+        return False
+    return not (entry.get("candidates") and not candidate_ids(entry))
 
 
 def candidate_ids(entry: Record) -> list[str]:

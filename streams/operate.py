@@ -23,6 +23,7 @@ from autopull.streams.commands import (
     CommandError,
     check_approve_pick,
     check_mailbox,
+    check_retry,
     command_event,
     normalize_mailbox,
     normalize_message_id,
@@ -232,6 +233,8 @@ def run_command(
             check_mailbox(incident, mailbox)
             if action == "approve":
                 check_approve_pick(incident, mailbox, message_id)
+            elif action == "retry":
+                check_retry(incident, mailbox)
             event = command_event(
                 incident_id,
                 action,

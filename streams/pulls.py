@@ -250,6 +250,13 @@ async def _resolve(platform: MailPlatform, command: Record) -> str:
             "sender, subject and arrival time, so none is pulled and an analyst "
             "picks from the candidates."
         )
+    elif len(copies) > 1:
+        # Copies without a Message-ID cannot be told apart or pulled by id.
+        reason = (
+            f"{len(copies)} messages in {command['mailbox']} match the sender, "
+            "subject and arrival time, and none has a Message-ID to pull it by, so "
+            "an analyst decides."
+        )
     else:
         reason = (
             f"The message in {command['mailbox']} that matches the sender, subject "

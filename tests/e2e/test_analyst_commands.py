@@ -143,11 +143,12 @@ def test_retry_pulls_failed_copy(
         for item in incident["history"]
     )
 
-    # A second retry finds nothing left to retry.
+    # A second retry finds nothing left to retry and is not sent.
     out = io.StringIO()
     code = run_command(settings, incident_id, "retry", wait=True, out=out)
-    assert code == 0
-    assert "Nothing to wait for" in out.getvalue()
+    assert code == 2
+    assert "nothing to retry" in out.getvalue()
+    assert "Sent retry" not in out.getvalue()
 
 
 def phish_copies(graph_sim: Any, mailbox: str) -> list[dict[str, Any]]:

@@ -162,3 +162,37 @@ def test_approve_searchable_hold_is_accepted():
         pull("bob@example.com", message_id=""), dict(searched, search=search)
     )
     check_approve_pick(incident, None, None)
+
+
+def test_approve_with_nothing_held_is_rejected():
+    from autopull.streams.commands import check_approve_pick
+
+    incident = incident_of(pull("alice@example.com", status="quarantined"))
+    with pytest.raises(CommandError, match="has no held copy, so there is nothing"):
+        check_approve_pick(incident, None, None)
+
+
+def test_approve_search_without_message_ids_is_rejected():
+    from autopull.streams.commands import check_approve_pick
+
+    search = {"senders": ["billing@example.net"], "subject": "Invoice"}
+    entry = dict(
+        pull("wendy@example.com", message_id="search-1@no-message-id"),
+        search=search,
+        candidates=[{"message_id": ""}, {"message_id": ""}],
+    )
+    with pytest.raises(CommandError, match="no Message-ID to pull them by"):
+        check_approve_pick(incident_of(entry), None, None)
+    with pytest.raises(CommandError, match="no Message-ID to pull them by"):
+        check_approve_pick(incident_of(entry), None, "search-1@no-message-id")
+
+
+def test_retry_with_nothing_failed_is_rejected():
+    from autopull.streams.commands import check_retry
+
+    failed = dict(pull("bob@example.com", status="failed"), action="pull")
+    incident = incident_of(pull("alice@example.com", status="quarantined"), failed)
+    check_retry(incident, None)
+    check_retry(incident, "bob@example.com")
+    with pytest.raises(CommandError, match=r"in alice@example\.com of incident INC-1"):
+        check_retry(incident, "alice@example.com")

@@ -420,6 +420,7 @@ async def test_searched_one_message_two_folders_pulls():
         ([], "No message in a@x"),
         ([found("a@x", "one"), found("a@x", "two")], "2 different messages"),
         ([found("a@x", "")], "has no Message-ID"),
+        ([found("a@x", ""), found("a@x", "")], "2 messages in a@x match"),
     ],
 )
 async def test_searched_not_unique_held(copies, reason):
