@@ -227,6 +227,9 @@ class Pipeline:
                 # Faust keeps the retention in seconds.
                 config["retention.ms"] = str(int(float(topic.retention) * 1000))
             config.setdefault("max.message.bytes", str(self.settings.max_record_bytes))
+            if topic.compacting:
+                segment = str(self.settings.compacted_segment_bytes)
+                config.setdefault("segment.bytes", segment)
             changelogs.append(
                 ChangelogTopic(
                     topic.get_topic_name(),

@@ -118,9 +118,9 @@ def check_approve_pick(
 ) -> None:
     """Raise CommandError when an approve can pull nothing it names.
 
-    The incident agent would approve nothing, so the error says why: held copies
-    without a Message-ID or a search to find them by, or a Message-ID that no held
-    copy has and no search offered, with the ids that they offer instead.
+    The incident agent would approve nothing, so the error gives the reason: no
+    held copy, held copies without a Message-ID to pull them by, or a Message-ID
+    that no held copy has and no search offered, with the ids offered instead.
     """
     held = [
         entry

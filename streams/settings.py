@@ -318,6 +318,19 @@ class Settings(BaseSettings):
         default_factory=TraceConfig, description="Forward tracing of pulled copies."
     )
 
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_servers(cls, value: str) -> str:
+        servers = [server.strip() for server in value.split(",")]
+        for server in servers:
+            host, colon, port = server.rpartition(":")
+            if not colon or not host or not port.isdigit():
+                raise ValueError(
+                    f"{server!r} is not host:port; give the bootstrap servers as "
+                    "host:port, several separated by commas, such as 127.0.0.1:9092"
+                )
+        return ",".join(servers)
+
     @model_validator(mode="after")
     def _check_windows(self) -> Settings:
         size = self.incident_window_hours * 3600
@@ -371,6 +384,16 @@ class Settings(BaseSettings):
         incidents may reach `incident_max_bytes`; 1 MiB is left for the envelope.
         """
         return max(self.ingest_max_bytes * 4, self.incident_max_bytes) + MIB
+
+    @property
+    def compacted_segment_bytes(self) -> int:
+        """Return the segment size of compacted topics and changelogs.
+
+        Kafka compacts only closed segments, and its default segment of 1 GiB let
+        an incident rewritten for every outcome keep gigabytes of old versions.
+        A segment still has room for four of the largest records.
+        """
+        return max(128 * MIB, 4 * self.max_record_bytes)
 
     @property
     def faust_id(self) -> str:

@@ -72,6 +72,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     ]
     for spec in specs:
         spec.config.setdefault("max.message.bytes", large)
+        if "compact" in spec.config.get("cleanup.policy", ""):
+            spec.config.setdefault(
+                "segment.bytes", str(settings.compacted_segment_bytes)
+            )
     return specs
 
 

@@ -34,10 +34,12 @@ class IncidentWatcher:
         )
         self.consumer.subscribe([full_name(settings, "incidents")])
         self.incidents: dict[str, Record] = {}
+        self.records_read = 0
 
     def poll(self, timeout: float) -> int:
         """Read what arrived within `timeout` seconds; return the number of records."""
         messages = self.consumer.consume(num_messages=500, timeout=timeout)
+        self.records_read += len(messages)
         count = 0
         for message in messages:
             if message.error() or message.value() is None:
@@ -63,6 +65,14 @@ class IncidentWatcher:
                     behind = True
             if not behind:
                 return
+        if self.consumer.assignment():
+            raise TimeoutError(
+                f"Reading the incidents topic from {self.bootstrap} did not reach its "
+                f"end within {timeout:g} s after {self.records_read:,} records. The "
+                "topic may hold many old versions of large incidents that the broker "
+                "has not compacted yet; try again, or read one incident through the "
+                "REST API."
+            )
         raise TimeoutError(
             f"Reading the incidents topic did not finish within {timeout:g} s. "
             f"Check that the broker at {self.bootstrap} is reachable, or set "

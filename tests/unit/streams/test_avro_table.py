@@ -57,3 +57,13 @@ def test_every_topic_takes_largest_record():
 def test_record_limit_covers_raw_alerts():
     settings = Settings(ingest_max_bytes=8 * MIB)
     assert settings.max_record_bytes == 33 * MIB
+
+
+def test_compacted_topics_roll_segments_for_compaction():
+    settings = Settings()
+    specs = {spec.name: spec.config for spec in topic_specs(settings)}
+    assert specs["incidents"]["segment.bytes"] == str(128 * MIB)
+    assert specs["exposures"]["segment.bytes"] == str(128 * MIB)
+    assert "segment.bytes" not in specs["alerts.raw"]
+    large = Settings(incident_max_bytes=64 * MIB)
+    assert large.compacted_segment_bytes == 4 * 65 * MIB

@@ -184,3 +184,16 @@ def test_cli_reports_timeout_without_traceback(monkeypatch, capsys):
     assert error.startswith("error: Reading the incidents topic did not finish")
     assert "127.0.0.1:9" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.parametrize("value", ["", " ", "nohostport", "127.0.0.1:", "a:1,,b:2"])
+def test_bootstrap_without_host_and_port_is_invalid(value):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="is not host:port"):
+        Settings(kafka_bootstrap=value)
+
+
+def test_bootstrap_servers_are_stripped():
+    settings = Settings(kafka_bootstrap=" 127.0.0.1:9092 , [::1]:9093")
+    assert settings.kafka_bootstrap == "127.0.0.1:9092,[::1]:9093"
