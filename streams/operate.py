@@ -129,6 +129,7 @@ def run_show(
     for row in result_rows(incident):
         table.add_row(*(escape(cell) for cell in _result_cells(row)))
     console.print(table)
+    _print_candidates(console, result_rows(incident))
     hops = forward_rows(incident)
     if hops:
         console.print(forward_tree(hops, incident_detail(incident)["trace_state"]))
@@ -170,6 +171,28 @@ def forward_tree(hops: list[dict[str, Any]], state: str) -> Tree:
 
 
 READ_STATES = {None: "-", True: "read", False: "unread"}
+
+
+def _print_candidates(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Print the messages that held searches offer, and the one an approve picked."""
+    for row in rows:
+        if row.get("resolved_message_id") and row["candidates"]:
+            console.print(
+                escape(f"{row['mailbox']}: pulls {row['resolved_message_id']}")
+            )
+        if row["status"] != "held" or not row["candidates"]:
+            continue
+        console.print(
+            escape(f"{row['mailbox']}: held with {len(row['candidates'])} candidates")
+        )
+        for candidate in row["candidates"]:
+            message_id = candidate["message_id"] or "(no Message-ID)"
+            line = (
+                f"  {message_id}  {candidate.get('folder') or '-'}  "
+                f"{candidate.get('received_at') or '-'}  "
+                f"{candidate.get('subject') or ''}"
+            )
+            console.print(escape(line))
 
 
 def _result_cells(row: dict[str, Any]) -> list[str]:
