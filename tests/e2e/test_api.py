@@ -131,13 +131,13 @@ def test_api_release_restores_one_copy(
     accepted = httpx.post(release, json=body, headers=auth("analyst"))
     assert accepted.status_code == 202
 
-    # A Message-ID picks a held copy for approve only, and must name one.
+    # An approve needs a held copy, and a Message-ID is for approve only.
     approve = f"{base}/api/incidents/{incident_id}/approve"
     picked = {"message_id": "<other@example.net>"}
     unheld = httpx.post(approve, json=picked, headers=auth("analyst"))
     assert unheld.status_code == 400
-    assert "No held copy" in unheld.json()["error"]["message"]
-    assert "other@example.net" in unheld.json()["error"]["message"]
+    assert "has no held copy" in unheld.json()["error"]["message"]
+    assert "nothing to approve" in unheld.json()["error"]["message"]
     off_approve = httpx.post(release, json={**body, **picked}, headers=auth("analyst"))
     assert off_approve.status_code == 400
     assert "release does not take one" in off_approve.json()["error"]["message"]
