@@ -118,9 +118,10 @@ def check_approve_pick(
 ) -> None:
     """Raise CommandError when an approve can pull nothing it names.
 
-    The incident agent would approve nothing, so the error gives the reason: no
-    held copy, held copies without a Message-ID to pull them by, or a Message-ID
-    that no held copy has and no search offered, with the ids offered instead.
+    The incident agent would approve nothing, so the error gives the reason. It
+    may be that no copy is held, that the held copies have no Message-ID to pull
+    them by, or that no held copy has the Message-ID and no search offered it; the
+    last error lists the ids that are offered.
     """
     held = [
         entry

@@ -251,7 +251,7 @@ async def _resolve(platform: MailPlatform, command: Record) -> str:
             "picks from the candidates."
         )
     elif len(copies) > 1:
-        # Copies without a Message-ID cannot be told apart or pulled by id.
+        # Copies without a Message-ID cannot be distinguished or pulled by id.
         reason = (
             f"{len(copies)} messages in {command['mailbox']} match the sender, "
             "subject and arrival time, and none has a Message-ID to pull it by, so "

@@ -2,7 +2,7 @@
 
 `Directory` stores every result through a `DirectoryCache`. `MemoryCache` keeps
 them in the worker's memory. The pipeline passes an implementation backed by a
-changelogged table instead, so that answers survive restarts and are shared
+changelogged table instead, so that results survive restarts and are shared
 between workers.
 """
 

@@ -817,7 +817,7 @@ class GmailPlatform(MailPlatform):
     ) -> list[Any]:
         """Run (mailbox, resource, method, parameters) calls in HTTP batches.
 
-        Returns each call's answer, or its `ConnectorError`, in order. The batches
+        Returns each call's response, or its `ConnectorError`, in order. The batches
         (`batch_parts` parts each) run concurrently on the thread pool, and every
         part carries its own mailbox's token. Nothing is retried here, but a wait
         that Gmail names for a part pauses the one-mailbox requests to its mailbox.
