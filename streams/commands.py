@@ -15,6 +15,7 @@ from autopull.streams import records
 from autopull.streams.incidents import (
     approve_targets,
     candidate_ids,
+    held_entries,
     retry_targets,
 )
 from autopull.streams.settings import Settings
@@ -123,11 +124,7 @@ def check_approve_pick(
     them by, or that no held copy has the Message-ID and no search offered it; the
     last error lists the ids that are offered.
     """
-    held = [
-        entry
-        for entry in incident["pulls"]
-        if entry["status"] == "held" and mailbox in (None, entry["mailbox"])
-    ]
+    held = held_entries(incident, mailbox)
     where = f" in {mailbox}" if mailbox is not None else ""
     if not held:
         raise CommandError(

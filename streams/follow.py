@@ -12,8 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from autopull.streams.incidents import approve_targets, outcome_detail, retry_targets
-from autopull.streams.records import PULLED_STATUSES, Record
+from autopull.streams.incidents import (
+    approve_targets,
+    outcome_detail,
+    release_targets,
+    retry_targets,
+)
+from autopull.streams.records import Record
 
 # Pull statuses after which nothing more happens to a copy without a new command.
 # `throttled` is parked work that will run again, and `held` waits for a person.
@@ -53,13 +58,7 @@ def followed_copies(
     elif action == "retry":
         entries = retry_targets(incident, wanted)
     elif action == "release":
-        entries = [
-            entry
-            for entry in incident["pulls"]
-            if wanted in (None, entry["mailbox"])
-            and entry["status"] in PULLED_STATUSES
-            and not entry["undone"]
-        ]
+        entries = release_targets(incident, wanted)
     else:
         entries = []
     return [

@@ -300,7 +300,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
                 entry["reason"] = f"Approved by {actor} for {chosen}.{note}"
             commands.append(_command_for(incident, entry, "quarantine", now))
     elif action == "reject":
-        for entry in _entries(incident, mailbox, {"held"}):
+        for entry in held_entries(incident, mailbox):
             entry.update(action="skip", status="skipped", rule="rejected")
             entry["reason"] = f"Rejected by {actor}.{note}"
     elif action == "retry":
@@ -309,9 +309,8 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
             entry["reason"] = f"Retried by {actor}.{note}"
             commands.append(_command_for(incident, entry, "quarantine", now))
     elif action == "release":
-        for entry in _entries(incident, mailbox, set(PULLED_STATUSES)):
-            if not entry["undone"]:
-                commands.append(_command_for(incident, entry, "restore", now))
+        for entry in release_targets(incident, mailbox):
+            commands.append(_command_for(incident, entry, "restore", now))
     elif action == "close":
         incident["state"] = "closed"
     elif action != "comment":
@@ -392,7 +391,7 @@ def approve_targets(
     approved, because no pull could act on its message.
     """
     targets: list[tuple[Record, str | None]] = []
-    for entry in _entries(incident, mailbox, {"held"}):
+    for entry in held_entries(incident, mailbox):
         own_ids = (entry["message_id"], entry.get("resolved_message_id"))
         if message_id in candidate_ids(entry):
             targets.append((entry, message_id))
@@ -419,6 +418,17 @@ def candidate_ids(entry: Record) -> list[str]:
     """Return the Message-IDs of the messages a held search offered, in order."""
     found = (c["message_id"] for c in entry.get("candidates") or [])
     return list(dict.fromkeys(message_id for message_id in found if message_id))
+
+
+def held_entries(incident: Record, mailbox: str | None) -> list[Record]:
+    """Return the pull entries held for a person (of `mailbox`, when given)."""
+    return _entries(incident, mailbox, {"held"})
+
+
+def release_targets(incident: Record, mailbox: str | None) -> list[Record]:
+    """Return the pulled entries that are not restored yet, which a release restores."""
+    pulled = _entries(incident, mailbox, set(PULLED_STATUSES))
+    return [entry for entry in pulled if not entry["undone"]]
 
 
 def retry_targets(incident: Record, mailbox: str | None) -> list[Record]:
