@@ -13,7 +13,7 @@ The simulator and the adapter share one event loop on the virtual clock
 allow for the requests the adapter sends, not the CPU time of this machine, which
 the script reports beside them. The adapter's requests run on threads
 (google-api-python-client is synchronous). The clock jumps only when every thread
-waits for an answer the simulator is holding back, so the threads' CPU time never
+waits for a response the simulator is holding back, so the threads' CPU time never
 counts as latency, however loaded the machine is.
 
 The run is compared with:

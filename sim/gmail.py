@@ -668,8 +668,8 @@ class LoggedRequest:
     """One request as the simulator saw it, for tests and benchmarks.
 
     `time` is `SimClock.now` at arrival, `retry_after` the Retry-After header of
-    the answer, if it had one, and `fault_rule` the id of the fault rule that
-    replaced the answer.
+    the response, if it had one, and `fault_rule` the id of the fault rule that
+    replaced the response.
     """
 
     seq: int

@@ -119,10 +119,10 @@ def check_approve_pick(
 ) -> None:
     """Raise CommandError when an approve can pull nothing it names.
 
-    The incident agent would approve nothing, so the error gives the reason. It
-    may be that no copy is held, that the held copies have no Message-ID to pull
-    them by, or that no held copy has the Message-ID and no search offered it; the
-    last error lists the ids that are offered.
+    The incident agent would approve nothing, so the error gives the reason: no
+    copy is held, the held copies have no Message-ID to pull them by, or no held
+    copy has the Message-ID and no search offered it. The last error lists the
+    ids that are offered.
     """
     held = held_entries(incident, mailbox)
     where = f" in {mailbox}" if mailbox is not None else ""

@@ -188,17 +188,18 @@ def test_storm_stays_within_limits(
 
 
 def told_wait(answer: EwsLoggedRequest) -> float:
-    """Return the seconds a faulted answer told the client to wait."""
+    """Return the wait in seconds that a faulted response requested of the client."""
     if answer.status == 503:
         return float(answer.retry_after or 0)
     return (answer.back_off_ms or 0) / 1000
 
 
 def waits_kept(entries: list[EwsLoggedRequest], *, same_instant: bool) -> list[float]:
-    """Return, per faulted answer, how much later than told the next request came.
+    """Return, per faulted response, how long after its requested wait the next
+    request came.
 
     With `same_instant` false, requests that arrived at the very moment of the
-    faulted one are left out: they were sent together with it, before its answer.
+    faulted one are left out: they were sent together with it, before its response.
     """
     margins: list[float] = []
     for index, answer in enumerate(entries):
@@ -223,7 +224,7 @@ def test_storm_back_off_honoured(
     users = [user_mailbox(i) for i in range(MAILBOXES)]
 
     # A user mailbox has one pull, which sends one request at a time, so every
-    # request after a faulted one was sent after its answer.
+    # request after a faulted one was sent after its response.
     user_margins = [
         margin
         for user in users

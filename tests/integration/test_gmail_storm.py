@@ -48,7 +48,7 @@ ROUNDS = 3
 
 
 class CountingGmailSimulator(GmailSimulator):
-    """The Gmail simulator, counting the HTTP requests it is still answering."""
+    """The Gmail simulator, counting the HTTP requests it has not responded to yet."""
 
     open_requests = 0
 
@@ -195,11 +195,11 @@ def told_wait(answer: LoggedRequest) -> float:
 
 
 def waits_kept(entries: list[LoggedRequest], *, same_instant: bool) -> list[float]:
-    """Return, per answer with Retry-After, how much later than told the next one
-    of `entries` came.
+    """Return, per response with Retry-After, how long after its requested wait the
+    next one of `entries` came.
 
     With `same_instant` false, requests that arrived at the very moment of the
-    throttled one are left out: they were sent together with it, before its answer.
+    throttled one are left out: they were sent together with it, before its response.
     """
     margins: list[float] = []
     for index, answer in enumerate(entries):
@@ -286,7 +286,7 @@ def test_storm_retry_after_honoured(
         for margin in waits_kept(entries, same_instant=True)
     ]
     # Pulls share the quarantine mailbox, and the same request from another pull
-    # at the moment of a throttled one was sent before its answer.
+    # at the moment of a throttled one was sent before its response.
     shared_margins = [
         margin
         for key, entries in by_request.items()
