@@ -25,7 +25,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException
+from slapdkit import read_all
 
 from autopull.connectors.sources.tap_api import TapSettings
 from autopull.schemas import AvroCodec
@@ -230,40 +231,7 @@ def check_mailboxes(graph_sim: Any) -> None:
 
 def all_outcomes(settings: Settings) -> list[dict[str, Any]]:
     """Read pull.outcomes from its start to the end it has when the call starts."""
-    codec = AvroCodec("PullOutcome")
-    topic = full_name(settings, "pull.outcomes")
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.topic_prefix}reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-        }
-    )
-    partitions = [
-        TopicPartition(topic, partition, OFFSET_BEGINNING)
-        for partition in range(settings.topic_partitions)
-    ]
-    remaining = {}
-    for partition in partitions:
-        low, high = consumer.get_watermark_offsets(partition, timeout=10)
-        if high > low:
-            remaining[partition.partition] = high
-    consumer.assign(partitions)
-    outcomes: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    try:
-        while remaining and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=500, timeout=0.5):
-                if message.error() is not None:
-                    continue
-                if message.value() is not None:
-                    outcomes.append(codec.loads(message.value()))
-                if message.offset() + 1 >= remaining.get(message.partition(), 0):
-                    remaining.pop(message.partition(), None)
-    finally:
-        consumer.close()
-    assert not remaining, "pull.outcomes could not be read to its end within 30 s"
-    return outcomes
+    return read_all(settings, "pull.outcomes", "PullOutcome")
 
 
 def settled(settings: Settings, graph_sim: Any) -> list[dict[str, Any]]:
