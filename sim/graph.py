@@ -1221,7 +1221,8 @@ class FaultRule:
     until the rules are cleared and then gets the fault, so a test can stop a
     client at that request and kill it there. With `after`, the request is carried
     out first and only its response is held or replaced. `held` counts the
-    requests waiting on the rule.
+    requests waiting on the rule, and `reached` is set once the first one waits, so
+    an in-process test can await it.
     """
 
     path: str
@@ -1241,6 +1242,9 @@ class FaultRule:
     held: int = 0
     rule_id: int = 0
     released: asyncio.Event = field(
+        default_factory=asyncio.Event, repr=False, compare=False
+    )
+    reached: asyncio.Event = field(
         default_factory=asyncio.Event, repr=False, compare=False
     )
 
@@ -1267,6 +1271,7 @@ class FaultRule:
     async def wait_for_release(self) -> None:
         """Wait, counted in `held`, until the rules are cleared."""
         self.held += 1
+        self.reached.set()
         try:
             await self.released.wait()
         finally:
@@ -1286,7 +1291,12 @@ class FaultInjector:
         self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> FaultRule:
-        allowed = {f.name for f in fields(FaultRule)} - {"rule_id", "held", "released"}
+        allowed = {f.name for f in fields(FaultRule)} - {
+            "rule_id",
+            "held",
+            "released",
+            "reached",
+        }
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(
