@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import email.utils
+import itertools
 import json
 import logging
 import time
@@ -548,8 +549,19 @@ class _Copy:
         )
 
 
-# The mailbox and the copy an evidence copy is made from.
-EvidenceSource = tuple[str, _Copy]
+@dataclass(frozen=True)
+class EvidenceSource:
+    """The mailbox and the copy that an evidence copy is made from.
+
+    `repeated` is true when a copy of the pull already carried the incident's
+    marker. An earlier run of the pull then got past its marking step, maybe on a
+    worker that died afterwards, and may have written an evidence copy after this
+    adapter last checked the quarantine mailbox.
+    """
+
+    mailbox: str
+    copy: _Copy
+    repeated: bool = False
 
 
 @dataclass(frozen=True)
@@ -616,10 +628,12 @@ class GraphPlatform(MailPlatform):
         )
         self._hidden_folders: dict[str, str] = {}
         self._incident_folders: dict[str, str] = {}
-        # (incident id, bare Message-ID) pairs with a verified evidence copy. Later
-        # quarantines of the same message skip the quarantine mailbox, which has
-        # the request limits of any other mailbox.
-        self._evidence_verified: set[tuple[str, str]] = set()
+        # The number of the last check that verified the evidence copy of each
+        # (incident id, bare Message-ID). Later quarantines of the same message
+        # skip the quarantine mailbox, because it has the request limits of any
+        # other mailbox. Repeated pulls are the exception (see `_ensure_evidence`).
+        self._evidence_checked: dict[tuple[str, str], int] = {}
+        self._evidence_checks = itertools.count(1)
         self._incident_lookups: dict[str, asyncio.Future[str]] = {}
 
     def _observe(self, response: httpx.Response) -> None:
@@ -740,7 +754,9 @@ class GraphPlatform(MailPlatform):
             evidence = None
             if marked:
                 evidence = await self._ensure_evidence(
-                    (mailbox, marked[0]), bare, incident_id
+                    EvidenceSource(mailbox, marked[0], repeated=True),
+                    bare,
+                    incident_id,
                 )
             return QuarantineResult(
                 mailbox=mailbox,
@@ -750,6 +766,8 @@ class GraphPlatform(MailPlatform):
                 evidence_location=evidence,
             )
 
+        # A marker of this incident means that an earlier run got past step 2.
+        repeated = any(_marked_for(c, incident_id) for c in located.visible)
         try:
             # Step 2: record where each copy is, on the copy itself.
             for copy in located.visible:
@@ -759,9 +777,8 @@ class GraphPlatform(MailPlatform):
                 await self._set_marker(mailbox, bare, copy.item_id, marker.to_json())
 
             # Step 3: one verified evidence copy in the quarantine mailbox.
-            evidence = await self._ensure_evidence(
-                (mailbox, located.visible[0]), bare, incident_id
-            )
+            source = EvidenceSource(mailbox, located.visible[0], repeated)
+            evidence = await self._ensure_evidence(source, bare, incident_id)
 
             # Step 4: move each copy into the hidden folder; each gets a new id.
             folder_id = await self._hidden_folder(mailbox, bare)
@@ -775,7 +792,7 @@ class GraphPlatform(MailPlatform):
             # finds the copy again, and the folders are looked up afresh.
             self._hidden_folders.pop(mailbox.lower(), None)
             self._incident_folders.pop(incident_id, None)
-            self._evidence_verified.discard((incident_id, bare))
+            self._evidence_checked.pop((incident_id, bare), None)
             raise TransientError(
                 f"A copy of <{bare}> in mailbox {mailbox} changed while it was being "
                 "quarantined; the quarantine will be retried.",
@@ -1288,69 +1305,119 @@ class GraphPlatform(MailPlatform):
         bare: str,
         incident_id: str,
         source_read: asyncio.Event | None = None,
+        marked: Awaitable[bool] | None = None,
     ) -> str:
         """Ensure one evidence copy for the incident in the quarantine mailbox.
 
         A lock per Message-ID keeps two quarantines of the same message in this
         process from uploading two copies. Two worker processes can still each
         upload and file one at the same moment, so the check afterwards removes
-        doubles from the incident folder. The incident folder, the search for an
-        existing copy and the source's MIME content are fetched at once. `source`
-        is the (mailbox, copy) to copy from, or an awaitable of it, so that a burst
-        can start the quarantine mailbox's lookups before it has found a source.
-        `source_read` is set as soon as the source copy is no longer needed, so a
-        caller may move it.
+        doubles. The incident folder, the search for an existing copy and the
+        source's MIME content are fetched at once. `source` is the copy to copy
+        from, or an awaitable of it, so that a burst can start the quarantine
+        mailbox's lookups before it has found a source. `source_read` is set as
+        soon as the source copy is no longer needed, so a caller may move it.
+        `marked`, when given, is awaited before the first write and returns
+        whether the marker of a pull of this message has been stored.
 
         Once verified, the copy is remembered for the life of the adapter, so only
         the first quarantine of a message costs requests in the quarantine mailbox.
+        A repeated pull is the exception. A worker that died after its pull's
+        marker was stored may have uploaded or filed a copy after this adapter's
+        last check, and no one checks after a dead worker. So a repeated pull
+        checks again, unless a check began after the pull's own call began.
 
-        NOTE: a draft that a process uploaded and could not move before it crashed
-        is reused only while the incident folder is empty. Once another process
-        has filed a copy, that draft stays in Drafts. An evidence copy deleted by
-        hand after it was verified is not uploaded again until the adapter restarts.
+        NOTE: an evidence copy deleted by hand after it was verified is uploaded
+        again only by a repeated pull or after the adapter restarts.
         """
         quarantine = self.settings.quarantine_mailbox
+        key = (incident_id, bare)
+        began = next(self._evidence_checks)
         lock = self._evidence_locks.get(bare)
         if lock is None:
             lock = asyncio.Lock()
             self._evidence_locks[bare] = lock
         try:
+            if key in self._evidence_checked:
+                # Whether the pull repeats an earlier run is known only from its
+                # source, which a burst settles after its first phase.
+                source = await _resolved(source)
             async with lock:
-                if (incident_id, bare) in self._evidence_verified:
-                    return f"{quarantine}/{incident_id}"
-                folder_id, copies, (mailbox, mime) = await _gather_or_raise(
-                    self._incident_folder(incident_id, bare),
-                    self._search(
-                        quarantine, bare, [*MESSAGE_FIELDS, "internetMessageHeaders"]
-                    ),
-                    self._source_mime(source, bare),
+                checked = self._evidence_checked.get(key)
+                if checked is not None:
+                    source = await _resolved(source)
+                    if not source.repeated or checked > began:
+                        return f"{quarantine}/{incident_id}"
+                check = next(self._evidence_checks)
+                await self._check_evidence(
+                    source, bare, incident_id, source_read, marked
                 )
-                if source_read is not None:
-                    source_read.set()
-                if not any(copy.parent_folder_id == folder_id for copy in copies):
-                    # A copy that an interrupted run uploaded is reused, not doubled.
-                    # NOTE: it is unverified whether Graph returns
-                    # internetMessageHeaders for a draft made from MIME. If it does
-                    # not, the retry uploads again and the first upload stays
-                    # behind in Drafts.
-                    stray = next(
-                        (
-                            c.id
-                            for c in copies
-                            if c.id and _incident_of(c) == incident_id
-                        ),
-                        None,
-                    )
-                    item_id = stray or await self._upload_evidence(
-                        mailbox, bare, mime, incident_id
-                    )
-                    await self._move(quarantine, bare, item_id, folder_id)
-                await self._verify_evidence(bare, incident_id, folder_id)
-                self._evidence_verified.add((incident_id, bare))
+                self._evidence_checked[key] = check
         finally:
             if source_read is not None:
                 source_read.set()
         return f"{quarantine}/{incident_id}"
+
+    async def _check_evidence(
+        self,
+        source: EvidenceSource | Awaitable[EvidenceSource],
+        bare: str,
+        incident_id: str,
+        source_read: asyncio.Event | None,
+        marked: Awaitable[bool] | None,
+    ) -> None:
+        """Find, upload or reuse, file and verify the incident's evidence copy."""
+        quarantine = self.settings.quarantine_mailbox
+        select = [*MESSAGE_FIELDS, "internetMessageHeaders"]
+        folder_id, copies, (mailbox, mime) = await _gather_or_raise(
+            self._incident_folder(incident_id, bare),
+            self._search(quarantine, bare, select),
+            self._source_mime(source, bare),
+        )
+        if source_read is not None:
+            source_read.set()
+        for attempt in (1, 2):
+            if any(copy.parent_folder_id == folder_id for copy in copies):
+                break
+            if marked is not None:
+                if not await marked:
+                    raise TransientError(
+                        f"No copy of <{bare}> carries the marker of incident "
+                        f"{incident_id}, so no evidence copy is written; the "
+                        "quarantine will be retried.",
+                        mailbox=quarantine,
+                        message_id=bare,
+                        platform=PLATFORM,
+                    )
+                marked = None
+            # A copy that an interrupted run uploaded is reused, not doubled.
+            strays = _stray_evidence(copies, incident_id, folder_id)
+            item_id = strays[0] if strays else None
+            if item_id is None:
+                item_id = await self._upload_evidence(mailbox, bare, mime, incident_id)
+            try:
+                await self._move(quarantine, bare, item_id, folder_id)
+                break
+            except NotFoundError as error:
+                if attempt == 2:
+                    raise
+                # Another worker filed or deleted the copy, or the folder is gone,
+                # so search again before writing anything more.
+                logger.warning(
+                    "Evidence move found no copy or folder, searching again "
+                    "mailbox=%s message_id=%s incident=%s item_id=%s error=%s",
+                    quarantine,
+                    bare,
+                    incident_id,
+                    item_id,
+                    error,
+                )
+                self._incident_folders.pop(incident_id, None)
+                folder_id, copies = await _gather_or_raise(
+                    self._incident_folder(incident_id, bare),
+                    self._search(quarantine, bare, select),
+                )
+        await self._verify_evidence(bare, incident_id, folder_id)
 
     async def _incident_folder(self, incident_id: str, bare: str) -> str:
         """Return the incident's folder id; concurrent callers share one lookup."""
@@ -1375,7 +1442,8 @@ class GraphPlatform(MailPlatform):
     async def _source_mime(
         self, source: EvidenceSource | Awaitable[EvidenceSource], bare: str
     ) -> tuple[str, bytes]:
-        mailbox, copy = source if isinstance(source, tuple) else await source
+        resolved = await _resolved(source)
+        mailbox, copy = resolved.mailbox, resolved.copy
         mime = await self._call(
             mailbox,
             bare,
@@ -1455,9 +1523,15 @@ class GraphPlatform(MailPlatform):
 
         Every process keeps the filed copy with the smallest id and deletes the
         other filed copies, so processes that race agree on the copy that stays.
+        The incident's copies outside the folder, such as a draft that a killed
+        worker uploaded and never filed, are deleted too. Nothing is deleted
+        unless a filed copy was found, and the filed copy with the smallest id is
+        never deleted, so one copy always remains.
         """
         quarantine = self.settings.quarantine_mailbox
-        messages = await self._search(quarantine, bare, MESSAGE_FIELDS)
+        messages = await self._search(
+            quarantine, bare, [*MESSAGE_FIELDS, "internetMessageHeaders"]
+        )
         filed = sorted(
             str(m.id) for m in messages if m.id and m.parent_folder_id == folder_id
         )
@@ -1472,6 +1546,8 @@ class GraphPlatform(MailPlatform):
             )
         for item_id in filed[1:]:
             await self._delete_evidence(bare, incident_id, item_id)
+        for item_id in _stray_evidence(messages, incident_id, folder_id):
+            await self._delete_evidence(bare, incident_id, item_id)
 
     async def _delete_evidence(self, bare: str, incident_id: str, item_id: str) -> None:
         quarantine = self.settings.quarantine_mailbox
@@ -1485,10 +1561,12 @@ class GraphPlatform(MailPlatform):
         except NotFoundError:
             return  # another process deleted it first
         logger.info(
-            "Deleted a second evidence copy mailbox=%s message_id=%s incident=%s",
+            "Deleted a second evidence copy mailbox=%s message_id=%s incident=%s "
+            "item_id=%s",
             quarantine,
             bare,
             incident_id,
+            item_id,
         )
 
     # --- the error boundary -----------------------------------------------------------
@@ -1617,6 +1695,32 @@ def _marker_of(message: Message) -> QuarantineMarker | None:
 
 def _marked_for(copy: _Copy, incident_id: str) -> bool:
     return copy.marker is not None and copy.marker.incident == incident_id
+
+
+def _stray_evidence(
+    messages: Sequence[Message], incident_id: str, folder_id: str
+) -> list[str]:
+    """List, smallest first, the ids of the incident's copies outside its folder.
+
+    The adapter's own incident header names the incident of a copy.
+
+    NOTE: it is unverified whether Graph returns internetMessageHeaders for a
+    draft made from MIME. If it does not, no stray is found: a retry uploads a
+    second copy, and an interrupted upload stays behind in Drafts.
+    """
+    return sorted(
+        str(message.id)
+        for message in messages
+        if message.id
+        and message.parent_folder_id != folder_id
+        and _incident_of(message) == incident_id
+    )
+
+
+async def _resolved(
+    source: EvidenceSource | Awaitable[EvidenceSource],
+) -> EvidenceSource:
+    return source if isinstance(source, EvidenceSource) else await source
 
 
 def _incident_of(message: Message) -> str | None:

@@ -20,7 +20,10 @@ after its own Retry-After.
 One evidence copy per distinct message goes to the quarantine mailbox through
 the adapter's single-request path, which starts as soon as phase 1 has found a
 source copy and runs beside phases 2 to 4; the source copy is moved only once
-its MIME content has been read. A pull that any step fails is returned as its
+its MIME content has been read. The evidence copy is uploaded only after phase 2
+has stored the marker of a pull of its message. So when a worker dies
+mid-burst, the worker that takes over its pulls finds the marker and checks
+the quarantine mailbox again. A pull that any step fails is returned as its
 connector error: the caller retries it through `GraphPlatform.quarantine`,
 which finishes whatever the burst left half done.
 """
@@ -327,12 +330,19 @@ async def quarantine_burst(
     burst = _Burst(platform, sender)
 
     evidence = burst.start_evidence(states)
-    await burst.find(states)
-    burst.settle_sources(states, evidence)
-    await burst.mark(states)
-    await burst.move(states, evidence)
-    await burst.verify(states)
-    await burst.finish_evidence(states, evidence)
+    try:
+        await burst.find(states)
+        burst.settle_sources(states, evidence)
+        await burst.mark(states)
+        burst.settle_marked(states, evidence)
+        await burst.move(states, evidence)
+        await burst.verify(states)
+        await burst.finish_evidence(states, evidence)
+    finally:
+        # Stop the evidence copies of a cancelled or failed burst, so that none is
+        # written after the burst has returned.
+        for started in evidence.values():
+            started.task.cancel()
     logger.info(
         "Burst finished pulls=%d batches=%d quarantined=%d",
         len(states),
@@ -384,11 +394,18 @@ EvidenceKey = tuple[str, str]
 
 @dataclass(frozen=True)
 class _Evidence:
-    """One evidence copy under way: its task, its source, and when it was read."""
+    """One evidence copy under way: its task, its source, and when it was read.
+
+    `marked` returns whether phase 2 stored the marker of a pull of this message,
+    or found one stored already. The evidence copy is written only after that, so
+    a retry of a pull whose worker died mid-burst finds the marker and checks the
+    quarantine mailbox again.
+    """
 
     task: asyncio.Future[str]
     source: asyncio.Future[EvidenceSource]
     source_read: asyncio.Event
+    marked: asyncio.Future[bool]
 
 
 class _Burst:
@@ -593,12 +610,13 @@ class _Burst:
                 continue
             source: asyncio.Future[EvidenceSource] = loop.create_future()
             source_read = asyncio.Event()
+            marked: asyncio.Future[bool] = loop.create_future()
             task = asyncio.ensure_future(
                 self.platform._ensure_evidence(
-                    source, state.bare, state.incident_id, source_read
+                    source, state.bare, state.incident_id, source_read, marked
                 )
             )
-            started[key] = _Evidence(task, source, source_read)
+            started[key] = _Evidence(task, source, source_read, marked)
         return started
 
     def settle_sources(
@@ -610,20 +628,50 @@ class _Burst:
         incident as the source, so a burst run again after a crash still makes
         the evidence copy.
         """
+        repeated = {
+            (state.incident_id, state.bare)
+            for state in states
+            if any(
+                _marked_for(copy, state.incident_id)
+                for copy in [*state.visible, *state.quarantined]
+            )
+        }
         for state in states:
-            started = evidence.get((state.incident_id, state.bare))
+            key = (state.incident_id, state.bare)
+            started = evidence.get(key)
             if started is not None and state.active and not started.source.done():
-                started.source.set_result((state.mailbox, state.visible[0]))
+                started.source.set_result(
+                    EvidenceSource(state.mailbox, state.visible[0], key in repeated)
+                )
         for state in states:
-            started = evidence.get((state.incident_id, state.bare))
+            key = (state.incident_id, state.bare)
+            started = evidence.get(key)
             source = state.hidden_source
             if started is not None and source is not None and not started.source.done():
-                started.source.set_result((state.mailbox, source))
+                started.source.set_result(EvidenceSource(state.mailbox, source, True))
         for started in evidence.values():
             if not started.source.done():
                 # No pull of this message needs an evidence copy any more.
                 started.source.cancel()
                 started.source_read.set()
+
+    def settle_marked(
+        self, states: list[_Pull], evidence: dict[EvidenceKey, _Evidence]
+    ) -> None:
+        """Tell each evidence copy whether a pull of its message is marked now.
+
+        A pull still active after phase 2 had its markers stored, and a pull
+        whose copies were all hidden already carries its marker from an earlier
+        run.
+        """
+        marked = {
+            (state.incident_id, state.bare)
+            for state in states
+            if (state.active and state.visible) or state.hidden_source is not None
+        }
+        for key, started in evidence.items():
+            if not started.marked.done():
+                started.marked.set_result(key in marked)
 
     async def finish_evidence(
         self,

@@ -276,6 +276,73 @@ async def test_quarantine_two_workers_keep_one_evidence(
         assert [row["folder"] for row in rows] == [HIDDEN], mailbox
 
 
+@pytest.mark.parametrize(
+    ("step", "stranded_in", "survivor"),
+    [
+        ("upload", "Drafts", "same"),
+        ("upload", "Drafts", "restarted"),
+        ("move", "INC-1", "same"),
+    ],
+)
+async def test_quarantine_killed_evidence_write_left_one(
+    graph_sim: GraphSimulator, step: str, stranded_in: str, survivor: str
+) -> None:
+    """A worker killed right after its late evidence write leaves one copy at last.
+
+    The killed worker searches the quarantine mailbox and finds nothing. Another
+    worker then files its own evidence copy, and only then does the killed worker
+    upload (or file) its copy. The retry of the killed worker's pull, on the
+    surviving worker or on a restarted one, must leave exactly one copy.
+    """
+    assert graph_sim.base_url is not None
+    quarantine = re.escape(QUARANTINE)
+    writes = {
+        "upload": rf"^/v1\.0/users/{quarantine}/messages$",
+        "move": rf"^/v1\.0/users/{quarantine}/messages/[^/]+/move$",
+    }
+    killed = GraphPlatform(adapter_settings(graph_sim.base_url))
+    other = GraphPlatform(adapter_settings(graph_sim.base_url))
+    restarted = GraphPlatform(adapter_settings(graph_sim.base_url))
+    try:
+        searched = graph_sim.faults.add(
+            {
+                "method": "GET",
+                "path": rf"^/v1\.0/users/{quarantine}/messages$",
+                "hold": True,
+                "after": True,
+            }
+        )
+        pull = asyncio.create_task(killed.quarantine("alice@example.com", M1, "INC-1"))
+        await searched.reached.wait()
+        await other.quarantine("bob@example.com", M1, "INC-1")
+
+        # Clearing releases the held search, and the killed worker's next await
+        # comes only after the new rule is in place.
+        graph_sim.faults.clear()
+        written = graph_sim.faults.add(
+            {"method": "POST", "path": writes[step], "hold": True, "after": True}
+        )
+        await written.reached.wait()
+        pull.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pull
+        graph_sim.faults.clear()
+        stranded = sorted(row["folder"] for row in evidence_of(graph_sim, M1))
+
+        retry = other if survivor == "same" else restarted
+        result = await retry.quarantine("alice@example.com", M1, "INC-1")
+    finally:
+        for worker in (killed, other, restarted):
+            await worker.close()
+
+    assert stranded == sorted(["INC-1", stranded_in])
+    assert result.evidence_location == f"{QUARANTINE}/INC-1"
+    assert [row["folder"] for row in evidence_of(graph_sim, M1)] == ["INC-1"]
+    for mailbox in ("alice@example.com", "bob@example.com"):
+        rows = copies_of(graph_sim, mailbox, "M1")
+        assert [row["folder"] for row in rows] == [HIDDEN], mailbox
+
+
 async def test_quarantine_reports_copies_as_they_were(graph: GraphPlatform) -> None:
     bob = await graph.quarantine("bob@example.com", M1, "INC-1")
     carol = await graph.quarantine("carol@example.com", M1, "INC-1")

@@ -8,6 +8,7 @@ and the request log's times are exact.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -287,6 +288,96 @@ def test_burst_after_lost_evidence_makes_it() -> None:
         r for r in sim.world.snapshot(QUARANTINE_MAILBOX) if r["folder"] == "INC-B"
     ]
     assert len(evidence) == 1
+
+
+def test_burst_killed_after_upload_left_one() -> None:
+    """A burst killed after its late upload leaves one evidence copy once retried.
+
+    The killed worker's burst finds no evidence copy, another worker's burst then
+    files one, and only then does the killed burst upload its own. The surviving
+    worker takes over the killed burst's pulls.
+    """
+    quarantine = re.escape(QUARANTINE_MAILBOX)
+    killed_pulls = pulls(3)
+    other_pulls = [(user_mailbox(i), CAMPAIGN_MESSAGE_ID, "INC-B") for i in (3, 4, 5)]
+
+    async def work(sim: GraphSimulator, survivor: GraphPlatform) -> list[Any]:
+        killed = GraphPlatform(platform_settings(str(sim.base_url)))
+        try:
+            searched = sim.faults.add(
+                {
+                    "method": "GET",
+                    "path": rf"^/v1\.0/users/{quarantine}/messages$",
+                    "hold": True,
+                    "after": True,
+                }
+            )
+            burst = asyncio.create_task(killed.quarantine_many(killed_pulls))
+            await searched.reached.wait()
+            others = await survivor.quarantine_many(other_pulls)
+            assert all(isinstance(r, QuarantineResult) for r in others), others
+
+            sim.faults.clear()
+            uploaded = sim.faults.add(
+                {
+                    "method": "POST",
+                    "path": rf"^/v1\.0/users/{quarantine}/messages$",
+                    "hold": True,
+                    "after": True,
+                }
+            )
+            await uploaded.reached.wait()
+            burst.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await burst
+            sim.faults.clear()
+        finally:
+            await killed.close()
+        assert sorted(evidence_folders(sim)) == ["Drafts", "INC-B"]
+        return await survivor.quarantine_many(killed_pulls)
+
+    results, sim = with_graph(work, mailboxes=6)
+
+    for result in results:
+        assert isinstance(result, QuarantineResult), result
+        assert result.evidence_location == f"{QUARANTINE_MAILBOX}/INC-B"
+    for index in range(6):
+        assert folders_of(sim, user_mailbox(index)) == [HIDDEN]
+    assert evidence_folders(sim) == ["INC-B"]
+
+
+def test_burst_without_markers_writes_no_evidence() -> None:
+    """An evidence copy is written only once a pull's marker is stored."""
+
+    async def work(sim: GraphSimulator, graph: GraphPlatform) -> list[Any]:
+        sim.faults.add(
+            {"method": "PATCH", "path": r"/messages/[^/]+$", "status": 500, "count": 9}
+        )
+        return await graph.quarantine_many(pulls(3))
+
+    results, sim = with_graph(work, mailboxes=3)
+
+    for result in results:
+        assert isinstance(result, ConnectorError), result
+        assert result.retriable is True
+    uploads = [
+        e
+        for e in sim.log
+        if e.method == "POST" and e.path.endswith(f"/{QUARANTINE_MAILBOX}/messages")
+    ]
+    assert uploads == []
+    assert evidence_folders(sim) == []
+    for index in range(3):
+        assert folders_of(sim, user_mailbox(index)) == ["Inbox"]
+
+
+def evidence_folders(sim: GraphSimulator) -> list[str]:
+    """List the folder of every copy of the campaign in the quarantine mailbox."""
+    return [
+        row["folder"]
+        for row in sim.world.snapshot(QUARANTINE_MAILBOX)
+        if row["internet_message_id"] == f"<{CAMPAIGN_MESSAGE_ID}>"
+    ]
 
 
 def test_burst_sends_phase_at_once_by_default() -> None:
