@@ -372,9 +372,15 @@ class Pipeline:
             key=key.encode(), value=self.codecs[topic].dumps(value)
         )
 
-    async def send_encoded(self, topic: str, key: str, data: bytes) -> None:
+    async def send_encoded(
+        self,
+        topic: str,
+        key: str,
+        data: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Send `data`, already encoded with the topic's codec, keyed by `key`."""
-        await self.topics[topic].send(key=key.encode(), value=data)
+        await self.topics[topic].send(key=key.encode(), value=data, headers=headers)
 
     async def dead_letter(
         self,
@@ -405,15 +411,23 @@ class Pipeline:
         await self.send("alerts.dead", source, letter)
 
     async def run_each(
-        self, stream: StreamT, topic: str, stage: str, handle: Handler
+        self,
+        stream: StreamT,
+        topic: str,
+        stage: str,
+        handle: Handler,
+        skip: Callable[[EventT], bool] | None = None,
     ) -> None:
         """Decode each event of `stream` and pass it to `handle`.
 
         A value that does not decode, and an event whose handling fails, become a
         dead letter with the original bytes, so one bad record never stops the stream
-        and nothing is lost.
+        and nothing is lost. An event for which `skip` returns True is neither
+        decoded nor handled.
         """
         async for event in stream.events():
+            if skip is not None and skip(event):
+                continue
             body = bytes(event.value) if event.value is not None else b""
             try:
                 value = self.decode(topic, body)

@@ -10,7 +10,7 @@ the pull entries with action `pull` and `traced` false.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -86,6 +86,23 @@ def incident_payload(incident: Record) -> Payload:
         urls=frozenset(incident.get("payload_urls") or []),
         attachment_hashes=frozenset(incident.get("payload_hashes") or []),
     )
+
+
+# Header on each `incidents` record: how many pulled copies wait for a search. The
+# trace agent skips a record whose header says 0 without decoding it, and decodes
+# a record without the header, such as one written before the header existed.
+UNTRACED_HEADER = "autopull-untraced"
+
+
+def untraced_header(incident: Record) -> tuple[str, bytes]:
+    """Return the untraced-copies header for the `incidents` record of `incident`."""
+    return UNTRACED_HEADER, str(len(untraced_copies(incident))).encode()
+
+
+def nothing_untraced(headers: Mapping[str, bytes] | None) -> bool:
+    """Return True when an `incidents` record's headers say no copy waits."""
+    value = (headers or {}).get(UNTRACED_HEADER)
+    return value == b"0"
 
 
 def untraced_copies(incident: Record) -> list[tuple[Record, TracedMessage]]:

@@ -36,6 +36,7 @@ from autopull.streams.forward_tree import (
     apply_finding,
     apply_traced,
     record_alert_payload,
+    untraced_header,
 )
 from autopull.streams.grouping import (
     count_exposure,
@@ -390,7 +391,9 @@ def _incident_agent(pipe: Pipeline) -> None:
         # The table and the topic get the same Avro body, encoded once.
         data = pipe.incidents.put(incident_id, incident)
         topic_data = pipe.codecs["incidents"].reframe(data)
-        await pipe.send_encoded("incidents", incident_id, topic_data)
+        await pipe.send_encoded(
+            "incidents", incident_id, topic_data, headers=[untraced_header(incident)]
+        )
         for command in commands:
             await pipe.send("pull.commands", command["mailbox"], command)
         log.info(

@@ -25,7 +25,11 @@ from faust.types import EventT, StreamT
 from autopull.connectors.errors import ConnectorError, PermanentError, TransientError
 from autopull.connectors.mail.base import MailPlatform
 from autopull.streams import records
-from autopull.streams.forward_tree import incident_payload, untraced_copies
+from autopull.streams.forward_tree import (
+    incident_payload,
+    nothing_untraced,
+    untraced_copies,
+)
 from autopull.streams.forwards import (
     Evidence,
     Match,
@@ -243,4 +247,10 @@ def register_trace_agent(pipe: Pipeline) -> None:
 
     @pipe.app.agent(pipe.topics["incidents"], name="trace")
     async def trace(stream: StreamT) -> None:
-        await pipe.run_each(stream, "incidents", "trace", handle)
+        await pipe.run_each(
+            stream,
+            "incidents",
+            "trace",
+            handle,
+            skip=lambda event: nothing_untraced(event.headers),
+        )

@@ -10,9 +10,11 @@ from autopull.streams.forward_tree import (
     apply_finding,
     apply_traced,
     incident_payload,
+    nothing_untraced,
     record_alert_payload,
     trace_state,
     untraced_copies,
+    untraced_header,
 )
 from autopull.streams.incidents import apply_alert, new_incident
 
@@ -108,6 +110,23 @@ def test_original_copy_waits_for_search() -> None:
     assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
     assert trace_state(incident) == "finished"
     assert not apply_traced(incident, traced("nobody@example.com", ORIGINAL), NOW)
+
+
+def test_untraced_header_counts_waiting_copies() -> None:
+    incident = incident_with_alert()
+    assert untraced_header(incident) == ("autopull-untraced", b"0")
+    incident["pulls"][0]["status"] = "quarantined"
+    assert untraced_header(incident) == ("autopull-untraced", b"1")
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
+    assert untraced_header(incident) == ("autopull-untraced", b"0")
+
+
+def test_nothing_untraced_reads_header() -> None:
+    assert nothing_untraced({"autopull-untraced": b"0"})
+    assert not nothing_untraced({"autopull-untraced": b"1"})
+    # A record without the header may have work, so it is decoded.
+    assert not nothing_untraced({})
+    assert not nothing_untraced(None)
 
 
 def test_definitive_finding_pulls() -> None:

@@ -41,13 +41,22 @@ class Chain:
         self.pipe = pipe
         self.contexts = contexts
         self.sent: list[tuple[str, str, dict[str, Any]]] = []
+        # Headers of the latest record an agent encoded itself, by topic and key.
+        self.headers: dict[tuple[str, str], dict[str, bytes]] = {}
 
     async def record(self, topic: str, key: str, value: dict[str, Any]) -> None:
         self.sent.append((topic, key, value))
 
-    async def record_encoded(self, topic: str, key: str, data: bytes) -> None:
+    async def record_encoded(
+        self,
+        topic: str,
+        key: str,
+        data: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Record a value that an agent encoded itself, decoded as a consumer would."""
         self.sent.append((topic, key, self.pipe.decode(topic, data)))
+        self.headers[(topic, key)] = dict(headers or [])
 
     async def feed(self, enriched: dict[str, Any]) -> None:
         """Run one enriched alert through group, link, exposure and incident."""
@@ -152,6 +161,13 @@ async def test_campaign_alerts_share_incident(chain: Chain) -> None:
 
     assert len(chain.incidents()) == 1
     assert incident_of(chain, "tap:event-1") == incident_of(chain, "tap:event-2")
+
+
+async def test_incident_record_says_nothing_untraced(chain: Chain) -> None:
+    await chain.feed(await tap(OPENED + timedelta(minutes=5), 1))
+
+    (incident_id,) = chain.incidents()
+    assert chain.headers[("incidents", incident_id)] == {"autopull-untraced": b"0"}
 
 
 async def test_incident_opens_one_window(chain: Chain) -> None:
