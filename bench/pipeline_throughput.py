@@ -2,7 +2,7 @@
 
 On a running broker, the script writes `--alerts` generated TAP alerts (distinct
 messages, one to three recipients each, spread over 200 campaigns) to a fresh
-alerts.raw topic, then reads the same messages three ways, one after the other:
+alerts.raw topic, then reads the same messages four ways, one after the other:
 
 - passthrough: a confluent-kafka consumer that produces every value unchanged to
   another topic, the ceiling of a Python consume-and-produce loop,
@@ -15,6 +15,11 @@ alerts.raw topic, then reads the same messages three ways, one after the other:
   consumer group has committed the end offset of every topic up to
   incident.events. Faust commits every 2.8 seconds, so the pipeline's time is an
   upper bound by up to that much.
+- Faust chain: `faust_chain.py`, a Faust worker with the worker's settings and
+  the same hops per alert (normalize, enrich, group, link, one exposure per
+  recipient, incident, trace), whose agents forward the bytes unchanged and keep
+  no tables. It is the ceiling of the worker's topology on Faust, timed the same
+  way as the pipeline.
 
 Each way is reported in alerts per second and in alerts per CPU second of the
 process doing the work, which depends less on what else the machine runs.
@@ -54,6 +59,9 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
+
+# The script's own folder is on sys.path when it runs as a script.
+from faust_chain import RECIPIENTS_HEADER
 
 from autopull.connectors.sources.detect import parse_alert
 from autopull.schemas import AvroCodec
@@ -149,9 +157,19 @@ def run(args: argparse.Namespace, work: Path) -> None:
     report("plain loop", loop)
     pipeline = run_pipeline(settings, work, messages, args.timeout)
     report("pipeline", pipeline)
+    chain = run_faust_chain(args.bootstrap, work, messages, args.timeout)
+    report("Faust chain", chain)
     print(
         f"pipeline / plain loop: {pipeline.rate / loop.rate:.3f} "
         f"(by CPU time {pipeline.cpu_rate / loop.cpu_rate:.3f})"
+    )
+    print(
+        f"Faust chain / plain loop: {chain.rate / loop.rate:.3f} "
+        f"(by CPU time {chain.cpu_rate / loop.cpu_rate:.3f})"
+    )
+    print(
+        f"pipeline / Faust chain: {pipeline.rate / chain.rate:.3f} "
+        f"(by CPU time {pipeline.cpu_rate / chain.cpu_rate:.3f})"
     )
     print(
         f"pipeline / passthrough: {pipeline.rate / passthrough.rate:.3f} "
@@ -237,11 +255,20 @@ def generate_alerts(count: int) -> list[bytes]:
     return bodies
 
 
-def encode_raw(bodies: list[bytes]) -> list[tuple[str, bytes]]:
-    """Return each body as an encoded RawAlert with its key, as ingest sends it."""
+Message = tuple[str, bytes, list[tuple[str, bytes]]]
+
+
+def encode_raw(bodies: list[bytes]) -> list[Message]:
+    """Return each body as an encoded RawAlert with its key, as ingest sends it.
+
+    The header bench-recipients gives the alert's recipient count to the Faust
+    chain, whose agents do not decode; the pipeline ignores it.
+    """
     codec = AvroCodec("RawAlert")
     messages = []
     for index, body in enumerate(bodies):
+        recipients = len(json.loads(body)["messagesDelivered"][0]["recipient"])
+        headers = [(RECIPIENTS_HEADER, str(recipients).encode())]
         record = {
             "source": "tap",
             "source_alert_id": f"bench-{index}",
@@ -250,14 +277,14 @@ def encode_raw(bodies: list[bytes]) -> list[tuple[str, bytes]]:
             "transport": {"transport": "bench"},
             "body": body,
         }
-        messages.append((f"tap:bench-{index}", codec.dumps(record)))
+        messages.append((f"tap:bench-{index}", codec.dumps(record), headers))
     return messages
 
 
-def produce(settings: Settings, topic: str, messages: list[tuple[str, bytes]]) -> None:
+def produce(settings: Settings, topic: str, messages: list[Message]) -> None:
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all"})
-    for key, value in messages:
-        producer.produce(topic, key=key, value=value)
+    for key, value, headers in messages:
+        producer.produce(topic, key=key, value=value, headers=headers)
         producer.poll(0)
     producer.flush(60)
 
@@ -374,9 +401,11 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, log: Path, command: list[str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "autopull.streams.cli", "worker"],
+        command or [sys.executable, "-m", "autopull.streams.cli", "worker"],
         env=worker_environment(settings),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
@@ -410,11 +439,34 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
 
 
 def run_pipeline(
-    settings: Settings, work: Path, messages: list[tuple[str, bytes]], timeout: float
+    settings: Settings, work: Path, messages: list[Message], timeout: float
+) -> Measure:
+    """Time an `autopull worker` over `messages`."""
+    command = [sys.executable, "-m", "autopull.streams.cli", "worker"]
+    return run_worker_process(settings, work, messages, timeout, command, "run")
+
+
+def run_faust_chain(
+    bootstrap: str, work: Path, messages: list[Message], timeout: float
+) -> Measure:
+    """Time the Faust chain of `faust_chain.py` over `messages`, on its own topics."""
+    settings = bench_settings(bootstrap, work, "chain")
+    ensure_topics(settings)
+    command = [sys.executable, str(Path(__file__).with_name("faust_chain.py"))]
+    return run_worker_process(settings, work, messages, timeout, command, "chain")
+
+
+def run_worker_process(
+    settings: Settings,
+    work: Path,
+    messages: list[Message],
+    timeout: float,
+    command: list[str],
+    name: str,
 ) -> Measure:
     # The worker starts on an empty alerts.raw, so its start is not timed.
-    log = work / "worker-run.log"
-    process = start_worker(settings, log)
+    log = work / f"worker-{name}.log"
+    process = start_worker(settings, log, command)
     try:
         wait_ready(settings, process, timeout)
         started = time.monotonic()

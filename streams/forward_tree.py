@@ -89,7 +89,7 @@ def incident_payload(incident: Record) -> Payload:
 
 
 # Header on each `incidents` record: how many pulled copies wait for a search. The
-# trace agent skips a record whose header says 0 without decoding it, and decodes
+# trace agent skips a record whose header is 0 without decoding it, and decodes
 # a record without the header, such as one written before the header existed.
 UNTRACED_HEADER = "autopull-untraced"
 
@@ -100,7 +100,7 @@ def untraced_header(incident: Record) -> tuple[str, bytes]:
 
 
 def nothing_untraced(headers: Mapping[str, bytes] | None) -> bool:
-    """Return True when an `incidents` record's headers say no copy waits."""
+    """Return True when the headers of an `incidents` record show no waiting copy."""
     value = (headers or {}).get(UNTRACED_HEADER)
     return value == b"0"
 
