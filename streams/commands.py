@@ -19,7 +19,7 @@ from autopull.streams.incidents import (
     retry_targets,
 )
 from autopull.streams.settings import Settings
-from autopull.streams.topics import full_name
+from autopull.streams.topics import client_config, full_name
 
 ACTIONS = ("approve", "reject", "release", "retry", "comment", "close")
 # The Java client's partitioner, which aiokafka and so Faust use too: a record keyed
@@ -217,11 +217,7 @@ def send_command(
         "IncidentEvent", registry=settings.schema_registry_url, subject=f"{topic}-value"
     )
     producer = Producer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "acks": "all",
-            "partitioner": KAFKA_PARTITIONER,
-        }
+        client_config(settings, {"acks": "all", "partitioner": KAFKA_PARTITIONER})
     )
     errors: list[str] = []
 

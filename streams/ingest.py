@@ -26,7 +26,7 @@ from autopull.schemas import AvroCodec
 from autopull.streams.commands import KAFKA_PARTITIONER
 from autopull.streams.records import utcnow
 from autopull.streams.settings import Settings
-from autopull.streams.topics import full_name
+from autopull.streams.topics import client_config, full_name
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +118,15 @@ class RawSender:
             subject=f"{self.topic}-value",
         )
         self.producer = Producer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "acks": "all",
-                "enable.idempotence": True,
-                "partitioner": KAFKA_PARTITIONER,
-                "message.max.bytes": settings.ingest_max_bytes * 4,
-            }
+            client_config(
+                settings,
+                {
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "partitioner": KAFKA_PARTITIONER,
+                    "message.max.bytes": settings.ingest_max_bytes * 4,
+                },
+            )
         )
         self.errors: list[str] = []
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -16,6 +18,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from autopull.streams.settings import Settings
 
 log = logging.getLogger(__name__)
+# The logger of librdkafka's own log lines, from every confluent-kafka client.
+CLIENT_LOGGER = logging.getLogger("autopull.kafka")
 
 DAY_MS = 24 * 3600 * 1000
 
@@ -93,9 +97,26 @@ def full_name(settings: Settings, name: str) -> str:
     return f"{settings.topic_prefix}{name}"
 
 
+def client_config(
+    settings: Settings, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Return a confluent-kafka client configuration for the configured cluster.
+
+    librdkafka's log lines go to the `autopull.kafka` logger instead of stderr, so
+    the logging configuration applies to them: its format, its level and the
+    filter that drops repeats. Without it, a command run against an unreachable
+    broker printed a connection error about 20 times a second until it timed out.
+    """
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "logger": CLIENT_LOGGER,
+        **(options or {}),
+    }
+
+
 def admin_client(settings: Settings) -> AdminClient:
     """Return an admin client for the configured cluster."""
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return AdminClient(client_config(settings))
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:

@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, TopicPartition
 from autopull.schemas import AvroCodec, topic_subject
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
-from autopull.streams.topics import full_name
+from autopull.streams.topics import client_config, full_name
 
 
 class IncidentWatcher:
@@ -25,12 +25,14 @@ class IncidentWatcher:
         )
         self.bootstrap = settings.kafka_bootstrap
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": f"autopull-watch-{uuid.uuid4().hex}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-            }
+            client_config(
+                settings,
+                {
+                    "group.id": f"autopull-watch-{uuid.uuid4().hex}",
+                    "auto.offset.reset": "earliest",
+                    "enable.auto.commit": False,
+                },
+            )
         )
         self.consumer.subscribe([full_name(settings, "incidents")])
         self.incidents: dict[str, Record] = {}
@@ -107,11 +109,9 @@ def consumed_all(settings: Settings, topic: str = "alerts.raw") -> bool:
     """Return True when the worker's group has committed every record of `topic`."""
     name = full_name(settings, topic)
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": settings.faust_id,
-            "enable.auto.commit": False,
-        }
+        client_config(
+            settings, {"group.id": settings.faust_id, "enable.auto.commit": False}
+        )
     )
     try:
         metadata = consumer.list_topics(name, timeout=10)
