@@ -560,7 +560,17 @@ def time_recovery(
                 "at": 1764580000.0 + index,
             }
         )
-        producer.produce(changelog, key=key, value=value, partition=index % PARTITIONS)
+        try:
+            producer.produce(
+                changelog, key=key, value=value, partition=index % PARTITIONS
+            )
+        except BufferError:
+            # The local queue is full (100,000 records by default): wait for
+            # deliveries, then queue the record again.
+            producer.flush(60)
+            producer.produce(
+                changelog, key=key, value=value, partition=index % PARTITIONS
+            )
         if index % 10000 == 0:
             producer.poll(0)
     producer.flush(300)
