@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp.web import json_response
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from faust.web import Request, Response, View
+from faust.web import Request, Response
 
 from autopull.connectors.sources.common import parse_json_int
 from autopull.schemas import AvroCodec, SchemaError
@@ -42,6 +42,7 @@ from autopull.streams.views import (
     summary_row,
 )
 from autopull.streams.web_errors import json_error
+from autopull.streams.web_views import RouteView
 
 if TYPE_CHECKING:
     from autopull.streams.app import Pipeline
@@ -272,14 +273,14 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
         return None, name
 
     @app.page("/livez")
-    class Live(View):
+    class Live(RouteView):
         async def get(self, request: Request) -> Response:
             if pipe.watchdog.failed:
                 return self.json({"status": "stalled"}, status=503)
             return self.json({"status": "alive"})
 
     @app.page("/readyz")
-    class Ready(View):
+    class Ready(RouteView):
         async def get(self, request: Request) -> Response:
             # A rebalance does not make a worker unready: every pod goes through the
             # same rebalance, and taking them all out of service at once helps nobody.
@@ -294,14 +295,14 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             return self.json(body, status=200 if ready else 503)
 
     @app.page("/metrics")
-    class MetricsView(View):
+    class MetricsView(RouteView):
         async def get(self, request: Request) -> Response:
             return self.bytes(
                 pipe.metrics.render(), content_type="text/plain; version=0.0.4"
             )
 
     @app.page("/api/incidents")
-    class Incidents(View):
+    class Incidents(RouteView):
         async def get(self, request: Request) -> Response:
             denied, _name = authorize(request, "read")
             if denied:
@@ -319,7 +320,7 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             return self.json({"incidents": found, "count": len(found)})
 
     @app.page("/api/incidents/{incident_id}")
-    class Incident(View):
+    class Incident(RouteView):
         async def get(self, request: Request, incident_id: str) -> Response:
             denied, _name = authorize(request, "read")
             if denied:
@@ -332,7 +333,7 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             return self.json(incident_detail(incident))
 
     @app.page("/api/incidents/{incident_id}/{action}")
-    class Command(View):
+    class Command(RouteView):
         async def post(
             self, request: Request, incident_id: str, action: str
         ) -> Response:

@@ -255,17 +255,21 @@ def test_api_server_errors_are_json(
     base = f"http://127.0.0.1:{api_settings.web_port}"
     wait_for(lambda: httpx.get(f"{base}/readyz").status_code == 200, what="readiness")
 
-    # Faust serves HEAD on every view, so Allow lists it too.
+    # A view that serves GET serves HEAD too, and only such a view lists HEAD.
     methods = [
         ("PUT", "/api/incidents", "GET,HEAD"),
         ("DELETE", "/api/incidents/INC-NOPE", "GET,HEAD"),
-        ("GET", "/api/incidents/INC-NOPE/close", "HEAD,POST"),
-        ("GET", "/alerts/tap", "HEAD,POST"),
+        ("GET", "/api/incidents/INC-NOPE/close", "POST"),
+        ("HEAD", "/api/incidents/INC-NOPE/close", "POST"),
+        ("GET", "/alerts/tap", "POST"),
+        ("HEAD", "/alerts/tap", "POST"),
     ]
     for method, path, allowed in methods:
         response = httpx.request(method, f"{base}{path}", headers=auth("boss"))
-        assert response.status_code == 405, path
-        assert response.headers["Allow"] == allowed, path
+        assert response.status_code == 405, (method, path)
+        assert response.headers["Allow"] == allowed, (method, path)
+        if method == "HEAD":
+            continue
         error = response.json()["error"]
         assert error["code"] == "method_not_allowed", path
         assert f"The method {method} is not allowed on {path}" in error["message"]
