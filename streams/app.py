@@ -25,7 +25,7 @@ from autopull.streams.settings import Settings
 from autopull.streams.stall import StallWatchdog
 from autopull.streams.tap_poller import register_tap_poller
 from autopull.streams.topics import ChangelogTopic, full_name, topic_specs
-from autopull.streams.web_errors import json_errors
+from autopull.streams.web_errors import application_options
 from autopull.streams.webhook import register_webhook
 
 log = logging.getLogger(__name__)
@@ -358,7 +358,7 @@ class Pipeline:
             web_bind=settings.web_host,
             web_port=settings.web_port,
             web_host=settings.web_host,
-            web_application_options={"middlewares": [json_errors]},
+            web_application_options=application_options(),
             logging_config=logging_config(settings.log_level, settings.log_format),
         )
 

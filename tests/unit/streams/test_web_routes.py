@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from autopull.streams.api import register_api
 from autopull.streams.app import Pipeline
 from autopull.streams.settings import Settings
+from autopull.streams.web_errors import MAX_FIELD_BYTES, MAX_LINE_BYTES
 from autopull.streams.webhook import WebhookSettings, register_webhook
 
 
@@ -70,3 +71,42 @@ async def test_get_route_serves_head(client: TestClient[Any, Any], path: str) ->
     put = await client.put(path)
     assert put.status == 405
     assert put.headers["Allow"] == "GET,HEAD"
+
+
+async def test_url_within_limit_gets_json_error(
+    client: TestClient[Any, Any],
+) -> None:
+    query = "x" * (MAX_LINE_BYTES - 200)
+    response = await client.get(f"/api/incidents?state={query}")
+
+    assert response.status == 401
+    assert (await response.json())["error"]["code"] == "unauthorized"
+
+
+async def test_url_over_limit_gets_plain_400(client: TestClient[Any, Any]) -> None:
+    query = "x" * (MAX_LINE_BYTES + 1)
+    response = await client.get(f"/api/incidents?state={query}")
+
+    # aiohttp rejects the request line before any middleware runs (see the NOTE
+    # in web_errors), so the reply is its own text, which names the limit.
+    assert response.status == 400
+    assert response.content_type == "text/plain"
+    assert f"Got more than {MAX_LINE_BYTES} bytes" in await response.text()
+
+
+async def test_header_over_limit_gets_plain_400(
+    client: TestClient[Any, Any],
+) -> None:
+    headers = {"X-Note": "y" * (MAX_FIELD_BYTES + 1)}
+    response = await client.get("/api/incidents", headers=headers)
+
+    assert response.status == 400
+    assert response.content_type == "text/plain"
+    assert f"Got more than {MAX_FIELD_BYTES} bytes" in await response.text()
+
+
+def test_app_sets_parser_limits(pipe: Pipeline) -> None:
+    options = pipe.app.conf.web_application_options
+
+    assert options["handler_args"]["max_line_size"] == MAX_LINE_BYTES
+    assert options["handler_args"]["max_field_size"] == MAX_FIELD_BYTES
