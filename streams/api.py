@@ -22,6 +22,7 @@ from faust.web import Request, Response
 
 from autopull.connectors.sources.common import parse_json_int
 from autopull.schemas import AvroCodec, SchemaError
+from autopull.streams.broker_state import broker_problem
 from autopull.streams.commands import (
     ACTIONS,
     CommandError,
@@ -285,14 +286,27 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
             # A rebalance does not make a worker unready: every pod goes through the
             # same rebalance, and taking them all out of service at once helps nobody.
             recovered = app.tables.recovery.completed.is_set()
-            ready = recovered and model.caught_up.is_set()
+            loaded = model.caught_up.is_set()
+            problem = broker_problem(app.consumer)
+            reasons = []
+            if not recovered:
+                reasons.append("The tables are still recovering from their changelogs.")
+            if not loaded:
+                reasons.append(
+                    "The incident read model has not reached the end of the "
+                    "incidents topic yet."
+                )
+            if problem is not None:
+                reasons.append(problem)
             body = {
-                "ready": ready,
+                "ready": not reasons,
                 "tables_recovered": recovered,
-                "incidents_loaded": model.caught_up.is_set(),
+                "incidents_loaded": loaded,
+                "broker_connected": problem is None,
                 "rebalancing": bool(app.rebalancing),
+                "reasons": reasons,
             }
-            return self.json(body, status=200 if ready else 503)
+            return self.json(body, status=503 if reasons else 200)
 
     @app.page("/metrics")
     class MetricsView(RouteView):

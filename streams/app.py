@@ -17,6 +17,7 @@ from autopull.connectors.errors import AutopullError
 from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
+from autopull.streams.broker_state import broker_problem
 from autopull.streams.grouping import IncidentWindows
 from autopull.streams.intel import load_intel, watch_feeds
 from autopull.streams.logs import logging_config
@@ -201,7 +202,12 @@ class Pipeline:
     def _register_watchdog(self) -> StallWatchdog:
         inputs = {topic.get_topic_name() for topic in self.topics.values()}
         timeout = self.settings.stall_timeout_seconds
-        watchdog = StallWatchdog(self.app, inputs, timeout)
+        watchdog = StallWatchdog(
+            self.app,
+            inputs,
+            timeout,
+            broker_problem=lambda: broker_problem(self.app.consumer),
+        )
 
         @self.app.timer(max(timeout / 4, 1.0))
         async def check_stall() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.client import ConnectionGroup
 
-from autopull.streams.api import register_api
+from autopull.streams.api import IncidentReadModel, register_api
 from autopull.streams.app import Pipeline
 from autopull.streams.settings import Settings
 from autopull.streams.web_errors import MAX_FIELD_BYTES, MAX_LINE_BYTES
@@ -17,7 +19,7 @@ from autopull.streams.webhook import WebhookSettings, register_webhook
 
 
 @pytest.fixture
-def pipe(tmp_path: Path) -> Pipeline:
+def pipe_and_model(tmp_path: Path) -> tuple[Pipeline, IncidentReadModel]:
     pipe = Pipeline(
         Settings(
             topic_prefix="unit.",
@@ -27,9 +29,19 @@ def pipe(tmp_path: Path) -> Pipeline:
             webhook=WebhookSettings(tokens={"tap": "tap-token-7"}),
         )
     )
-    register_api(pipe)
+    model = register_api(pipe)
     register_webhook(pipe)
-    return pipe
+    return pipe, model
+
+
+@pytest.fixture
+def pipe(pipe_and_model: tuple[Pipeline, IncidentReadModel]) -> Pipeline:
+    return pipe_and_model[0]
+
+
+@pytest.fixture
+def model(pipe_and_model: tuple[Pipeline, IncidentReadModel]) -> IncidentReadModel:
+    return pipe_and_model[1]
 
 
 @pytest.fixture
@@ -110,3 +122,80 @@ def test_app_sets_parser_limits(pipe: Pipeline) -> None:
 
     assert options["handler_args"]["max_line_size"] == MAX_LINE_BYTES
     assert options["handler_args"]["max_field_size"] == MAX_FIELD_BYTES
+
+
+class FakeConnection:
+    def __init__(self, is_open: bool) -> None:
+        self.is_open = is_open
+
+    def connected(self) -> bool:
+        return self.is_open
+
+
+def kafka_consumer(coordinator: int | None, is_open: bool = True) -> Any:
+    """A Faust consumer whose aiokafka client has this coordinator and connection."""
+    connections = {}
+    if coordinator is not None:
+        key = (coordinator, ConnectionGroup.COORDINATION)
+        connections[key] = FakeConnection(is_open)
+    client = SimpleNamespace(
+        _coordinator=SimpleNamespace(coordinator_id=coordinator),
+        _client=SimpleNamespace(_conns=connections),
+    )
+    return SimpleNamespace(_thread=SimpleNamespace(_consumer=client))
+
+
+async def test_readiness_reports_broker_unreachable(
+    pipe: Pipeline, model: IncidentReadModel, client: TestClient[Any, Any]
+) -> None:
+    pipe.app.tables.recovery.completed.set()
+    model.caught_up.set()
+    pipe.app.consumer = kafka_consumer(None)
+
+    response = await client.get("/readyz")
+
+    assert response.status == 503
+    body = await response.json()
+    assert body["ready"] is False
+    assert body["broker_connected"] is False
+    assert body["tables_recovered"] is True
+    assert body["incidents_loaded"] is True
+    assert len(body["reasons"]) == 1
+    assert "no group coordinator" in body["reasons"][0]
+    live = await client.get("/livez")
+    assert live.status == 200
+    assert await live.json() == {"status": "alive"}
+
+
+async def test_readiness_returns_with_broker(
+    pipe: Pipeline, model: IncidentReadModel, client: TestClient[Any, Any]
+) -> None:
+    pipe.app.tables.recovery.completed.set()
+    model.caught_up.set()
+    pipe.app.consumer = kafka_consumer(1, is_open=False)
+    closed = await client.get("/readyz")
+    pipe.app.consumer = kafka_consumer(1, is_open=True)
+    reopened = await client.get("/readyz")
+
+    assert closed.status == 503
+    assert "broker 1, is closed" in (await closed.json())["reasons"][0]
+    assert reopened.status == 200
+    body = await reopened.json()
+    assert body["ready"] is True
+    assert body["broker_connected"] is True
+    assert body["reasons"] == []
+
+
+async def test_readiness_lists_every_reason(
+    pipe: Pipeline, client: TestClient[Any, Any]
+) -> None:
+    pipe.app.consumer = kafka_consumer(None)
+
+    response = await client.get("/readyz")
+
+    assert response.status == 503
+    reasons = (await response.json())["reasons"]
+    assert len(reasons) == 3
+    assert "tables are still recovering" in reasons[0]
+    assert "incident read model" in reasons[1]
+    assert "group coordinator" in reasons[2]
