@@ -26,7 +26,9 @@ from autopull.streams.broker_state import broker_problem
 from autopull.streams.commands import (
     ACTIONS,
     CommandError,
+    IncidentTooLargeError,
     check_approve_pick,
+    check_incident_size,
     check_mailbox,
     check_retry,
     command_event,
@@ -388,7 +390,7 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
                     check_retry(incident, mailbox)
             except CommandError as error:
                 return json_error(400, "bad_request", str(error))
-            return await _send(pipe, incident_id, action, body, key_name)
+            return await _check_and_send(pipe, incident, action, body, key_name)
 
     return model
 
@@ -479,14 +481,19 @@ def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-async def _send(
+async def _check_and_send(
     pipe: Pipeline,
-    incident_id: str,
+    incident: Record,
     action: str,
     body: dict[str, str],
     key_name: str,
 ) -> Response:
-    """Send the command and reply 202 only once Kafka acknowledged it (acks=all)."""
+    """Build the command, check the incident's size after it, and send it.
+
+    The reply is 400 for a command that cannot be built, 413 for one that would
+    make the incident larger than `incident_max_bytes`, and otherwise `_send`'s.
+    """
+    incident_id = incident["incident_id"]
     # The actor is the API key's name, so the history records who really acted.
     actor = f"api:{key_name}"
     text = body.get("comment") or body.get("text")
@@ -502,6 +509,29 @@ async def _send(
     except CommandError as error:
         return json_error(400, "bad_request", str(error))
 
+    # Copying, changing and encoding an incident of 20,000 mailboxes took about
+    # 0.5 s in one run on 2 cores, so the check runs outside the event loop. The
+    # read model replaces an incident's record and never changes it in place.
+    limit = pipe.settings.incident_max_bytes
+    try:
+        await asyncio.to_thread(check_incident_size, incident, event, limit)
+    except IncidentTooLargeError as error:
+        log.info(
+            "Rejected a command that would make its incident too large "
+            "incident_id=%s action=%s bytes=%d limit=%d",
+            incident_id,
+            action,
+            error.size,
+            error.limit,
+        )
+        return json_error(413, "too_large", str(error))
+    return await _send(pipe, incident_id, action, event, actor)
+
+
+async def _send(
+    pipe: Pipeline, incident_id: str, action: str, event: Record, actor: str
+) -> Response:
+    """Send the command and reply 202 only once Kafka acknowledged it (acks=all)."""
     topic = pipe.topics["incident.events"]
     value = pipe.codecs["incident.events"].dumps(event)
 
