@@ -350,6 +350,7 @@ def _pull_entry(
         "candidates": [],
         "withdrawn": False,
         "traced": False,
+        "mailbox_missing": False,
     }
 
 
