@@ -41,7 +41,8 @@ def broker_problem(consumer: Any) -> str | None:
             "unreachable or the consumer group is still being set up."
         )
 
-    connections = getattr(kafka_consumer._client, "_conns", {})
+    client = getattr(kafka_consumer, "_client", None)
+    connections = getattr(client, "_conns", {})
     connection = connections.get((node, ConnectionGroup.COORDINATION))
     if connection is None or not connection.connected():
         return (
