@@ -13,7 +13,12 @@ class AutopullError(Exception):
 
 
 class ConnectorError(AutopullError):
-    """An external system refused or failed a request."""
+    """An external system refused or failed a request.
+
+    `mailbox_missing` is True when the platform reported that the mailbox itself
+    does not exist (no such user or mailbox), which a search of that mailbox
+    would report again. Adapters set it next to the class they choose.
+    """
 
     retriable = False
 
@@ -24,11 +29,13 @@ class ConnectorError(AutopullError):
         mailbox: str | None = None,
         message_id: str | None = None,
         platform: str | None = None,
+        mailbox_missing: bool = False,
     ) -> None:
         super().__init__(message)
         self.mailbox = mailbox
         self.message_id = message_id
         self.platform = platform
+        self.mailbox_missing = mailbox_missing
 
 
 class TransientError(ConnectorError):

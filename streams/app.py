@@ -17,6 +17,7 @@ from autopull.connectors.errors import AutopullError
 from autopull.schemas import AvroCodec, SchemaError
 from autopull.streams import pipeline, records
 from autopull.streams.api import register_api
+from autopull.streams.broker_state import broker_problem
 from autopull.streams.grouping import IncidentWindows
 from autopull.streams.intel import load_intel, watch_feeds
 from autopull.streams.logs import logging_config
@@ -25,7 +26,7 @@ from autopull.streams.settings import Settings
 from autopull.streams.stall import StallWatchdog
 from autopull.streams.tap_poller import register_tap_poller
 from autopull.streams.topics import ChangelogTopic, full_name, topic_specs
-from autopull.streams.web_errors import json_errors
+from autopull.streams.web_errors import application_options
 from autopull.streams.webhook import register_webhook
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,12 @@ class Pipeline:
     def _register_watchdog(self) -> StallWatchdog:
         inputs = {topic.get_topic_name() for topic in self.topics.values()}
         timeout = self.settings.stall_timeout_seconds
-        watchdog = StallWatchdog(self.app, inputs, timeout)
+        watchdog = StallWatchdog(
+            self.app,
+            inputs,
+            timeout,
+            broker_problem=lambda: broker_problem(self.app.consumer),
+        )
 
         @self.app.timer(max(timeout / 4, 1.0))
         async def check_stall() -> None:
@@ -358,7 +364,7 @@ class Pipeline:
             web_bind=settings.web_host,
             web_port=settings.web_port,
             web_host=settings.web_host,
-            web_application_options={"middlewares": [json_errors]},
+            web_application_options=application_options(),
             logging_config=logging_config(settings.log_level, settings.log_format),
         )
 

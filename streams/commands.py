@@ -6,6 +6,9 @@ the incident agent alone applies them. Both the CLI and the REST API send them h
 
 from __future__ import annotations
 
+import copy
+from functools import cache
+
 from confluent_kafka import Producer
 
 from autopull.connectors.sources.common import checked_message_id
@@ -13,6 +16,7 @@ from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.schemas import AvroCodec
 from autopull.streams import records
 from autopull.streams.incidents import (
+    apply_command,
     approve_targets,
     candidate_ids,
     held_entries,
@@ -31,6 +35,15 @@ API_ACTOR_PREFIX = "api:"
 
 class CommandError(Exception):
     """A command that cannot be sent."""
+
+
+class IncidentTooLargeError(CommandError):
+    """A command that would make its incident larger than `incident_max_bytes`."""
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 def check_text(value: str | None, field: str) -> None:
@@ -165,6 +178,42 @@ def check_retry(incident: records.Record, mailbox: str | None) -> None:
     raise CommandError(
         f"No pull{where} of incident {incident['incident_id']} has failed, so there "
         "is nothing to retry; `autopull incident show` lists each copy's status."
+    )
+
+
+@cache
+def _incident_codec() -> AvroCodec:
+    # The incident table's codec: plain Avro, without a registry's framing.
+    return AvroCodec("Incident")
+
+
+def check_incident_size(
+    incident: records.Record, event: records.Record, max_bytes: int
+) -> None:
+    """Raise IncidentTooLargeError when `event` would make `incident` too large.
+
+    The command of `event` is applied to a copy of `incident`, as the incident
+    agent applies it, and the copy is encoded as the incident table stores it.
+    The agent checks again on its own, newer state of the incident and sends an
+    event that is too large there to alerts.dead.
+    """
+    changed = copy.deepcopy(incident)
+    command = event["command"]
+    apply_command(changed, command)
+    size = len(_incident_codec().dumps(changed))
+    if size <= max_bytes:
+        return
+    fix = (
+        "Send a shorter text, or raise AUTOPULL_INCIDENT_MAX_BYTES."
+        if command["text"]
+        else "Raise AUTOPULL_INCIDENT_MAX_BYTES to change this incident."
+    )
+    raise IncidentTooLargeError(
+        f"The {command['action']} would make incident {incident['incident_id']} "
+        f"{size:,} bytes, above the maximum of {max_bytes:,} bytes that "
+        f"AUTOPULL_INCIDENT_MAX_BYTES sets, so it was not sent. {fix}",
+        size=size,
+        limit=max_bytes,
     )
 
 

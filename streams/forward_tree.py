@@ -367,6 +367,7 @@ def _pull_entry(
         "candidates": [],
         "withdrawn": False,
         "traced": False,
+        "mailbox_missing": False,
     }
 
 

@@ -203,6 +203,7 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
             entry["undone"] = True
     else:
         entry["status"] = outcome["status"]
+        entry["mailbox_missing"] = outcome.get("mailbox_missing", False)
         entry["attempts"] = outcome["attempts"]
         entry["original_folder"] = outcome.get("original_folder")
         entry["read"] = outcome.get("read")
@@ -305,7 +306,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
             entry["reason"] = f"Rejected by {actor}.{note}"
     elif action == "retry":
         for entry in retry_targets(incident, mailbox):
-            entry.update(status=None, rule="retried", error=None)
+            entry.update(status=None, rule="retried", error=None, mailbox_missing=False)
             entry["reason"] = f"Retried by {actor}.{note}"
             commands.append(_command_for(incident, entry, "quarantine", now))
     elif action == "release":
@@ -527,6 +528,7 @@ def _pull_entry(
         "candidates": [],
         "withdrawn": False,
         "traced": False,
+        "mailbox_missing": False,
     }
 
 

@@ -22,6 +22,7 @@ from autopull.streams.commands import (
     API_ACTOR_PREFIX,
     CommandError,
     check_approve_pick,
+    check_incident_size,
     check_mailbox,
     check_retry,
     command_event,
@@ -266,6 +267,7 @@ def run_command(
                 text=text,
                 message_id=message_id,
             )
+            check_incident_size(incident, event, settings.incident_max_bytes)
         except CommandError as error:
             print(f"error: {error}", file=out)
             return 2

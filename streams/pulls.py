@@ -483,6 +483,7 @@ def _outcome(
         "retry_at": None,
         "resolved_message_id": command.get("resolved_message_id"),
         "candidates": [],
+        "mailbox_missing": error is not None and error.mailbox_missing,
     }
 
 

@@ -212,10 +212,11 @@ class Settings(BaseSettings):
     incident_max_bytes: int = Field(
         default=16 * MIB,
         ge=MIB,
-        description="Largest incident record, in bytes. An event that would make an "
-        "incident larger goes to alerts.dead, with both sizes in its reason, and the "
-        "incident stays as it was. An incident takes roughly 300 bytes per mailbox "
-        "(an estimate), so the default holds about 50,000 mailboxes.",
+        description="Largest incident record, in bytes. The REST API (413) and the "
+        "CLI reject a command that would make an incident larger before sending it. "
+        "Any other such event goes to alerts.dead, with both sizes in its reason, and "
+        "the incident stays as it was. An incident takes roughly 300 bytes per "
+        "mailbox (an estimate), so the default holds about 50,000 mailboxes.",
     )
     pull_batch_size: int = Field(
         default=64, ge=1, description="Pull commands processed together by one agent."

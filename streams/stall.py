@@ -110,7 +110,12 @@ def waiting_records(
 
 
 class StallWatchdog:
-    """Checks a Faust app's input partitions and recovers a stalled consumer."""
+    """Checks a Faust app's input partitions and recovers a stalled consumer.
+
+    `broker_problem` returns why the consumer cannot reach Kafka, or None. While
+    it returns a reason, the watchdog sends no request and resets its detector, so
+    a broker outage alone never makes /livez return 503.
+    """
 
     def __init__(
         self,
@@ -118,11 +123,13 @@ class StallWatchdog:
         topics: Collection[str],
         timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        broker_problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.app = app
         self.topics = set(topics)
         self.detector = StallDetector(timeout)
         self.clock = clock
+        self.broker_problem = broker_problem
         self.failed = False
         self.recoveries = 0
 
@@ -133,6 +140,9 @@ class StallWatchdog:
         """Run one check and act on its verdict."""
         app = self.app
         if app.rebalancing or not app.tables.recovery.completed.is_set():
+            self.detector.reset()
+            return NONE
+        if self.broker_problem() is not None:
             self.detector.reset()
             return NONE
         partitions = self._input_partitions()

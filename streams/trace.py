@@ -5,7 +5,9 @@ frontier table under the same key: the (mailbox, Message-ID) pairs already searc
 for each incident. For every copy with action `pull` whose pull has an outcome and
 that the frontier lacks, it
 reads the mailbox's sent items since the delivery, its redirect rules and the
-platform's message trace, and matches them (`autopull.streams.forwards`). Each
+platform's message trace, and matches them (`autopull.streams.forwards`). A copy
+whose pull found that the mailbox does not exist is marked searched without a
+search, with that reason as its error. Each
 finding goes to `trace.findings` and, as a `finding` event, to `incident.events`. A
 `traced` event then marks the copy as searched. The incident agent folds findings
 into the forward tree and issues the pulls, whose copies come back here in the next
@@ -178,31 +180,41 @@ def register_trace_agent(pipe: Pipeline) -> None:
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
+    async def search(
+        incident: Record, entry: Record, message: TracedMessage
+    ) -> tuple[list[Match], str | None]:
+        """Return the matches of one copy's mailbox, or none and why not."""
+        mailbox = entry["mailbox"]
+        # The warnings name the mailbox and the error but no incident or
+        # Message-ID, so the log's RepeatFilter passes one a minute for a mailbox
+        # that fails for many copies. The "Traced copy" line names the ids.
+        if entry.get("mailbox_missing"):
+            log.warning(
+                "Trace search skipped, the pull found no such mailbox mailbox=%s",
+                mailbox,
+            )
+            return [], (
+                f"the pull found that mailbox {mailbox} does not exist, so it was "
+                "not searched"
+            )
+        platform = route(mailbox)
+        if platform is None:
+            return [], f"No mail platform is configured for {mailbox}."
+        try:
+            matches = await search_with_retries(
+                platform, mailbox, message, incident_payload(incident)
+            )
+        except ConnectorError as failure:
+            log.warning("Trace search failed mailbox=%s error=%s", mailbox, failure)
+            return [], str(failure)
+        return matches, None
+
     async def trace_one(
         incident: Record, entry: Record, message: TracedMessage
     ) -> None:
         incident_id = incident["incident_id"]
         mailbox = entry["mailbox"]
-        platform = route(mailbox)
-        error: str | None = None
-        matches: list[Match] = []
-        if platform is None:
-            error = f"No mail platform is configured for {mailbox}."
-        else:
-            try:
-                matches = await search_with_retries(
-                    platform, mailbox, message, incident_payload(incident)
-                )
-            except ConnectorError as failure:
-                error = str(failure)
-                log.warning(
-                    "Trace search failed incident_id=%s mailbox=%s message_id=%s "
-                    "error=%s",
-                    incident_id,
-                    mailbox,
-                    message.message_id,
-                    error,
-                )
+        matches, error = await search(incident, entry, message)
 
         for match in matches:
             finding = finding_record(incident_id, message, match, message.depth + 1)
@@ -218,11 +230,12 @@ def register_trace_agent(pipe: Pipeline) -> None:
         event = records.incident_event(incident_id, "traced", traced=progress)
         await pipe.send("incident.events", incident_id, event)
         log.info(
-            "Traced copy incident_id=%s mailbox=%s message_id=%s findings=%d",
+            "Traced copy incident_id=%s mailbox=%s message_id=%s findings=%d error=%s",
             incident_id,
             mailbox,
             entry["message_id"],
             len(matches),
+            error,
         )
 
     async def handle(event: EventT, incident: Record) -> None:

@@ -4,6 +4,12 @@ The views build their own errors with `json_error`. The middleware turns the
 errors that aiohttp raises itself, before or around a view (unknown path, method
 not allowed, body over the server's size limit), and any unexpected exception
 into the same `{"error": {"code": ..., "message": ...}}` body.
+
+NOTE: a request line longer than MAX_LINE_BYTES or a header longer than
+MAX_FIELD_BYTES gets aiohttp's own plain-text 400, whatever its path. aiohttp
+3.14 rejects such a request while parsing it, before routing and middleware,
+and writes that reply in its private request handler (`handle_error`), which no
+application option replaces.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ log = logging.getLogger(__name__)
 
 # Paths whose errors are JSON. The probes and /metrics keep aiohttp's replies.
 JSON_ERROR_PREFIXES = ("/api", "/alerts")
+# Limits of aiohttp's request parser in bytes, given to every connection through
+# the application's handler_args: the request line (method, URL and version), and
+# each header name or value. Both are aiohttp's defaults, set here so that the
+# documented limits stay true if those defaults change.
+MAX_LINE_BYTES = 8190
+MAX_FIELD_BYTES = 8190
 # The code of each status that aiohttp raises on its own.
 HTTP_ERROR_CODES = {
     400: "bad_request",
@@ -29,6 +41,17 @@ HTTP_ERROR_CODES = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def application_options() -> dict[str, object]:
+    """Build the aiohttp application options: JSON error middleware, parser limits."""
+    return {
+        "middlewares": [json_errors],
+        "handler_args": {
+            "max_line_size": MAX_LINE_BYTES,
+            "max_field_size": MAX_FIELD_BYTES,
+        },
+    }
 
 
 def json_error(

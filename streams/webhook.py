@@ -359,7 +359,7 @@ def _bearer_token(header: str) -> str | None:
 
 def register_webhook(pipe: Pipeline) -> AlertReceiver:
     """Add `POST /alerts/{source}` to the web server and return its handler."""
-    from faust.web import View
+    from autopull.streams.web_views import RouteView
 
     topic = pipe.topics["alerts.raw"]
     codec = pipe.codecs["alerts.raw"]
@@ -377,7 +377,7 @@ def register_webhook(pipe: Pipeline) -> AlertReceiver:
     )
 
     @pipe.app.page(ROUTE)
-    class AlertsView(View):
+    class AlertsView(RouteView):
         async def post(self, request: web.Request, source: str) -> Any:
             return await receiver.receive(request, source)
 

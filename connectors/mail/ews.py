@@ -376,7 +376,11 @@ def map_ews_error(
             **context,
         )
     if isinstance(exc, NOT_FOUND_ERRORS):
-        return NotFoundError(f"Exchange found nothing for {where} ({name}).", **context)
+        return NotFoundError(
+            f"Exchange found nothing for {where} ({name}).",
+            mailbox_missing=isinstance(exc, ews_errors.ErrorNonExistentMailbox),
+            **context,
+        )
     if isinstance(exc, ACCESS_ERRORS):
         return PermanentError(
             f"Exchange denied access to {where} ({name}: {exc}); check the service "

@@ -428,6 +428,7 @@ def _map_api_error(
         return PermanentError(
             f"Graph found no user for {where} in this tenant ({detail}); check the "
             "address, the routing table, or whether it is a list to expand.",
+            mailbox_missing=True,
             **context,
         )
     if status == 404 or code in NOT_FOUND_CODES:

@@ -685,6 +685,7 @@ def _map_command_error(
         return NotFoundError(
             f"The master user may not log in as {where} ({detail}); on Dovecot this "
             "means that the user does not exist.",
+            mailbox_missing=True,
             **context,
         )
     if code in TRANSIENT_CODES:

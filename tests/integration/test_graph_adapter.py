@@ -984,6 +984,14 @@ def test_map_graph_error_invalid_user_names_mailbox_once() -> None:
     assert "mailbox mailbox" not in str(mapped)
 
 
+def test_map_graph_error_invalid_user_marks_mailbox_missing() -> None:
+    user = map_graph_error(odata_error(404, "ErrorInvalidUser"), mailbox="a@x.com")
+    item = map_graph_error(odata_error(404, "ErrorItemNotFound"), mailbox="a@x.com")
+
+    assert user.mailbox_missing is True
+    assert item.mailbox_missing is False
+
+
 def test_map_graph_error_passes_own_errors() -> None:
     own = PermanentError("Already classified.")
 

@@ -168,6 +168,7 @@ PULL_OUTCOME: dict[str, Any] = {
             "received_at": RECEIVED,
         }
     ],
+    "mailbox_missing": False,
 }
 
 FORWARD_FINDING: dict[str, Any] = {
@@ -226,6 +227,7 @@ INCIDENT: dict[str, Any] = {
             "candidates": [],
             "withdrawn": False,
             "traced": True,
+            "mailbox_missing": False,
         }
     ],
     "history": [

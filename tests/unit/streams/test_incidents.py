@@ -418,6 +418,34 @@ def test_retry_then_success_contains_incident():
     assert incident["state"] == "contained"
 
 
+def test_missing_mailbox_outcome_marks_copy():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    missing = outcome("bob@example.com", "failed")
+    missing["error"] = "Graph found no user for mailbox bob@example.com."
+    missing["mailbox_missing"] = True
+
+    apply_outcome(incident, outcome("alice@example.com", "quarantined"))
+    apply_outcome(incident, missing)
+
+    alice, bob = incident["pulls"]
+    assert alice["mailbox_missing"] is False
+    assert bob["mailbox_missing"] is True
+    assert bob["status"] == "failed"
+
+
+def test_retry_clears_missing_mailbox_mark():
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    apply_alert(incident, enriched(), pull_all)
+    missing = outcome("bob@example.com", "failed")
+    missing["mailbox_missing"] = True
+    apply_outcome(incident, missing)
+
+    apply_command(incident, command("retry", "bob@example.com"))
+
+    assert incident["pulls"][1]["mailbox_missing"] is False
+
+
 def test_retry_other_mailbox_issues_nothing():
     incident = failed_incident()
     assert apply_command(incident, command("retry", "alice@example.com")) == []

@@ -159,6 +159,21 @@ async def test_missing_message_is_not_found():
     platform = ScriptedPlatform(NotFoundError("gone"))
     result = await execute(command(), lambda m: platform, FAST)
     assert result.outcome["status"] == "not_found"
+    assert result.outcome["mailbox_missing"] is False
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (PermanentError("no such user", mailbox_missing=True), "failed"),
+        (NotFoundError("no such mailbox", mailbox_missing=True), "not_found"),
+    ],
+)
+async def test_missing_mailbox_reaches_outcome(error, status):
+    platform = ScriptedPlatform(error)
+    result = await execute(command(), lambda m: platform, FAST)
+    assert result.outcome["status"] == status
+    assert result.outcome["mailbox_missing"] is True
 
 
 async def test_ledger_hit_skips_platform():

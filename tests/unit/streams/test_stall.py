@@ -151,3 +151,31 @@ async def test_watchdog_waits_during_rebalance() -> None:
         clock.now = now
         assert (await watchdog.check()).action == "none"
     assert consumer.calls == []
+
+
+async def test_watchdog_waits_while_broker_unreachable() -> None:
+    consumer = FakeConsumer()
+    app = fake_app(consumer)
+    clock = FakeClock()
+    problem: list[str | None] = ["The broker is away."]
+    watchdog = StallWatchdog(
+        app,
+        {RAW.topic, EVENTS.topic},
+        30,
+        clock=clock,
+        broker_problem=lambda: problem[0],
+    )
+    for now in (0, 30, 60, 90):
+        clock.now = now
+        assert (await watchdog.check()).action == "none"
+    assert consumer.calls == []
+    assert not watchdog.failed
+
+    # Once the broker is back, a stall counts from the first check after it.
+    problem[0] = None
+    clock.now = 100
+    assert (await watchdog.check()).action == "none"
+    clock.now = 129
+    assert (await watchdog.check()).action == "none"
+    clock.now = 130
+    assert (await watchdog.check()).action == "recover"

@@ -1,8 +1,14 @@
-"""The search of one mailbox for forwarded copies, over a scripted platform."""
+"""The search of one mailbox for forwarded copies, and the trace agent around it."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +21,11 @@ from autopull.connectors.mail.base import (
     SentMessage,
     TraceEvent,
 )
+from autopull.streams.app import Pipeline
 from autopull.streams.forwards import Payload, TracedMessage
+from autopull.streams.incidents import new_incident
+from autopull.streams.logs import RepeatFilter
+from autopull.streams.settings import Settings
 from autopull.streams.trace import frontier_key, search_copy
 
 DELIVERED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
@@ -126,3 +136,160 @@ def test_frontier_key_lowercases_mailbox(
     mailbox: str, message_id: str, key: str
 ) -> None:
     assert frontier_key(mailbox, message_id) == key
+
+
+# The trace agent under Faust's test_context, with a recording platform.
+
+
+class RecordingPlatform(ScriptedPlatform):
+    """A platform that records which mailboxes were searched and fails for some."""
+
+    def __init__(self, failing: frozenset[str] = frozenset()) -> None:
+        super().__init__([])
+        self.failing = failing
+        self.searched: list[str] = []
+
+    async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
+        self.searched.append(mailbox)
+        if mailbox in self.failing:
+            raise PermanentError(f"Graph found no user for mailbox {mailbox}.")
+        return []
+
+
+@dataclass
+class TraceAgent:
+    pipe: Pipeline
+    context: Any
+    platform: RecordingPlatform
+    sent: list[tuple[str, str, dict[str, Any]]]
+
+    async def feed(self, incident: dict[str, Any]) -> None:
+        data = self.pipe.codecs["incidents"].dumps(incident)
+        await self.context.put(data, key=incident["incident_id"].encode())
+
+    def traced(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Return the traced progress sent, by incident id and mailbox."""
+        return {
+            (key, value["traced"]["mailbox"]): value["traced"]
+            for topic, key, value in self.sent
+            if topic == "incident.events" and value["kind"] == "traced"
+        }
+
+
+@pytest.fixture
+def platform() -> RecordingPlatform:
+    return RecordingPlatform(failing=frozenset({"bob@example.com"}))
+
+
+@pytest.fixture
+async def agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, platform: RecordingPlatform
+) -> AsyncIterator[TraceAgent]:
+    monkeypatch.setattr(
+        "autopull.streams.trace.build_router",
+        lambda settings, platforms: lambda mailbox: platform,
+    )
+    pipe = Pipeline(
+        Settings(
+            kafka_bootstrap="127.0.0.1:9",
+            store="memory://",
+            data_dir=tmp_path,
+            web_enabled=False,
+            topic_partitions=1,
+        )
+    )
+    pipe.app.loop = asyncio.get_running_loop()
+    pipe.app.finalize()
+    agents = {a.name.rsplit(".", 1)[-1]: a for a in pipe.app.agents.values()}
+    manager = agents["trace"].test_context()
+    context = await manager.__aenter__()
+    harness = TraceAgent(pipe, context, platform, [])
+
+    async def record(topic: str, key: str, value: dict[str, Any]) -> None:
+        harness.sent.append((topic, key, value))
+
+    pipe.send = record  # type: ignore[method-assign]
+    yield harness
+    await manager.__aexit__(None, None, None)
+
+
+def pulled_incident(incident_id: str, copies: dict[str, dict[str, Any]]) -> Any:
+    """An incident whose copy of ORIGINAL in each mailbox has a pull outcome."""
+    incident = new_incident(incident_id, "campaign:1", DELIVERED)
+    incident["traced_messages"].append(
+        {"message_id": ORIGINAL.message_id, "delivered_at": DELIVERED, "depth": 0}
+    )
+    for mailbox, fields in copies.items():
+        entry = {
+            "mailbox": mailbox,
+            "message_id": ORIGINAL.message_id,
+            "action": "pull",
+            "rule": "policy.pull",
+            "reason": "Pulled.",
+            "alert_id": "tap:1",
+            "status": "quarantined",
+        }
+        incident["pulls"].append({**entry, **fields})
+    return incident
+
+
+MISSING = {"status": "failed", "error": "No such user.", "mailbox_missing": True}
+
+
+async def test_agent_skips_missing_mailbox(agent: TraceAgent) -> None:
+    incident = pulled_incident(
+        "INC-1", {"alice@example.com": {}, "ghost@example.com": MISSING}
+    )
+
+    await agent.feed(incident)
+
+    assert agent.platform.searched == ["alice@example.com"]
+    traced = agent.traced()
+    assert traced[("INC-1", "alice@example.com")]["error"] is None
+    ghost = traced[("INC-1", "ghost@example.com")]
+    assert ghost["findings"] == 0
+    assert "ghost@example.com does not exist" in ghost["error"]
+    assert "not searched" in ghost["error"]
+    searched = agent.pipe.frontier["INC-1"]["searched"]
+    assert frontier_key("ghost@example.com", ORIGINAL.message_id) in searched
+
+
+async def test_agent_searches_mailbox_after_retry(agent: TraceAgent) -> None:
+    # A retried pull that found the mailbox clears the mark, so it is searched.
+    found = {"status": "not_found", "mailbox_missing": False}
+    await agent.feed(pulled_incident("INC-1", {"ghost@example.com": found}))
+
+    assert agent.platform.searched == ["ghost@example.com"]
+
+
+async def test_missing_mailbox_warning_is_rate_limited(
+    agent: TraceAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.handler.addFilter(RepeatFilter())
+    caplog.set_level(logging.WARNING, logger="autopull.streams.trace")
+
+    for incident_id in ("INC-1", "INC-2", "INC-3"):
+        await agent.feed(pulled_incident(incident_id, {"ghost@example.com": MISSING}))
+
+    warnings = [r for r in caplog.records if r.name == "autopull.streams.trace"]
+    assert len(warnings) == 1
+    assert "ghost@example.com" in warnings[0].getMessage()
+    assert len(agent.traced()) == 3
+
+
+async def test_search_failure_warning_is_rate_limited(
+    agent: TraceAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.handler.addFilter(RepeatFilter())
+    caplog.set_level(logging.WARNING, logger="autopull.streams.trace")
+
+    for incident_id in ("INC-1", "INC-2", "INC-3"):
+        await agent.feed(pulled_incident(incident_id, {"bob@example.com": {}}))
+
+    assert agent.platform.searched == ["bob@example.com"] * 3
+    warnings = [r for r in caplog.records if r.name == "autopull.streams.trace"]
+    assert len(warnings) == 1
+    assert "Trace search failed mailbox=bob@example.com" in warnings[0].getMessage()
+    errors = [progress["error"] for progress in agent.traced().values()]
+    assert len(errors) == 3
+    assert all("no user for mailbox bob@example.com" in error for error in errors)

@@ -120,6 +120,14 @@ def test_error_maps_to_class(exc: BaseException, expected: type[Any]) -> None:
     assert type(mapped(exc)) is expected
 
 
+def test_non_existent_mailbox_marks_mailbox_missing() -> None:
+    missing = mapped(ews_errors.ErrorNonExistentMailbox("No mailbox."))
+    item = mapped(ews_errors.ErrorItemNotFound("Not found."))
+
+    assert missing.mailbox_missing is True
+    assert item.mailbox_missing is False
+
+
 def test_server_busy_carries_back_off() -> None:
     error = mapped(ews_errors.ErrorServerBusy("Busy.", back_off=2.5))
 

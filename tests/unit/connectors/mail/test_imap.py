@@ -519,6 +519,22 @@ def test_map_imap_error_classifies(
     assert error.platform == "imap"
 
 
+@pytest.mark.parametrize(
+    ("command", "text", "missing"),
+    [
+        ("LOGIN", "[AUTHORIZATIONFAILED] Failed", True),
+        ("AUTHENTICATE", "[AUTHORIZATIONFAILED] Failed", True),
+        ("SELECT", "[NONEXISTENT] No such folder", False),
+    ],
+)
+def test_no_such_user_marks_mailbox_missing(
+    command: str, text: str, missing: bool
+) -> None:
+    error = map_imap_error(ImapCommandError(command, text), mailbox="olga@x.example")
+
+    assert error.mailbox_missing is missing
+
+
 def test_map_imap_error_passes_connector_errors_through() -> None:
     original = NotFoundError("gone")
 
