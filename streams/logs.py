@@ -7,6 +7,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 TEXT_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s %(message)s"
 # Identical warnings and errors pass once per this interval, with a count.
 REPEAT_INTERVAL_S = 60.0
@@ -81,6 +83,26 @@ class RepeatFilter(logging.Filter):
             del self._seen[next(iter(self._seen))]
 
 
+class RequestParseErrorFilter(logging.Filter):
+    """Drop the request's own bytes from aiohttp's log of a request it could not parse.
+
+    aiohttp (3.14) logs such a request with its exception, whose text quotes the
+    start of the offending line: for an over-long header, that can be an
+    `Authorization` or `X-API-Key` value. The record keeps the error's class, the
+    HTTP status and the client's address, and loses the exception.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            original = record.getMessage()
+            record.msg = "%s: %s (status %d); the request's content is not logged."
+            record.args = (original, type(error).__name__, error.code)
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def logging_config(level: str, log_format: str) -> dict[str, Any]:
     """Return the `logging.config.dictConfig` mapping for the given format."""
     formatter: dict[str, Any] = (
@@ -91,7 +113,8 @@ def logging_config(level: str, log_format: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
         "filters": {
-            "repeats": {"()": RepeatFilter, "interval_seconds": REPEAT_INTERVAL_S}
+            "repeats": {"()": RepeatFilter, "interval_seconds": REPEAT_INTERVAL_S},
+            "request_parse_errors": {"()": RequestParseErrorFilter},
         },
         "handlers": {
             "default": {
@@ -103,5 +126,8 @@ def logging_config(level: str, log_format: str) -> dict[str, Any]:
         },
         "root": {"level": level, "handlers": ["default"]},
         # One line per HTTP request would drown the pipeline's own lines.
-        "loggers": {"httpx": {"level": "WARNING"}},
+        "loggers": {
+            "httpx": {"level": "WARNING"},
+            "aiohttp.server": {"filters": ["request_parse_errors"]},
+        },
     }

@@ -9,7 +9,8 @@ NOTE: a request line longer than MAX_LINE_BYTES or a header longer than
 MAX_FIELD_BYTES gets aiohttp's own plain-text 400, whatever its path. aiohttp
 3.14 rejects such a request while parsing it, before routing and middleware,
 and writes that reply in its private request handler (`handle_error`), which no
-application option replaces.
+application option replaces. The worker's log of such a request leaves out the
+request's bytes (`RequestParseErrorFilter` in `autopull.streams.logs`).
 """
 
 from __future__ import annotations

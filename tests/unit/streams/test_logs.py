@@ -108,3 +108,33 @@ def test_configured_logging_limits_library_flood(capsys):
     errors = [line for line in lines if "[ERROR] aiokafka" in line]
     assert len(errors) == 1
     assert "ConnectionRefusedError: [Errno 111] Connect call failed" in lines
+
+
+async def test_unparsable_request_log_omits_header(capsys):
+    import asyncio
+    import logging.config
+
+    from aiohttp import web
+
+    logging.config.dictConfig(logging_config("INFO", "text"))
+    app = web.Application()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    secret = "s3cr3t-api-key-0123456789"
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        header = f"Authorization: Bearer {secret}{'x' * 9000}"
+        writer.write(f"GET / HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n".encode())
+        await writer.drain()
+        status = await reader.readline()
+        writer.close()
+    finally:
+        await runner.cleanup()
+
+    assert status.split()[1] == b"400"
+    err = capsys.readouterr().err
+    assert secret not in err
+    assert "Error handling request from 127.0.0.1: LineTooLong (status 400)" in err
