@@ -1,7 +1,8 @@
 """Benchmark alerts per second through the pipeline, and table recovery time.
 
 On a running broker, the script writes `--alerts` generated TAP alerts (distinct
-messages, one to three recipients each, spread over 200 campaigns) to a fresh
+messages, one to three recipients each, spread over `--campaigns` campaigns, 200
+by default) to a fresh
 alerts.raw topic, then reads the same messages four ways, one after the other:
 
 - passthrough: a confluent-kafka consumer that produces every value unchanged to
@@ -74,7 +75,6 @@ from autopull.streams.topics import ensure_topics, full_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO_ROOT / "examples" / "alerts" / "tap-delivered-phish.json"
-CAMPAIGNS = 200
 PEOPLE = 1000
 PARTITIONS = 8
 STAGE_TOPICS = (
@@ -123,6 +123,13 @@ def main() -> None:
     parser.add_argument("--bootstrap", required=True, help="Kafka host:port.")
     parser.add_argument("--alerts", type=int, default=20000, help="Alerts to send.")
     parser.add_argument(
+        "--campaigns",
+        type=int,
+        default=200,
+        help="Campaigns the alerts are spread over, so each incident collects "
+        "alerts / campaigns alerts.",
+    )
+    parser.add_argument(
         "--recovery-keys", type=int, default=1_000_000, help="Ledger keys to recover."
     )
     parser.add_argument(
@@ -146,7 +153,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print_machine()
     settings = bench_settings(args.bootstrap, work, "run")
     ensure_topics(settings)
-    messages = encode_raw(generate_alerts(args.alerts))
+    messages = encode_raw(generate_alerts(args.alerts, args.campaigns))
     source = create_topic(settings, "bench.source")
     produce(settings, source, messages)
     print(f"alerts: {len(messages):,} raw alerts")
@@ -226,18 +233,18 @@ def bench_settings(bootstrap: str, work: Path, name: str) -> Settings:
 
 
 def write_feed(path: Path) -> None:
-    # 10,000 hosts, of which each of the 200 campaigns uses one in its URLs.
+    # 10,000 hosts. Each campaign uses one in its URLs, so every alert has a hit.
     hosts = [f"pay{index}.billing-example.net" for index in range(10_000)]
     path.write_text("\n".join(hosts) + "\n")
 
 
-def generate_alerts(count: int) -> list[bytes]:
+def generate_alerts(count: int, campaigns: int) -> list[bytes]:
     template = json.loads(TEMPLATE.read_text())
     event = template["messagesDelivered"][0]
     rng = random.Random(7)
     bodies = []
     for index in range(count):
-        campaign = index % CAMPAIGNS
+        campaign = index % campaigns
         item = copy.deepcopy(event)
         item["id"] = str(uuid.UUID(int=rng.getrandbits(128)))
         item["GUID"] = f"bench{index:010d}"
@@ -246,7 +253,8 @@ def generate_alerts(count: int) -> list[bytes]:
         item["recipient"] = [f"user{person}@example.com" for person in recipients]
         threat = item["threatsInfoMap"][0]
         threat["campaignID"] = f"bench-campaign-{campaign}"
-        threat["threat"] = f"http://pay{campaign * 10}.billing-example.net/pay/{index}"
+        host = f"pay{campaign * 10 % 10_000}.billing-example.net"
+        threat["threat"] = f"http://{host}/pay/{index}"
         document = {
             "queryEndTime": template["queryEndTime"],
             "messagesDelivered": [item],
