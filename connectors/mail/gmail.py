@@ -582,7 +582,9 @@ class GmailPlatform(MailPlatform):
         self._verified_evidence: set[tuple[str, str]] = set()
 
     async def close(self) -> None:
-        self._threads.shutdown(wait=True)
+        # The threads finish their requests off the event loop, which may still
+        # have to serve them (a simulator in the same process does).
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
 
     # --- the MailPlatform interface ---------------------------------------------------
 
