@@ -20,8 +20,9 @@ The run is compared with:
 
 - the lower bound for the same work: the latency times the longest chain of
   requests that must follow one another in a safe quarantine (find, read the
-  labels, import the copy, verify it, remove the original, verify that), or the
-  quota windows the quarantine mailbox needs, whichever is longer, and
+  labels, create the record label, import the copy, verify it, remove the
+  original, verify that), or the quota windows the quarantine mailbox needs,
+  whichever is longer, and
 - a sequential baseline: `GmailPlatform.quarantine` for one mailbox after another,
   measured on a sample of mailboxes in a fresh world and scaled to all of them.
 
@@ -70,8 +71,10 @@ DEFAULT_BATCH_SIZE: int = GmailSettings.model_fields["batch_size"].default
 # Start of the virtual clock; any value works, since only differences count.
 EPOCH = 1000.0
 # Requests a safe quarantine of one copy makes one after another: find, read its
-# labels, import the quarantine copy, verify it, trash the original, verify that.
-SAFE_CHAIN = 6
+# labels, create its record label, import the quarantine copy, verify it, trash
+# the original, verify that. The import waits for the record label, so that a
+# retry after a crash finds the label and checks the quarantine mailbox again.
+SAFE_CHAIN = 7
 # Quota units the quarantine mailbox needs for one distinct message at least:
 # the label list and creation, the import and the check of the imported copy.
 QUARANTINE_UNITS = (

@@ -554,7 +554,8 @@ class FaultRule:
     cleared or the simulator stops, so a test can stop a client at that request
     and kill it there. A held request then gets the fault, or, with
     `after_effect`, the response of the change that already happened. `held`
-    counts the requests waiting on the rule.
+    counts the requests waiting on the rule, and `reached` is set once the first
+    one waits, so an in-process test can await it.
 
     A rule with a `probability` below 1 hits each matching request with that
     chance, and a rule with `until` stops at that time on the simulator's clock
@@ -582,6 +583,9 @@ class FaultRule:
     released: asyncio.Event = field(
         default_factory=asyncio.Event, repr=False, compare=False
     )
+    reached: asyncio.Event = field(
+        default_factory=asyncio.Event, repr=False, compare=False
+    )
 
     def matches(self, method: str, path: str, now: float, query: str = "") -> bool:
         if self.count <= 0:
@@ -601,6 +605,7 @@ class FaultRule:
     async def wait_for_release(self) -> None:
         """Wait, counted in `held`, until the rules are cleared."""
         self.held += 1
+        self.reached.set()
         try:
             await self.released.wait()
         finally:
@@ -618,7 +623,12 @@ class FaultInjector:
         self._random = random.Random(seed)  # noqa: S311 - test faults, not secrets
 
     def add(self, data: dict[str, Any]) -> FaultRule:
-        allowed = {f.name for f in fields(FaultRule)} - {"rule_id", "held", "released"}
+        allowed = {f.name for f in fields(FaultRule)} - {
+            "rule_id",
+            "held",
+            "released",
+            "reached",
+        }
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(

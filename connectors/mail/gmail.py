@@ -29,6 +29,7 @@ import contextlib
 import email.utils
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import math
@@ -579,10 +580,17 @@ class GmailPlatform(MailPlatform):
             weakref.WeakValueDictionary()
         )
         self._incident_labels: dict[str, str] = {}
-        self._verified_evidence: set[tuple[str, str]] = set()
+        # The number of the last check that verified the quarantine copy of each
+        # (bare Message-ID, incident id). Later quarantines of the same message skip
+        # the quarantine mailbox, which has the request limits of any other
+        # mailbox. Repeated pulls are the exception (see `_ensure_evidence`).
+        self._evidence_checked: dict[tuple[str, str], int] = {}
+        self._evidence_checks = itertools.count(1)
 
     async def close(self) -> None:
-        self._threads.shutdown(wait=True)
+        # The threads finish their requests off the event loop, which may still
+        # have to serve them (a simulator in the same process does).
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
 
     # --- the MailPlatform interface ---------------------------------------------------
 
@@ -646,7 +654,8 @@ class GmailPlatform(MailPlatform):
         contains one verified copy for the incident. Step 4 trashes or deletes the
         originals, and step 5 verifies that none is left in place. A crash between
         steps leaves the original or the verified copy, and the record label, so
-        running the quarantine again finishes the work.
+        running the quarantine again finishes the work. A quarantine found done
+        already still checks that the quarantine mailbox contains one copy.
         """
         bare = required_message_id(message_id, PLATFORM)
         mailbox = mailbox.strip().lower()
@@ -657,6 +666,9 @@ class GmailPlatform(MailPlatform):
         recorded_ids = {r.label_id for r in located.records}
         fresh = [c for c in located.copies if not recorded_ids & set(c.labels)]
         pending = [c for c in located.copies if c not in fresh and self._in_place(c)]
+        # A record label of this incident means that an earlier run, maybe on a
+        # worker that died since, got past step 2 and may have imported a copy.
+        repeated = bool(located.records)
         if not fresh and not pending:
             if not located.records:
                 raise NotFoundError(
@@ -672,11 +684,22 @@ class GmailPlatform(MailPlatform):
                 bare,
                 incident_id,
             )
+            # The run that finished may have raced a worker that died after its
+            # import, so the quarantine mailbox is checked here too.
+            marked = [c for c in located.copies if recorded_ids & set(c.labels)]
+            evidence = await self._ensure_evidence(
+                mailbox,
+                bare,
+                marked[0].gmail_id if marked else None,
+                incident_id,
+                repeated=True,
+            )
             return QuarantineResult(
                 mailbox=mailbox,
                 message_id=bare,
                 copies=self._recorded_copies(mailbox, bare, located),
                 already_done=True,
+                evidence_location=evidence,
             )
 
         # Step 2: record the labels of each fresh copy on the copy itself.
@@ -685,7 +708,7 @@ class GmailPlatform(MailPlatform):
         # Step 3: one verified copy in the quarantine mailbox.
         source = (fresh or pending)[0]
         evidence = await self._ensure_evidence(
-            mailbox, bare, source.gmail_id, incident_id
+            mailbox, bare, source.gmail_id, incident_id, repeated=repeated
         )
 
         # Step 4: the originals leave the user's reach.
@@ -1113,36 +1136,81 @@ class GmailPlatform(MailPlatform):
 
     # --- evidence ---------------------------------------------------------------------
 
-    def note_evidence(self, bare: str, incident_id: str) -> None:
-        """Note that the quarantine copy of a message for an incident is verified."""
-        self._verified_evidence.add((bare, incident_id))
+    def begin_evidence_check(self) -> int:
+        """Number a check of the quarantine mailbox, or a call, that begins now.
+
+        Numbers grow with time, so a check numbered above a call's number began
+        after that call.
+        """
+        return next(self._evidence_checks)
+
+    def note_evidence(self, bare: str, incident_id: str, check: int) -> None:
+        """Note that check number `check` verified the quarantine copy.
+
+        The highest number noted for a message and incident is kept.
+        """
+        key = (bare, incident_id)
+        self._evidence_checked[key] = max(check, self._evidence_checked.get(key, 0))
+
+    def forget_evidence(self, bare: str, incident_id: str) -> None:
+        """Forget a verified quarantine copy, so the next quarantine checks again."""
+        self._evidence_checked.pop((bare, incident_id), None)
 
     async def _ensure_evidence(
-        self, mailbox: str, bare: str, source_id: str, incident_id: str
-    ) -> str:
+        self,
+        mailbox: str,
+        bare: str,
+        source_id: str | None,
+        incident_id: str,
+        *,
+        repeated: bool,
+    ) -> str | None:
         """Ensure the quarantine mailbox contains one verified copy for the incident.
 
-        A lock per Message-ID keeps quarantines of one message in this process from
-        importing it twice, and a copy verified once is not searched for again.
+        `source_id` is the copy in `mailbox` to import from. Without one, a missing
+        copy cannot be made, and None is returned. A lock per Message-ID keeps
+        quarantines of one message in this process from importing it twice, and a
+        copy verified once is not searched for again.
+
+        A repeated pull is the exception: a worker that died after the pull's
+        record label was stored may have imported a copy after this adapter's last
+        check, and no one checks after a dead worker. So a repeated pull checks
+        again, unless a check began after this call did. The check keeps the copy
+        with the smallest id and deletes the others.
+
         NOTE: two worker processes can still each import one copy at the same
-        moment. The check after an import deletes doubles, but a process that
-        found a copy before the other imported its own does not check again.
+        moment. Each checks after its import and deletes the doubles it finds. A
+        worker killed before that check leaves its copy until a repeated pull
+        checks, so an import that Gmail carries out only after the retry's check
+        stays until the next repeated pull of the message.
         """
         quarantine = self.settings.quarantine_mailbox.lower()
         label_name = f"{self.settings.label_prefix}/{incident_id}"
         location = f"{quarantine}/{label_name}"
-        if (bare, incident_id) in self._verified_evidence:
+        key = (bare, incident_id)
+        began = self.begin_evidence_check()
+        if self._evidence_current(key, began, repeated):
             return location
         lock = self._evidence_locks.get(bare)
         if lock is None:
             lock = asyncio.Lock()
             self._evidence_locks[bare] = lock
         async with lock:
-            if (bare, incident_id) in self._verified_evidence:
+            if self._evidence_current(key, began, repeated):
                 return location
+            check = self.begin_evidence_check()
             label_id = await self._incident_label(incident_id, bare)
             found = await self._evidence_ids(bare, incident_id, label_id)
             if not found:
+                if source_id is None:
+                    logger.warning(
+                        "No quarantine copy and no original to import it from "
+                        "mailbox=%s message_id=%s incident=%s",
+                        quarantine,
+                        bare,
+                        incident_id,
+                    )
+                    return None
                 await self._import_evidence(
                     mailbox, bare, source_id, incident_id, label_id
                 )
@@ -1157,10 +1225,22 @@ class GmailPlatform(MailPlatform):
                         platform=PLATFORM,
                     )
             # Duplicates found before an import come from an earlier attempt, such as
-            # a burst whose batch httplib2 sent twice.
+            # a burst whose batch httplib2 sent twice, or a worker that died.
             await self._delete_doubles(bare, incident_id, found)
-            self._verified_evidence.add((bare, incident_id))
+            self.note_evidence(bare, incident_id, check)
         return location
+
+    def _evidence_current(
+        self, key: tuple[str, str], began: int, repeated: bool
+    ) -> bool:
+        """Return whether a verified copy needs no new check for a call.
+
+        `began` is the number that the call took from `begin_evidence_check`.
+        """
+        checked = self._evidence_checked.get(key)
+        if checked is None:
+            return False
+        return not repeated or checked > began
 
     async def _delete_doubles(
         self, bare: str, incident_id: str, ids: list[str]
@@ -1169,7 +1249,9 @@ class GmailPlatform(MailPlatform):
 
         httplib2 sends a request again, once, when the connection drops before the
         response, so one import can store two copies. Every process keeps the same
-        copy, the smallest id, so processes that race agree.
+        copy, the smallest id, so processes that race agree. A process deletes a
+        copy only when its search found one with a smaller id, so the copy with
+        the smallest id of all is never deleted and one copy always remains.
         """
         quarantine = self.settings.quarantine_mailbox.lower()
         for gmail_id in sorted(ids)[1:]:

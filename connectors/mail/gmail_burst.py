@@ -22,7 +22,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email import message_from_bytes
 from email.policy import compat32
 from typing import TYPE_CHECKING, Any
@@ -72,7 +72,8 @@ async def quarantine_burst(
 
     Step 1 finds the copies of every pull, step 2 records their labels, step 3
     makes sure each distinct message has its verified copy in the quarantine
-    mailbox (beside step 2), step 4 removes the originals and step 5 verifies.
+    mailbox (from the end of step 2 on), step 4 removes the originals and step 5
+    verifies.
     Pulls that fall out of a phase finish on the one-mailbox path, after the
     Retry-After that Gmail sent with the failure, or go back to the caller when
     that wait is longer than `max_retry_wait`.
@@ -102,10 +103,13 @@ async def quarantine_burst(
         if state.active:
             _classify(platform, state)
 
-    # Steps 2 and 3: record labels on the copies while the copy is imported and
-    # verified in the quarantine mailbox.
-    await _gather(_create_records(platform, states), copies.store())
-    await _gather(_mark(platform, states), copies.verify())
+    # Steps 2 and 3: record labels on the copies while the copy is imported, then
+    # the copy is verified. The import waits for the record labels, so the retry
+    # of a pull whose worker died after the import finds a record label and
+    # checks the quarantine mailbox again.
+    await _create_records(platform, states)
+    await _gather(_mark(platform, states), copies.store(states))
+    await copies.verify()
     copies.settle(states)
 
     # Step 4: the originals leave the users' reach.
@@ -364,14 +368,18 @@ class _Evidence:
     Each step adds at most two requests per message to a phase. The first lists
     the quarantine mailbox's labels. The second reads one original's raw MIME while
     the incident label is created, or the mailbox is searched for an earlier copy.
-    The third imports the MIME, or reads the earlier copy, and the fourth reads the
-    import back and searches for duplicates. A message whose copy cannot be made
-    or verified this way, or that has two copies, sends its pulls to the
-    one-mailbox path.
+    The third, once a pull of the message has its record label, imports the MIME,
+    or reads the earlier copy, and the fourth reads the import back and searches
+    for duplicates. A message whose copy cannot be made or verified this way, or
+    that has two copies, sends its pulls to the one-mailbox path, and so do the
+    pulls found quarantined already.
     """
 
     def __init__(self, platform: GmailPlatform) -> None:
         self.platform = platform
+        # Taken before the first search, so a verification noted with it never
+        # seems newer than it is.
+        self.check = platform.begin_evidence_check()
         self.quarantine = platform.settings.quarantine_mailbox.lower()
         self.label_names: dict[str, str] = {}
         self.labels: dict[str, str] = {}  # incident -> label id
@@ -454,10 +462,19 @@ class _Evidence:
             else:
                 self.earlier[key] = [str(m["id"]) for m in answer.get("messages", [])]
 
-    async def store(self) -> None:
-        """Import each message that has no earlier copy; read the earlier ones."""
+    async def store(self, states: list[_Pull]) -> None:
+        """Import each message that has no earlier copy; read the earlier ones.
+
+        A message is imported only when one of its pulls has its record label, so
+        that a worker that dies after the import leaves a record label behind.
+        """
         from .gmail import INCIDENT_HEADER, ORIGINAL_MAILBOX_HEADER, _b64url
 
+        recorded = {
+            (state.bare, state.incident)
+            for state in states
+            if state.records or (state.located is not None and state.located.records)
+        }
         calls: list[BatchCall] = []
         kinds: list[tuple[str, tuple[str, str]]] = []
         for key, mailbox in self.sources.items():
@@ -466,12 +483,14 @@ class _Evidence:
                 continue
             earlier = self.earlier.get(key, [])
             if len(earlier) > 1:
-                self.failed.add(key)  # the one-mailbox path deletes the duplicates
+                self.found_doubles(key)
                 continue
             if earlier:
                 calls.append(self._check_call(earlier[0]))
                 kinds.append(("earlier", key))
                 continue
+            if key not in recorded:
+                continue  # every pull of the message left before its record label
             raw = self.raw.get(key)
             if raw is None or _message_id_of(raw) != bare:
                 self.failed.add(key)  # the listed copy was another message
@@ -538,31 +557,59 @@ class _Evidence:
                     key[1],
                     len(listed | {self.imported[key]}),
                 )
-                self.fail(key)
+                self.found_doubles(key)
                 continue
             self.verified[key] = True
 
+    def found_doubles(self, key: tuple[str, str]) -> None:
+        """Send a message with two copies to the one-mailbox path, which keeps one.
+
+        The adapter drops its note of a verified copy, so that path checks again
+        even for a pull that is not repeated.
+        """
+        self.fail(key)
+        self.platform.forget_evidence(*key)
+
     def settle(self, states: list[_Pull]) -> None:
-        """Note each pull's verified copy, or send the pull to the one-mailbox path."""
+        """Note each pull's verified copy, or send the pull to the one-mailbox path.
+
+        A pull found quarantined already keeps its result only when the burst
+        verified the copy. Otherwise the one-mailbox path checks the quarantine
+        mailbox for it, because a worker that died after its import may have left
+        a second copy there, or none.
+        """
         for state in states:
+            key = (state.bare, state.incident)
+            verified = bool(self.verified.get(key)) and key not in self.failed
+            location = f"{self.quarantine}/{self.label_name(state.incident)}"
+            done = state.result
+            if isinstance(done, QuarantineResult) and done.already_done:
+                if verified:
+                    state.result = replace(done, evidence_location=location)
+                else:
+                    state.result = None
+                    self._leave(state, key)
+                continue
             if not state.active or not (state.fresh or state.pending):
                 continue
-            key = (state.bare, state.incident)
-            if self.verified.get(key) and key not in self.failed:
-                self.platform.note_evidence(state.bare, state.incident)
-                state.evidence = f"{self.quarantine}/{self.label_name(state.incident)}"
+            if verified:
+                self.platform.note_evidence(state.bare, state.incident, self.check)
+                state.evidence = location
                 continue
-            # The one-mailbox path repeats the quarantine mailbox's requests, so it
-            # waits for the longest wait that their failures named.
-            waits = [
-                self.waits[k]
-                for k in (key, ("", state.incident), ("", ""))
-                if k in self.waits
-            ]
-            if waits:
-                _give_up(state, max(waits, key=lambda e: e.retry_after or 0))
-            else:
-                state.slow = True
+            self._leave(state, key)
+
+    def _leave(self, state: _Pull, key: tuple[str, str]) -> None:
+        # The one-mailbox path repeats the quarantine mailbox's requests, so it
+        # waits for the longest wait that their failures named.
+        waits = [
+            self.waits[k]
+            for k in (key, ("", state.incident), ("", ""))
+            if k in self.waits
+        ]
+        if waits:
+            _give_up(state, max(waits, key=lambda e: e.retry_after or 0))
+        else:
+            state.slow = True
 
     def _existing_label(self, incident: str) -> str | None:
         wanted = self.label_name(incident).lower()

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -646,6 +647,104 @@ async def test_dropped_import_answer_keeps_one_copy(
     assert len(evidence_of(gmail_sim, M2)) == 1
 
 
+QUARANTINE_MESSAGES = rf"/users/{re.escape(QUARANTINE)}/messages"
+
+
+@pytest.mark.parametrize(
+    ("other_mailbox", "survivor", "retry", "action"),
+    [
+        ("bob@example.org", "same", "alone", "trash"),
+        ("bob@example.org", "same", "burst", "trash"),
+        ("bob@example.org", "restarted", "alone", "trash"),
+        ("alice@example.org", "same", "alone", "trash"),
+        ("alice@example.org", "restarted", "alone", "trash"),
+        ("alice@example.org", "restarted", "burst", "trash"),
+        ("alice@example.org", "restarted", "alone", "delete"),
+        ("alice@example.org", "same", "burst", "delete"),
+    ],
+)
+async def test_killed_late_import_left_one(
+    gmail_sim: GmailSimulator,
+    service_key: rsa.RSAPrivateKey,
+    other_mailbox: str,
+    survivor: str,
+    retry: str,
+    action: str,
+) -> None:
+    """A worker killed right after its late import leaves one copy once retried.
+
+    The killed worker searches the quarantine mailbox, finds nothing, and reads
+    the original's MIME. Another worker then quarantines the message, in another
+    mailbox or in the same one, and verifies its own copy. Only then does the
+    killed worker's import land.
+    The retry of the killed worker's pull, on the surviving worker or on a
+    restarted one, alone or as a burst, must leave exactly one copy. When the
+    other worker quarantined the same pull, the retry finds it done, and in the
+    delete mode no original is left to import from.
+    """
+    settings = adapter_settings(gmail_sim, service_key, original_action=action)
+    killed = GmailPlatform(settings)
+    other = GmailPlatform(settings)
+    restarted = GmailPlatform(settings)
+    try:
+        read = gmail_sim.faults.add(
+            {
+                "method": "GET",
+                "path": r"/users/alice@example\.org/messages/[^/]+$",
+                "query": "format=raw",
+                "hold": True,
+                "after_effect": True,
+            }
+        )
+        pull = asyncio.create_task(killed.quarantine("alice@example.org", M1, "INC-1"))
+        await read.reached.wait()
+        await other.quarantine(other_mailbox, M1, "INC-1")
+
+        # Clearing releases the held read, and the killed worker's next request
+        # comes only after the new rule is in place.
+        gmail_sim.faults.clear()
+        imported = gmail_sim.faults.add(
+            {
+                "method": "POST",
+                "path": QUARANTINE_MESSAGES + "/import$",
+                "hold": True,
+                "after_effect": True,
+            }
+        )
+        await imported.reached.wait()
+        pull.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pull
+        gmail_sim.faults.clear()
+        stranded = len(evidence_of(gmail_sim, M1))
+
+        worker = other if survivor == "same" else restarted
+        if retry == "alone":
+            result = await worker.quarantine("alice@example.org", M1, "INC-1")
+        else:
+            (outcome,) = await worker.quarantine_many(
+                [("alice@example.org", M1, "INC-1")]
+            )
+            assert not isinstance(outcome, Exception), outcome
+            result = outcome
+    finally:
+        for platform in (killed, other, restarted):
+            await platform.close()
+
+    assert stranded == 2
+    evidence = evidence_of(gmail_sim, M1)
+    assert len(evidence) == 1
+    assert evidence[0]["marker_headers"][INCIDENT_HEADER] == "INC-1"
+    assert result.evidence_location == f"{QUARANTINE}/Autopull/INC-1"
+    for mailbox in {"alice@example.org", other_mailbox}:
+        rows = rows_of(gmail_sim, mailbox, "M1")
+        if action == "delete":
+            assert rows == [], mailbox
+        else:
+            assert rows != [], mailbox
+            assert all("TRASH" in row["labels"] for row in rows), mailbox
+
+
 async def test_fault_after_delete_mode_delete(
     gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
 ) -> None:
@@ -1115,6 +1214,124 @@ async def test_burst_retry_deletes_duplicates(
     assert len([e for e in imports if e.status in (0, 200)]) == 2 + len(doubled)
 
 
+@pytest.mark.parametrize(
+    ("survivor", "retry"),
+    [
+        ("same", "alone"),
+        ("same", "burst"),
+        ("restarted", "alone"),
+        ("restarted", "burst"),
+    ],
+)
+async def test_burst_killed_late_import_left_one(
+    gmail_sim: GmailSimulator,
+    service_key: rsa.RSAPrivateKey,
+    survivor: str,
+    retry: str,
+) -> None:
+    """A burst killed right after its late imports leaves one copy once retried.
+
+    The killed burst creates the incident's label in the quarantine mailbox, so
+    it searches for no earlier copy. Another worker quarantines M1 in bob's
+    mailbox and verifies its copy, and only then do the killed burst's imports
+    land. The retry of the burst's pulls must leave one copy of each message.
+    """
+    # Every copy of alice's fits on one page, so her pull stays in the burst.
+    settings = adapter_settings(gmail_sim, service_key, page_size=100)
+    killed = GmailPlatform(settings)
+    other = GmailPlatform(settings)
+    restarted = GmailPlatform(settings)
+    pulls = [("alice@example.org", M1, "INC-1"), ("carol@example.org", M3, "INC-1")]
+    try:
+        created = gmail_sim.faults.add(
+            {
+                "method": "POST",
+                "path": rf"/users/{re.escape(QUARANTINE)}/labels$",
+                "hold": True,
+                "after_effect": True,
+            }
+        )
+        burst = asyncio.create_task(killed.quarantine_many(pulls))
+        await created.reached.wait()
+        await other.quarantine("bob@example.org", M1, "INC-1")
+
+        # Clearing releases the held label, and the killed burst's next batch
+        # comes only after the new rule is in place.
+        gmail_sim.faults.clear()
+        imported = gmail_sim.faults.add(
+            {
+                "method": "POST",
+                "path": QUARANTINE_MESSAGES + "/import$",
+                "hold": True,
+                "after_effect": True,
+                "count": 2,
+            }
+        )
+        await imported.reached.wait()
+        burst.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await burst
+        gmail_sim.faults.clear()
+        stranded = [len(evidence_of(gmail_sim, m)) for m in (M1, M3)]
+
+        worker = other if survivor == "same" else restarted
+        if retry == "alone":
+            results: list[Any] = [await worker.quarantine(*pull) for pull in pulls]
+        else:
+            results = await worker.quarantine_many(pulls)
+    finally:
+        for platform in (killed, other, restarted):
+            await platform.close()
+
+    assert stranded == [2, 1]
+    assert [len(evidence_of(gmail_sim, m)) for m in (M1, M3)] == [1, 1]
+    for result in results:
+        assert not isinstance(result, Exception), result
+        assert result.evidence_location == f"{QUARANTINE}/Autopull/INC-1"
+    for mailbox, key in [
+        ("alice@example.org", "M1"),
+        ("bob@example.org", "M1"),
+        ("carol@example.org", "M3"),
+    ]:
+        rows = rows_of(gmail_sim, mailbox, key)
+        assert all("TRASH" in row["labels"] for row in rows), mailbox
+
+
+async def test_burst_without_records_imports_nothing(
+    gmail_sim: GmailSimulator, service_key: rsa.RSAPrivateKey
+) -> None:
+    """A burst imports a copy only once a pull's record label exists.
+
+    A retry then finds the record label and checks the quarantine mailbox again,
+    even on a worker that verified a copy of the message earlier.
+    """
+    gmail_sim.faults.add(
+        {
+            "method": "POST",
+            "path": r"/users/(alice|bob)@example\.org/labels$",
+            "status": 500,
+            "count": 9,
+        }
+    )
+    mailboxes = ("alice@example.org", "bob@example.org")
+    before = {m: [r["labels"] for r in rows_of(gmail_sim, m, "M1")] for m in mailboxes}
+    platform = GmailPlatform(
+        adapter_settings(gmail_sim, service_key, page_size=100, request_retries=0)
+    )
+    try:
+        results = await platform.quarantine_many([(m, M1, "INC-1") for m in mailboxes])
+    finally:
+        await platform.close()
+
+    for result in results:
+        assert isinstance(result, TransientError), result
+    assert calls(gmail_sim, "messages.import") == []
+    assert evidence_of(gmail_sim, M1) == []
+    for mailbox in mailboxes:
+        after = [row["labels"] for row in rows_of(gmail_sim, mailbox, "M1")]
+        assert after == before[mailbox], mailbox
+
+
 async def test_burst_restores_like_one_mailbox(
     gmail: GmailPlatform, gmail_sim: GmailSimulator
 ) -> None:
@@ -1337,11 +1554,12 @@ async def test_search_other_sender_finds_nothing(gmail: GmailPlatform) -> None:
 # --- bursts on the virtual clock ------------------------------------------------------
 
 
-def test_burst_takes_six_latencies_with_defaults(
+def test_burst_takes_seven_latencies_with_defaults(
     tmp_path: Path, service_key: rsa.RSAPrivateKey
 ) -> None:
-    # Find, read the labels, import, verify the import, trash, verify the trash:
-    # one latency each when every phase goes out at once.
+    # Find, read the labels, create the record labels, import beside marking the
+    # copies, verify the import, trash, verify the trash: one latency each when
+    # every phase goes out at once.
     async def main() -> float:
         loop = asyncio.get_running_loop()
         settings = GmailSimSettings(latency_ms=100, close_connections=True)
@@ -1359,7 +1577,7 @@ def test_burst_takes_six_latencies_with_defaults(
         assert all(not isinstance(r, Exception) for r in results)
         return elapsed
 
-    assert run_virtual(main) == pytest.approx(0.6)
+    assert run_virtual(main) == pytest.approx(0.7)
 
 
 async def test_batch_grows_when_threads_run_short(

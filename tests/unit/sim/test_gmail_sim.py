@@ -682,6 +682,24 @@ async def test_hold_skip_lets_first_through(
     assert answer.status_code == 503
 
 
+async def test_hold_sets_reached_when_waiting(
+    client: httpx.AsyncClient, key: rsa.RSAPrivateKey, sim: GmailSimulator
+) -> None:
+    headers = await bearer(client, key)
+    rule = sim.faults.add({"method": "GET", "path": r"/labels$", "hold": True})
+    reached_before = rule.reached.is_set()
+
+    held = asyncio.create_task(client.get("/gmail/v1/users/me/labels", headers=headers))
+    await asyncio.wait_for(rule.reached.wait(), 5)
+    held_count = rule.held
+    sim.faults.clear()
+    response = await asyncio.wait_for(held, 5)
+
+    assert reached_before is False
+    assert held_count == 1
+    assert response.status_code == 503
+
+
 async def test_hold_released_when_simulator_stops(key: rsa.RSAPrivateKey) -> None:
     simulator = GmailSimulator(World.from_scenario(scenario(key)))
     await simulator.start()
