@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from confluent_kafka import Consumer, TopicPartition
 
-from autopull.schemas import AvroCodec, topic_subject
+from autopull.schemas import AvroCodec, SchemaError, topic_subject
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
 from autopull.streams.topics import client_config, full_name
+
+log = logging.getLogger(__name__)
 
 
 class IncidentWatcher:
@@ -37,6 +40,8 @@ class IncidentWatcher:
         self.consumer.subscribe([full_name(settings, "incidents")])
         self.incidents: dict[str, Record] = {}
         self.records_read = 0
+        # Records that did not decode as an Incident.
+        self.skipped = 0
 
     def poll(self, timeout: float) -> int:
         """Read what arrived within `timeout` seconds; return the number of records."""
@@ -44,9 +49,29 @@ class IncidentWatcher:
         self.records_read += len(messages)
         count = 0
         for message in messages:
-            if message.error() or message.value() is None:
+            if message.error():
                 continue
-            incident = self.codec.loads(message.value())
+            value = message.value()
+            if value is None:
+                # A tombstone deletes the incident of its key.
+                key = message.key()
+                if key is not None:
+                    self.incidents.pop(key.decode(errors="replace"), None)
+                continue
+            try:
+                incident = self.codec.loads(value)
+            except SchemaError as error:
+                # The worker sends such a record to the dead letters; a reader keeps
+                # the incident's earlier version and goes on.
+                self.skipped += 1
+                log.warning(
+                    "Skipped an unreadable record of the incidents topic "
+                    "partition=%s offset=%s error=%s",
+                    message.partition(),
+                    message.offset(),
+                    error,
+                )
+                continue
             self.incidents[incident["incident_id"]] = incident
             count += 1
         return count
