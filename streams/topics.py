@@ -119,14 +119,31 @@ def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(client_config(settings))
 
 
+def list_topics(
+    admin: AdminClient, settings: Settings, timeout: float
+) -> dict[str, Any]:
+    """Return the cluster's topics by name, or raise TimeoutError naming the broker."""
+    try:
+        topics: dict[str, Any] = admin.list_topics(timeout=timeout).topics
+    except KafkaException as error:
+        reason = error.args[0].str() if error.args else str(error)
+        raise TimeoutError(
+            f"The broker at {settings.kafka_bootstrap} did not list its topics within "
+            f"{timeout:g} s ({reason}). Check that it is reachable, or set "
+            "AUTOPULL_KAFKA_BOOTSTRAP to its address."
+        ) from error
+    return topics
+
+
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the pipeline's missing topics and return the names created.
 
     Raises `TopicError` naming the topic when the broker refuses one, for example
-    because a topic of that name exists with a different partition count.
+    because a topic of that name exists with a different partition count, and
+    TimeoutError when the broker does not respond.
     """
     admin = admin_client(settings)
-    existing = admin.list_topics(timeout=timeout).topics
+    existing = list_topics(admin, settings, timeout)
     wanted = [
         NewTopic(
             full_name(settings, spec.name),
@@ -162,7 +179,7 @@ def ensure_changelog_topics(
     the worker starts closes the gap. Returns the names created.
     """
     admin = admin_client(settings)
-    existing = admin.list_topics(timeout=timeout).topics
+    existing = list_topics(admin, settings, timeout)
     wanted = [
         NewTopic(
             topic.name,
@@ -177,7 +194,7 @@ def ensure_changelog_topics(
     expected = {topic.name: topic.partitions for topic in changelogs}
     deadline = time.monotonic() + timeout
     while True:
-        listed = admin.list_topics(timeout=timeout).topics
+        listed = list_topics(admin, settings, timeout)
         missing = sorted(
             name
             for name, partitions in expected.items()

@@ -1,7 +1,8 @@
-"""librdkafka's log lines from the command-line clients, with the broker away.
+"""The command-line clients and the worker's start, with the broker away.
 
-Each case runs in its own process, because librdkafka writes to file descriptor 2
-itself unless a Python logger is configured, and only a child's stderr shows that.
+The log case runs in its own process, because librdkafka writes to file
+descriptor 2 itself unless a Python logger is configured, and only a child's
+stderr shows that.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 READ_INCIDENTS = textwrap.dedent(
     """
@@ -55,3 +58,20 @@ def test_unreachable_broker_logs_once() -> None:
     assert len(failures) == 1, result.stderr
     assert " autopull.kafka " in failures[0]
     assert not any(line.startswith("%3|") for line in result.stderr.splitlines())
+
+
+def test_unreachable_broker_at_start_names_setting(tmp_path) -> None:
+    from autopull.streams.settings import Settings
+    from autopull.streams.topics import ensure_topics
+
+    port = closed_port()
+    settings = Settings(kafka_bootstrap=f"127.0.0.1:{port}", data_dir=tmp_path)
+
+    with pytest.raises(TimeoutError) as raised:
+        ensure_topics(settings, timeout=2)
+    message = str(raised.value)
+    assert f"The broker at 127.0.0.1:{port} did not list its topics within 2 s" in (
+        message
+    )
+    assert "Broker transport failure" in message
+    assert "AUTOPULL_KAFKA_BOOTSTRAP" in message
