@@ -30,6 +30,7 @@ from autopull.streams.commands import (
     check_approve_pick,
     check_incident_size,
     check_mailbox,
+    check_reject,
     check_retry,
     command_event,
     normalize_mailbox,
@@ -386,6 +387,8 @@ def register_api(pipe: Pipeline) -> IncidentReadModel:
                 check_mailbox(incident, mailbox)
                 if action == "approve":
                     check_approve_pick(incident, mailbox, message_id)
+                elif action == "reject":
+                    check_reject(incident, mailbox)
                 elif action == "retry":
                     check_retry(incident, mailbox)
             except CommandError as error:

@@ -170,6 +170,20 @@ def check_approve_pick(
     )
 
 
+def check_reject(incident: records.Record, mailbox: str | None) -> None:
+    """Raise CommandError when `incident` has no held copy (in `mailbox`) to reject.
+
+    The incident agent would reject nothing, yet the history would record it.
+    """
+    if held_entries(incident, mailbox):
+        return
+    where = f" in {mailbox}" if mailbox is not None else ""
+    raise CommandError(
+        f"Incident {incident['incident_id']} has no held copy{where}, so there is "
+        "nothing to reject; `autopull incident show` lists each copy's status."
+    )
+
+
 def check_retry(incident: records.Record, mailbox: str | None) -> None:
     """Raise CommandError when no pull of `incident` (in `mailbox`) has failed."""
     if retry_targets(incident, mailbox):

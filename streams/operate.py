@@ -24,6 +24,7 @@ from autopull.streams.commands import (
     check_approve_pick,
     check_incident_size,
     check_mailbox,
+    check_reject,
     check_retry,
     command_event,
     normalize_mailbox,
@@ -257,6 +258,8 @@ def run_command(
             check_mailbox(incident, mailbox)
             if action == "approve":
                 check_approve_pick(incident, mailbox, message_id)
+            elif action == "reject":
+                check_reject(incident, mailbox)
             elif action == "retry":
                 check_retry(incident, mailbox)
             event = command_event(

@@ -335,9 +335,10 @@ def send_commands(contract: Contract, base: str, incident_id: str) -> None:
     path = "/api/incidents/{incident_id}/{action}"
     bob = {"mailbox": "bob@example.com"}
     requests: list[tuple[str, str, dict[str, Any] | None, str | None, int]] = [
-        # Nothing of the contained incident is held, so there is nothing to approve.
+        # Nothing of the contained incident is held, so there is nothing to approve
+        # or reject.
         (incident_id, "approve", bob, "analyst", 400),
-        (incident_id, "reject", {}, "analyst", 202),
+        (incident_id, "reject", {}, "analyst", 400),
         (incident_id, "comment", {"comment": "Checked with the sender."}, "boss", 202),
         (incident_id, "comment", {"text": ""}, "analyst", 400),
         (incident_id, "release", {}, "analyst", 403),

@@ -187,6 +187,20 @@ def test_approve_search_without_message_ids_is_rejected():
         check_approve_pick(incident_of(entry), None, "search-1@no-message-id")
 
 
+def test_reject_with_nothing_held_is_rejected():
+    from autopull.streams.commands import check_reject
+
+    held = pull("bob@example.com", status="held")
+    incident = incident_of(pull("alice@example.com", status="quarantined"), held)
+    check_reject(incident, None)
+    check_reject(incident, "bob@example.com")
+    with pytest.raises(CommandError, match=r"no held copy in alice@example\.com"):
+        check_reject(incident, "alice@example.com")
+    done = incident_of(pull("alice@example.com", status="quarantined"))
+    with pytest.raises(CommandError, match="nothing to reject"):
+        check_reject(done, None)
+
+
 def test_retry_with_nothing_failed_is_rejected():
     from autopull.streams.commands import check_retry
 
