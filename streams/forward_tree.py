@@ -16,6 +16,7 @@ from datetime import datetime
 
 from autopull.connectors.mail.mime import normalize_url
 from autopull.streams.forwards import CONFIDENCE_RANK, Payload, TracedMessage
+from autopull.streams.incidents import update_state
 from autopull.streams.records import FINAL_STATUSES, Record, command_id
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -184,13 +185,18 @@ def apply_finding(
     if the stronger evidence calls for it. A copy an alert named is a root and gets
     no hop. A finding whose sender and recipient are the same mailbox is the
     sender's own copy of a forward (Sent Items): it gets a pull entry but no hop.
+    A finding that adds or upgrades a pull sets the incident's state again, so a
+    contained incident goes back to `quarantining` until the new copy is pulled.
     """
     to_mailbox = finding["to_mailbox"].lower()
     message_id = finding["message_id"]
     own_copy = finding["from_mailbox"].lower() == to_mailbox
     edge = None if own_copy else _find_edge(incident, to_mailbox, message_id)
     if edge is not None:
-        return _strengthen(incident, edge, finding, policy, now)
+        upgraded = _strengthen(incident, edge, finding, policy, now)
+        if upgraded:
+            update_state(incident, now)
+        return upgraded
     known = _find(incident, to_mailbox, message_id)
     if known is not None and known["recipient_type"] != "forward" and not own_copy:
         return []
@@ -230,6 +236,7 @@ def apply_finding(
             f"({finding['confidence']}, {action}). {finding['evidence']}",
         )
     )
+    update_state(incident, now)
     return commands
 
 
