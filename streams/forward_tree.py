@@ -141,6 +141,27 @@ def untraced_copies(incident: Record) -> list[tuple[Record, TracedMessage]]:
     return found
 
 
+# Rank above every confidence: no finding changes a copy without a hop into it.
+ROOT_RANK = max(CONFIDENCE_RANK.values()) + 1
+
+
+def known_copies(incident: Record) -> dict[tuple[str, str], int]:
+    """Map each copy the incident has, by (mailbox, Message-ID), to its evidence rank.
+
+    A finding of a known copy changes the incident only with evidence ranked above
+    the hop into it (`apply_finding`). A pull entry without a hop, such as an
+    original recipient's copy, gets `ROOT_RANK`, which no finding exceeds.
+    """
+    known = {
+        (entry["mailbox"], entry["message_id"]): ROOT_RANK
+        for entry in incident["pulls"]
+    }
+    for edge in incident["forwards"]:
+        key = (edge["to_mailbox"], edge["message_id"])
+        known[key] = CONFIDENCE_RANK[edge["confidence"]]
+    return known
+
+
 def trace_state(incident: Record) -> str:
     """Return `finished` once every pulled copy's mailbox was searched, else `running`.
 

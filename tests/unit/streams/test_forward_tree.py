@@ -10,6 +10,7 @@ from autopull.streams.forward_tree import (
     apply_finding,
     apply_traced,
     incident_payload,
+    known_copies,
     nothing_untraced,
     record_alert_payload,
     trace_state,
@@ -360,3 +361,24 @@ def test_forward_pull_keeps_closed() -> None:
     forward = finding("alice@example.com", "bob@example.com", "m2")
     assert len(apply_finding(incident, forward, POLICY, NOW)) == 1
     assert incident["state"] == "closed"
+
+
+def test_known_copies_ranks_evidence() -> None:
+    incident = incident_with_alert()
+    apply_finding(
+        incident,
+        finding("alice@example.com", "bob@example.com", "m2", "medium"),
+        POLICY,
+        NOW,
+    )
+    apply_finding(
+        incident,
+        finding("alice@example.com", "eve@example.net", "m3", external=True),
+        POLICY,
+        NOW,
+    )
+    assert known_copies(incident) == {
+        ("alice@example.com", ORIGINAL): 4,
+        ("bob@example.com", "m2"): 1,
+        ("eve@example.net", "m3"): 3,
+    }
