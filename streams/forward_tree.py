@@ -16,6 +16,7 @@ from datetime import datetime
 
 from autopull.connectors.mail.mime import normalize_url
 from autopull.streams.forwards import CONFIDENCE_RANK, Payload, TracedMessage
+from autopull.streams.incidents import update_state
 from autopull.streams.records import FINAL_STATUSES, Record, command_id
 
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -140,6 +141,27 @@ def untraced_copies(incident: Record) -> list[tuple[Record, TracedMessage]]:
     return found
 
 
+# Rank above every confidence: no finding changes a copy without a hop into it.
+ROOT_RANK = max(CONFIDENCE_RANK.values()) + 1
+
+
+def known_copies(incident: Record) -> dict[tuple[str, str], int]:
+    """Map each copy the incident has, by (mailbox, Message-ID), to its evidence rank.
+
+    A finding of a known copy changes the incident only with evidence ranked above
+    the hop into it (`apply_finding`). A pull entry without a hop, such as an
+    original recipient's copy, gets `ROOT_RANK`, which no finding exceeds.
+    """
+    known = {
+        (entry["mailbox"], entry["message_id"]): ROOT_RANK
+        for entry in incident["pulls"]
+    }
+    for edge in incident["forwards"]:
+        key = (edge["to_mailbox"], edge["message_id"])
+        known[key] = CONFIDENCE_RANK[edge["confidence"]]
+    return known
+
+
 def trace_state(incident: Record) -> str:
     """Return `finished` once every pulled copy's mailbox was searched, else `running`.
 
@@ -184,13 +206,18 @@ def apply_finding(
     if the stronger evidence calls for it. A copy an alert named is a root and gets
     no hop. A finding whose sender and recipient are the same mailbox is the
     sender's own copy of a forward (Sent Items): it gets a pull entry but no hop.
+    A finding that adds or upgrades a pull sets the incident's state again, so a
+    contained incident goes back to `quarantining` until the new copy is pulled.
     """
     to_mailbox = finding["to_mailbox"].lower()
     message_id = finding["message_id"]
     own_copy = finding["from_mailbox"].lower() == to_mailbox
     edge = None if own_copy else _find_edge(incident, to_mailbox, message_id)
     if edge is not None:
-        return _strengthen(incident, edge, finding, policy, now)
+        upgraded = _strengthen(incident, edge, finding, policy, now)
+        if upgraded:
+            update_state(incident, now)
+        return upgraded
     known = _find(incident, to_mailbox, message_id)
     if known is not None and known["recipient_type"] != "forward" and not own_copy:
         return []
@@ -230,6 +257,7 @@ def apply_finding(
             f"({finding['confidence']}, {action}). {finding['evidence']}",
         )
     )
+    update_state(incident, now)
     return commands
 
 

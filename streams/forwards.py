@@ -301,10 +301,12 @@ def matches_from_trace(
 ) -> list[Match]:
     """Return the copies a message trace shows, all definitive.
 
-    A delivery, redirect or expansion of the same Message-ID reaches a recipient
-    with the original itself. A message that an inbox rule (source MAILBOXRULE) or a
-    transport rule (source AGENT) generated from it, found by its Reference, is a
-    copy under a new Message-ID, and its deliveries count the same way.
+    A redirect or expansion of the same Message-ID, or a delivery of it that the
+    searched mailbox sent, reaches a recipient with the original itself. A delivery
+    from anyone else is an original delivery of the message, not a copy. A message
+    that an inbox rule (source MAILBOXRULE) or a transport rule (source AGENT)
+    generated from it, found by its Reference, is a copy under a new Message-ID,
+    and its deliveries count the same way.
     """
     target = original.message_id
     internal_ids = {
@@ -345,6 +347,8 @@ def matches_from_trace(
         # delivery of the same id came from its sender.
         fallback = event.sender if event_id == target and event.sender else mailbox
         source = (event.related_recipient or fallback).lower()
+        if _is_original_delivery(mailbox, target, event_id, event):
+            continue
         for recipient in event.recipients:
             address = recipient.lower()
             if address in (mailbox.lower(), source) or (address, event_id) in matches:
@@ -360,6 +364,22 @@ def matches_from_trace(
                 thread_index=thread_index,
             )
     return list(matches.values())
+
+
+def _is_original_delivery(
+    mailbox: str, target: str, event_id: str, event: TraceEvent
+) -> bool:
+    """Return whether a trace row delivers the traced message from its first sender.
+
+    A trace by Message-ID lists the delivery to every original recipient of a bulk
+    message. Such a row names no recipient it replaces and was not sent by the
+    searched mailbox, so it shows no forward by that mailbox. A redirect that a
+    platform logs as a plain delivery from the first sender (Graph message traces
+    do) looks the same, so the mailbox's redirect rules have to find it.
+    """
+    if event_id != target or event.related_recipient:
+        return False
+    return not event.sender or event.sender.lower() != mailbox.lower()
 
 
 def _same_id(value: str, target: str) -> bool:

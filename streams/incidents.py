@@ -118,7 +118,7 @@ def apply_alert(
     if alert["threat_status"] in WITHDRAWN_STATUSES:
         mailboxes = [r["mailbox"] for r in enriched["recipients"]]
         commands = _withdraw(incident, alert, search, mailboxes, now)
-        _update_state(incident, now)
+        update_state(incident, now)
         return commands
 
     decisions = decide(alert, enriched["recipients"])
@@ -154,7 +154,7 @@ def apply_alert(
     incident["history"].append(
         _history(now, "alert joined", f"{alert['source']} alert {alert['alert_id']}")
     )
-    _update_state(incident, now)
+    update_state(incident, now)
     return commands
 
 
@@ -217,7 +217,7 @@ def apply_outcome(incident: Record, outcome: Record) -> bool:
     if outcome.get("error"):
         detail += f" ({outcome['error']})"
     incident["history"].append(_history(now, f"{outcome['kind']} outcome", detail))
-    _update_state(incident, now)
+    update_state(incident, now)
     return True
 
 
@@ -324,7 +324,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     if mailbox is not None:
         detail = f"{mailbox}: {detail}"
     incident["history"].append(_history(now, action, detail, actor))
-    _update_state(incident, now)
+    update_state(incident, now)
     return commands
 
 
@@ -539,7 +539,13 @@ def _find_pull(incident: Record, mailbox: str, message_id: str) -> Record | None
     return None
 
 
-def _update_state(incident: Record, now: datetime) -> None:
+def update_state(incident: Record, now: datetime) -> None:
+    """Set the incident's state from its pull entries, and its update time.
+
+    A pull entry with action `pull` and no final outcome makes the incident
+    `quarantining`, whatever added it (an alert, a command or a trace finding).
+    A closed incident stays closed.
+    """
     incident["updated_at"] = now
     if incident["state"] == "closed":
         return

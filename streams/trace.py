@@ -8,7 +8,8 @@ reads the mailbox's sent items since the delivery, its redirect rules and the
 platform's message trace, and matches them (`autopull.streams.forwards`). A copy
 whose pull found that the mailbox does not exist is marked searched without a
 search, with that reason as its error. Each
-finding goes to `trace.findings` and, as a `finding` event, to `incident.events`. A
+finding of a copy that the incident lacks, or has with weaker evidence, goes to
+`trace.findings` and, as a `finding` event, to `incident.events`. A
 `traced` event then marks the copy as searched. The incident agent folds findings
 into the forward tree and issues the pulls, whose copies come back here in the next
 incident update, so the search ends when no new copy turns up, cycles included.
@@ -25,14 +26,16 @@ from typing import TYPE_CHECKING
 from faust.types import EventT, StreamT
 
 from autopull.connectors.errors import ConnectorError, PermanentError, TransientError
-from autopull.connectors.mail.base import MailPlatform
+from autopull.connectors.mail.base import MailPlatform, TraceEvent
 from autopull.streams import records
 from autopull.streams.forward_tree import (
     incident_payload,
+    known_copies,
     nothing_untraced,
     untraced_copies,
 )
 from autopull.streams.forwards import (
+    CONFIDENCE_RANK,
     Evidence,
     Match,
     Payload,
@@ -54,6 +57,8 @@ SEARCH_ATTEMPTS = 3
 # Trace rows are logged by transport before the mailbox reports the delivery.
 TRACE_MARGIN = timedelta(hours=1)
 Router = Callable[[str], MailPlatform | None]
+# Message trace rows by (platform name, Message-ID), read once per incident update.
+TraceCache = dict[tuple[str, str], list[TraceEvent]]
 
 
 def frontier_key(mailbox: str, message_id: str) -> str:
@@ -67,12 +72,14 @@ async def search_copy(
     message: TracedMessage,
     payload: Payload,
     is_internal: Callable[[str], bool],
+    traces: TraceCache | None = None,
 ) -> list[Match]:
     """Return the copies that `message` in `mailbox` spawned, strongest evidence each.
 
     A forward that the mailbox sent also yields a match for the mailbox's own
-    Sent Items copy, with the sender as both ends. Raises `ConnectorError` when the
-    platform fails.
+    Sent Items copy, with the sender as both ends. A trace by Message-ID is the
+    same for every mailbox, so a successful read is kept in `traces` and reused.
+    Raises `ConnectorError` when the platform fails.
     """
     matches: list[Match] = []
     try:
@@ -113,8 +120,13 @@ async def search_copy(
             "Reading forwarding rules failed mailbox=%s error=%s", mailbox, error
         )
     try:
-        since = message.delivered_at - TRACE_MARGIN
-        events = await platform.message_trace(message.message_id, since)
+        key = (platform.name, message.message_id)
+        events = None if traces is None else traces.get(key)
+        if events is None:
+            since = message.delivered_at - TRACE_MARGIN
+            events = await platform.message_trace(message.message_id, since)
+            if traces is not None:
+                traces[key] = events
         matches.extend(matches_from_trace(mailbox, message, events, is_internal))
     except PermanentError as error:
         log.warning(
@@ -124,6 +136,24 @@ async def search_copy(
             error,
         )
     return strongest(matches)
+
+
+def new_matches(matches: list[Match], known: dict[tuple[str, str], int]) -> list[Match]:
+    """Return the matches that would change the incident, and add them to `known`.
+
+    `known` maps each copy the incident has, or a search reported before, to its
+    evidence rank (`known_copies`). A match of such a copy without stronger
+    evidence, such as the delivery to another original recipient, is dropped.
+    """
+    unseen = []
+    for match in matches:
+        key = (match.to_mailbox, match.message_id)
+        rank = CONFIDENCE_RANK[match.evidence.confidence]
+        if rank <= known.get(key, -1):
+            continue
+        known[key] = rank
+        unseen.append(match)
+    return unseen
 
 
 def finding_record(
@@ -157,12 +187,16 @@ def register_trace_agent(pipe: Pipeline) -> None:
         return platform_name(settings, address) is not None
 
     async def search_with_retries(
-        platform: MailPlatform, mailbox: str, message: TracedMessage, payload: Payload
+        platform: MailPlatform,
+        mailbox: str,
+        message: TracedMessage,
+        payload: Payload,
+        traces: TraceCache,
     ) -> list[Match]:
         for attempt in range(1, SEARCH_ATTEMPTS + 1):
             try:
                 return await search_copy(
-                    platform, mailbox, message, payload, is_internal
+                    platform, mailbox, message, payload, is_internal, traces
                 )
             except TransientError as error:
                 if attempt == SEARCH_ATTEMPTS:
@@ -181,7 +215,7 @@ def register_trace_agent(pipe: Pipeline) -> None:
         raise AssertionError("unreachable")
 
     async def search(
-        incident: Record, entry: Record, message: TracedMessage
+        incident: Record, entry: Record, message: TracedMessage, traces: TraceCache
     ) -> tuple[list[Match], str | None]:
         """Return the matches of one copy's mailbox, or none and why not."""
         mailbox = entry["mailbox"]
@@ -202,7 +236,7 @@ def register_trace_agent(pipe: Pipeline) -> None:
             return [], f"No mail platform is configured for {mailbox}."
         try:
             matches = await search_with_retries(
-                platform, mailbox, message, incident_payload(incident)
+                platform, mailbox, message, incident_payload(incident), traces
             )
         except ConnectorError as failure:
             log.warning("Trace search failed mailbox=%s error=%s", mailbox, failure)
@@ -210,11 +244,16 @@ def register_trace_agent(pipe: Pipeline) -> None:
         return matches, None
 
     async def trace_one(
-        incident: Record, entry: Record, message: TracedMessage
+        incident: Record,
+        entry: Record,
+        message: TracedMessage,
+        known: dict[tuple[str, str], int],
+        traces: TraceCache,
     ) -> None:
         incident_id = incident["incident_id"]
         mailbox = entry["mailbox"]
-        matches, error = await search(incident, entry, message)
+        found, error = await search(incident, entry, message, traces)
+        matches = new_matches(found, known)
 
         for match in matches:
             finding = finding_record(incident_id, message, match, message.depth + 1)
@@ -252,8 +291,10 @@ def register_trace_agent(pipe: Pipeline) -> None:
         if not work:
             return
 
+        known = known_copies(incident)
+        traces: TraceCache = {}
         for entry, message in work:
-            await trace_one(incident, entry, message)
+            await trace_one(incident, entry, message, known, traces)
             searched.add(frontier_key(entry["mailbox"], entry["message_id"]))
         # A new value, assigned back, so the changelog records the change.
         pipe.frontier[incident_id] = {"searched": sorted(searched)}

@@ -10,13 +10,14 @@ from autopull.streams.forward_tree import (
     apply_finding,
     apply_traced,
     incident_payload,
+    known_copies,
     nothing_untraced,
     record_alert_payload,
     trace_state,
     untraced_copies,
     untraced_header,
 )
-from autopull.streams.incidents import apply_alert, new_incident
+from autopull.streams.incidents import apply_alert, apply_outcome, new_incident
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 DELIVERED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
@@ -279,3 +280,105 @@ def test_empty_search_adds_no_history() -> None:
     before = len(incident["history"])
     assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
     assert len(incident["history"]) == before
+
+
+def outcome(
+    mailbox: str, message_id: str, status: str, kind: str = "quarantine"
+) -> dict[str, Any]:
+    return {
+        "mailbox": mailbox,
+        "message_id": message_id,
+        "kind": kind,
+        "status": status,
+        "platform": "graph",
+        "attempts": 1,
+        "error": None,
+        "original_folder": "Inbox",
+        "read": False,
+        "started_at": NOW,
+        "finished_at": NOW,
+        "seconds_from_alert": 1.5,
+    }
+
+
+def contained_incident() -> dict[str, Any]:
+    incident = incident_with_alert()
+    assert incident["state"] == "quarantining"
+    assert apply_outcome(
+        incident, outcome("alice@example.com", ORIGINAL, "quarantined")
+    )
+    assert incident["state"] == "contained"
+    return incident
+
+
+def test_forward_pull_reopens_contained() -> None:
+    incident = contained_incident()
+    forward = finding("alice@example.com", "bob@example.com", "m2")
+    assert len(apply_finding(incident, forward, POLICY, NOW)) == 1
+    assert incident["state"] == "quarantining"
+    assert incident["updated_at"] == NOW
+    assert apply_outcome(incident, outcome("bob@example.com", "m2", "quarantined"))
+    assert incident["state"] == "contained"
+
+
+def test_held_forward_keeps_contained() -> None:
+    incident = contained_incident()
+    medium = finding("alice@example.com", "bob@example.com", "m2", "medium")
+    assert apply_finding(incident, medium, POLICY, NOW) == []
+    assert incident["pulls"][-1]["status"] == "held"
+    assert incident["state"] == "contained"
+
+
+def test_released_hold_reopens_contained() -> None:
+    incident = contained_incident()
+    medium = finding("alice@example.com", "bob@example.com", "m2", "medium")
+    apply_finding(incident, medium, POLICY, NOW)
+    strong = finding("alice@example.com", "bob@example.com", "m2", "strong")
+    assert len(apply_finding(incident, strong, POLICY, NOW)) == 1
+    assert incident["state"] == "quarantining"
+
+
+def test_external_forward_keeps_contained() -> None:
+    incident = contained_incident()
+    external = finding("alice@example.com", "eve@example.net", "m2", external=True)
+    assert apply_finding(incident, external, POLICY, NOW) == []
+    assert incident["state"] == "contained"
+
+
+def test_forward_pull_after_restore() -> None:
+    incident = contained_incident()
+    restored = outcome("alice@example.com", ORIGINAL, "restored", kind="restore")
+    assert apply_outcome(incident, restored)
+    assert incident["state"] == "restored"
+    forward = finding("alice@example.com", "bob@example.com", "m2")
+    assert len(apply_finding(incident, forward, POLICY, NOW)) == 1
+    assert incident["state"] == "quarantining"
+
+
+def test_forward_pull_keeps_closed() -> None:
+    incident = contained_incident()
+    incident["state"] = "closed"
+    forward = finding("alice@example.com", "bob@example.com", "m2")
+    assert len(apply_finding(incident, forward, POLICY, NOW)) == 1
+    assert incident["state"] == "closed"
+
+
+def test_known_copies_ranks_evidence() -> None:
+    incident = incident_with_alert()
+    apply_finding(
+        incident,
+        finding("alice@example.com", "bob@example.com", "m2", "medium"),
+        POLICY,
+        NOW,
+    )
+    apply_finding(
+        incident,
+        finding("alice@example.com", "eve@example.net", "m3", external=True),
+        POLICY,
+        NOW,
+    )
+    assert known_copies(incident) == {
+        ("alice@example.com", ORIGINAL): 4,
+        ("bob@example.com", "m2"): 1,
+        ("eve@example.net", "m3"): 3,
+    }

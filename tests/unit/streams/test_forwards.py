@@ -341,6 +341,54 @@ def test_trace_transport_rule_copy() -> None:
     assert "transport rule" in matches[0].evidence.reason
 
 
+BULK_RECIPIENTS = tuple(
+    f"{name}@example.com" for name in ("alice", "bob", "carol", "dan", "erin")
+)
+
+
+def bulk_trace() -> list[TraceEvent]:
+    """A trace by Message-ID: five original deliveries and one redirect by alice."""
+    events = [trace("DELIVER", recipients=(r,)) for r in BULK_RECIPIENTS]
+    events.append(
+        trace(
+            "REDIRECT",
+            source="ROUTING",
+            recipients=("dave@example.com",),
+            related_recipient="alice@example.com",
+        )
+    )
+    events.append(trace("DELIVER", recipients=("dave@example.com",)))
+    return events
+
+
+@pytest.mark.parametrize("mailbox", BULK_RECIPIENTS)
+def test_trace_skips_original_deliveries(mailbox: str) -> None:
+    matches = matches_from_trace(mailbox, ORIGINAL, bulk_trace(), internal)
+    found = [(m.from_mailbox, m.to_mailbox, m.message_id) for m in matches]
+    # Every mailbox's trace shows the redirect, and no original delivery counts.
+    assert found == [("alice@example.com", "dave@example.com", ORIGINAL_ID)]
+
+
+def test_trace_original_delivery_without_sender() -> None:
+    events = [trace("DELIVER", sender="", recipients=("bob@example.com",))]
+    assert matches_from_trace("alice@example.com", ORIGINAL, events, internal) == []
+
+
+def test_trace_delivery_sent_by_mailbox() -> None:
+    # The searched mailbox sent the same Message-ID on, as a resend keeps it.
+    events = [
+        trace(
+            "DELIVER",
+            sender="Alice@Example.com",
+            recipients=("alice@example.com", "ivan@example.com"),
+        )
+    ]
+    matches = matches_from_trace("alice@example.com", ORIGINAL, events, internal)
+    found = [(m.from_mailbox, m.to_mailbox) for m in matches]
+    assert found == [("alice@example.com", "ivan@example.com")]
+    assert matches[0].evidence.confidence == "definitive"
+
+
 def test_trace_ignores_other_messages() -> None:
     events = [
         trace("DELIVER", message_id="other@example.com", recipients=("x@example.com",))

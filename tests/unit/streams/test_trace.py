@@ -22,11 +22,11 @@ from autopull.connectors.mail.base import (
     TraceEvent,
 )
 from autopull.streams.app import Pipeline
-from autopull.streams.forwards import Payload, TracedMessage
+from autopull.streams.forwards import Evidence, Match, Payload, TracedMessage
 from autopull.streams.incidents import new_incident
 from autopull.streams.logs import RepeatFilter
 from autopull.streams.settings import Settings
-from autopull.streams.trace import frontier_key, search_copy
+from autopull.streams.trace import frontier_key, new_matches, search_copy
 
 DELIVERED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 ORIGINAL = TracedMessage("m1@example.net", DELIVERED, "Invoice", None, 0)
@@ -148,12 +148,18 @@ class RecordingPlatform(ScriptedPlatform):
         super().__init__([])
         self.failing = failing
         self.searched: list[str] = []
+        self.trace_events: list[TraceEvent] = []
+        self.trace_reads: list[str] = []
 
     async def sent_since(self, mailbox: str, since: datetime) -> list[SentMessage]:
         self.searched.append(mailbox)
         if mailbox in self.failing:
             raise PermanentError(f"Graph found no user for mailbox {mailbox}.")
         return []
+
+    async def message_trace(self, message_id: str, since: datetime) -> list[TraceEvent]:
+        self.trace_reads.append(message_id)
+        return self.trace_events
 
 
 @dataclass
@@ -293,3 +299,86 @@ async def test_search_failure_warning_is_rate_limited(
     errors = [progress["error"] for progress in agent.traced().values()]
     assert len(errors) == 3
     assert all("no user for mailbox bob@example.com" in error for error in errors)
+
+
+BULK = ("alice", "bob", "carol", "dan", "erin")
+
+
+def delivery(recipient: str, sender: str = "billing@example.net", **fields: Any) -> Any:
+    return TraceEvent(
+        message_id=ORIGINAL.message_id,
+        event="DELIVER",
+        at=DELIVERED,
+        source="STOREDRIVER",
+        sender=sender,
+        recipients=(recipient,),
+        **fields,
+    )
+
+
+async def test_agent_reports_only_new_copies(agent: TraceAgent) -> None:
+    mailboxes = [f"{name}@example.com" for name in BULK]
+    agent.platform.failing = frozenset()
+    # One trace by Message-ID for every mailbox: the five original deliveries, a
+    # redirect by alice to dave, and carol sending the message on to frank.
+    agent.platform.trace_events = [delivery(mailbox) for mailbox in mailboxes]
+    agent.platform.trace_events += [
+        TraceEvent(
+            message_id=ORIGINAL.message_id,
+            event="REDIRECT",
+            at=DELIVERED,
+            source="ROUTING",
+            recipients=("dave@example.com",),
+            related_recipient="alice@example.com",
+        ),
+        delivery("dave@example.com"),
+        delivery("frank@example.com", sender="carol@example.com"),
+    ]
+    incident = pulled_incident("INC-1", {mailbox: {} for mailbox in mailboxes})
+
+    await agent.feed(incident)
+
+    findings = [value for topic, _, value in agent.sent if topic == "trace.findings"]
+    edges = [(f["from_mailbox"], f["to_mailbox"]) for f in findings]
+    assert edges == [
+        ("alice@example.com", "dave@example.com"),
+        ("carol@example.com", "frank@example.com"),
+    ]
+    events = [v for t, _, v in agent.sent if t == "incident.events"]
+    assert len([v for v in events if v["kind"] == "finding"]) == 2
+    counts = {mailbox: p["findings"] for (_, mailbox), p in agent.traced().items()}
+    assert counts == {
+        "alice@example.com": 1,
+        "bob@example.com": 0,
+        "carol@example.com": 1,
+        "dan@example.com": 0,
+        "erin@example.com": 0,
+    }
+    assert agent.platform.searched == mailboxes
+    assert agent.platform.trace_reads == [ORIGINAL.message_id]
+
+
+def match(to_mailbox: str, confidence: Any) -> Match:
+    return Match(
+        "alice@example.com", to_mailbox, "m2", Evidence(confidence, "test evidence")
+    )
+
+
+def test_new_matches_drops_known_copies() -> None:
+    known = {("bob@example.com", "m2"): 4, ("carol@example.com", "m2"): 1}
+    matches = [
+        match("bob@example.com", "definitive"),
+        match("carol@example.com", "medium"),
+        match("carol@example.com", "strong"),
+        match("dave@example.com", "medium"),
+        match("dave@example.com", "medium"),
+    ]
+
+    unseen = new_matches(matches, known)
+
+    assert [(m.to_mailbox, m.evidence.confidence) for m in unseen] == [
+        ("carol@example.com", "strong"),
+        ("dave@example.com", "medium"),
+    ]
+    assert known[("carol@example.com", "m2")] == 2
+    assert known[("dave@example.com", "m2")] == 1
