@@ -153,34 +153,46 @@ def known_format(source: str) -> str | None:
 
 
 def _normalize_agent(pipe: Pipeline) -> None:
+    async def dead_letter(event: EventT, raw: Record, reason: str) -> None:
+        pipe.metrics.alerts.labels(raw["source"], "dead").inc()
+        await pipe.dead_letter(
+            event,
+            source=raw["source"],
+            stage="normalize",
+            reason=reason,
+            body=raw["body"],
+            received_at=raw["received_at"],
+            content_type=raw["content_type"],
+            transport=raw["transport"],
+        )
+
     async def handle(event: EventT, raw: Record) -> None:
+        # One invalid event of a TAP window or FireEye listing is a dead letter of
+        # its own, with the whole body and a reason naming the event, so the valid
+        # events of the same body are still pulled.
+        rejected: list[InvalidAlertError] = []
         try:
             alerts = parse_alert(
                 raw["body"],
                 received_at=raw["received_at"],
                 format_name=known_format(raw["source"]),
+                rejected=rejected,
             )
         except InvalidAlertError as error:
-            pipe.metrics.alerts.labels(raw["source"], "dead").inc()
-            await pipe.dead_letter(
-                event,
-                source=raw["source"],
-                stage="normalize",
-                reason=str(error),
-                body=raw["body"],
-                received_at=raw["received_at"],
-                content_type=raw["content_type"],
-                transport=raw["transport"],
-            )
+            await dead_letter(event, raw, str(error))
             return
 
-        pipe.metrics.alerts.labels(raw["source"], "normalized").inc()
+        for event_error in rejected:
+            await dead_letter(event, raw, str(event_error))
+        if alerts:
+            pipe.metrics.alerts.labels(raw["source"], "normalized").inc()
         for alert in alerts:
             await pipe.send("alerts.normalized", alert["alert_id"], dict(alert))
         log.info(
-            "Normalized source=%s alerts=%d raw_id=%s",
+            "Normalized source=%s alerts=%d rejected_events=%d raw_id=%s",
             raw["source"],
             len(alerts),
+            len(rejected),
             raw["source_alert_id"],
         )
 

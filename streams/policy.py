@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any, Literal
 
+from autopull.connectors.sources.common import subject_was_replaced
+
 Action = Literal["pull", "hold", "skip"]
 
 # Fields of a decision that `as_dict`, and so `autopull plan --json`, writes.
@@ -167,6 +169,12 @@ def decide(
         context = RuleContext(alert, mailbox, count, settings, recipient, score)
         verdict = _first_verdict(context, active_rules)
         reason = verdict.reason
+        if needs_search(alert) and subject_was_replaced(alert):
+            reason += (
+                " The subject contained line breaks or control characters, which "
+                "were replaced with U+FFFD, so the copy cannot be searched by its "
+                "exact subject."
+            )
         if verdict.action == "pull" and needs_search(alert):
             reason += (
                 " The alert has no usable Message-ID, so the copy is searched by "
@@ -257,9 +265,19 @@ def needs_search(alert: Mapping[str, Any]) -> bool:
 
 
 def searchable(alert: Mapping[str, Any]) -> bool:
-    """Return True when the alert gives a sender, a subject and a delivery time."""
+    """Return True when the alert gives a sender, a subject and a delivery time.
+
+    A subject whose control characters were replaced with U+FFFD is not usable.
+    The connectors ask the platform only for the time window and compare the
+    subject themselves, so no subject text reaches a protocol command. The
+    replaced subject can never equal the message's own, and a comparison that
+    took U+FFFD as a wildcard would no longer be exact. So such an alert is held
+    for an analyst, like one without a subject.
+    """
     subject = (alert.get("subject") or "").strip()
-    return bool(search_senders(alert)) and bool(subject) and bool(delivery_time(alert))
+    if not subject or subject_was_replaced(alert):
+        return False
+    return bool(search_senders(alert)) and bool(delivery_time(alert))
 
 
 def search_senders(alert: Mapping[str, Any]) -> tuple[str, ...]:

@@ -15,10 +15,10 @@ import math
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from email.utils import getaddresses
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import email_validator
 from confusable_homoglyphs import categories
@@ -142,6 +142,12 @@ _SCRIPT_MIXES = (
     frozenset({"LATIN", "HAN", "HANGUL"}),
 )
 _SHORTEN_LIMIT = 80
+REPLACEMENT_CHARACTER = "\ufffd"
+# Free-text fields of an alert that are shown, never acted on as addresses.
+DISPLAY_FIELDS: tuple[Literal["subject", "header_from"], ...] = (
+    "subject",
+    "header_from",
+)
 # RFC 5322 (section 2.1.1) limits a header line to 998 characters, and a msg-id cannot
 # be folded, so a longer Message-ID cannot come from a real header.
 MAX_MESSAGE_ID_LENGTH = 998
@@ -400,21 +406,77 @@ def normalize_sender(value: str, *, field: str) -> str:
         return stripped.lower()
 
 
-def unfold_header(value: str, *, field: str) -> str:
-    """Unfold a header value (CRLF followed by white space becomes one space).
+def unfold_header(value: str) -> str:
+    """Unfold a header value: CRLF followed by white space becomes one space.
 
-    Raises `InvalidAlertError` when a line break or control character other than tab
-    remains, because such a value could inject a header wherever it is written.
+    Other line breaks and control characters stay, for `clean_display_fields`.
     """
-    unfolded = _HEADER_FOLD.sub(" ", value)
-    if _CONTROL_CHARACTERS.search(unfolded.replace("\t", " ")):
-        raise InvalidAlertError(
-            f"The value {shorten(value)} of the field {field} contains a line break "
-            "or control character that is not header folding. Send the value "
-            "unfolded.",
-            field=field,
-        )
-    return unfolded
+    return _HEADER_FOLD.sub(" ", value)
+
+
+def escape_control_characters(value: str) -> str:
+    """Write a backslash as two and each control character but tab as \\uXXXX.
+
+    The result has no line break or control character, and the original can be read
+    back from it.
+    """
+    return _CONTROL_CHARACTERS.sub(_escape_control, value.replace("\\", "\\\\"))
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    character = match.group()
+    return character if character == "\t" else f"\\u{ord(character):04x}"
+
+
+def _replace_control(match: re.Match[str]) -> str:
+    character = match.group()
+    return character if character == "\t" else REPLACEMENT_CHARACTER
+
+
+def clean_display_fields(alert: NormalizedAlert) -> None:
+    """Replace line breaks and control characters in the display fields of an alert.
+
+    An attacker controls the subject and the From header (through an RFC 2047
+    encoded word, say), so one such character must not cost the whole alert. Each
+    control character but tab in `subject` and `header_from` becomes U+FFFD, so the
+    value can inject no header, log line or search clause wherever it is written. The
+    original, escaped by `escape_control_characters`, is kept in the custom field
+    `<field>_escaped`. The policy holds, instead of searching, an alert whose
+    subject was replaced, because it no longer equals the one in the message.
+    """
+    for name in DISPLAY_FIELDS:
+        value = alert[name]
+        if value is None:
+            continue
+        cleaned = _CONTROL_CHARACTERS.sub(_replace_control, value)
+        if cleaned != value:
+            alert[name] = cleaned
+            alert["custom_fields"][f"{name}_escaped"] = escape_control_characters(value)
+
+
+def subject_was_replaced(alert: Mapping[str, Any]) -> bool:
+    """Return True when `clean_display_fields` replaced characters of the subject."""
+    return "subject_escaped" in (alert.get("custom_fields") or {})
+
+
+def rejected_event(
+    error: InvalidAlertError, path: str, data: dict[str, object]
+) -> InvalidAlertError:
+    """Return the error of one event of a document, naming the event by path and id.
+
+    Its `field` is the event's path, so that a caller can tell which event failed.
+    """
+    ids = [
+        f"{name} {shorten(data[name])}"
+        for name in ("id", "GUID", "uuid")
+        if isinstance(data.get(name), str | int) and not isinstance(data[name], bool)
+    ]
+    named = f"{path} ({', '.join(ids)})" if ids else path
+    return InvalidAlertError(
+        f"The event {named} was rejected, and the other events of the document "
+        f"were processed. {error.reason}",
+        field=path,
+    )
 
 
 def parse_time(value: str, *, field: str) -> datetime:

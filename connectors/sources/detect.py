@@ -20,7 +20,11 @@ class AlertParser(Protocol):
     """A parser of one decoded alert document into normalized alerts."""
 
     def __call__(
-        self, document: object, *, received_at: datetime
+        self,
+        document: object,
+        *,
+        received_at: datetime,
+        rejected: list[InvalidAlertError] | None = None,
     ) -> list[NormalizedAlert]: ...
 
 
@@ -78,12 +82,18 @@ def detect_format(document: object) -> AlertFormat:
 
 
 def parse_alert(
-    body: bytes | str, *, received_at: datetime, format_name: str | None = None
+    body: bytes | str,
+    *,
+    received_at: datetime,
+    format_name: str | None = None,
+    rejected: list[InvalidAlertError] | None = None,
 ) -> list[NormalizedAlert]:
     """Decode an alert body and parse it with the named or the detected format.
 
     Raises `InvalidAlertError` for a body no format can use, and `UnknownFormatError`
-    for a format name that is not registered.
+    for a format name that is not registered. With a `rejected` list, an invalid
+    event of a document with several (a TAP envelope, a FireEye listing) is
+    appended to it instead, and the other events are returned.
     """
     alert_format = get_format(format_name) if format_name else None
     if fireeye.looks_like_xml(body):
@@ -92,9 +102,11 @@ def parse_alert(
                 f"The alert body is XML, but the {alert_format.name} format is JSON. "
                 "Send JSON, or send the XML as a FireEye notification."
             )
-        return fireeye.parse_fireeye_xml(body, received_at=received_at)
+        return fireeye.parse_fireeye_xml(
+            body, received_at=received_at, rejected=rejected
+        )
     document = load_json(body)
 
     if alert_format is None:
         alert_format = detect_format(document)
-    return alert_format.parse(document, received_at=received_at)
+    return alert_format.parse(document, received_at=received_at, rejected=rejected)

@@ -33,10 +33,12 @@ from autopull.connectors.sources.common import (
     ObjectReader,
     Threat,
     checked_message_id,
+    clean_display_fields,
     is_synthetic_message_id,
     load_json,
     normalize_addresses,
     normalize_sender,
+    rejected_event,
     shorten,
     unfold_header,
 )
@@ -135,11 +137,17 @@ def parse_fireeye(
 
 
 def parse_fireeye_xml(
-    body: bytes | str, *, received_at: datetime, source: str = SOURCE
+    body: bytes | str,
+    *,
+    received_at: datetime,
+    source: str = SOURCE,
+    rejected: list[InvalidAlertError] | None = None,
 ) -> list[NormalizedAlert]:
-    """Parse an XML notification; see `parse_fireeye`."""
+    """Parse an XML notification; see `parse_fireeye` and `parse_fireeye_document`."""
     document = load_fireeye_xml(body)
-    return parse_fireeye_document(document, received_at=received_at, source=source)
+    return parse_fireeye_document(
+        document, received_at=received_at, source=source, rejected=rejected
+    )
 
 
 def load_fireeye_xml(body: bytes | str) -> dict[str, object]:
@@ -273,9 +281,18 @@ def _unwrap(value: object) -> object:
 
 
 def parse_fireeye_document(
-    document: object, *, received_at: datetime, source: str = SOURCE
+    document: object,
+    *,
+    received_at: datetime,
+    source: str = SOURCE,
+    rejected: list[InvalidAlertError] | None = None,
 ) -> list[NormalizedAlert]:
-    """Parse a decoded notification or Web Services API listing; see `parse_fireeye`."""
+    """Parse a decoded notification or Web Services API listing; see `parse_fireeye`.
+
+    With a `rejected` list, an invalid alert of a listing is appended to it as an
+    `InvalidAlertError` that names the alert, and the other alerts are parsed.
+    Without one, the first invalid alert raises.
+    """
     if received_at.tzinfo is None:
         raise ValueError("received_at must be a timezone-aware datetime.")
 
@@ -288,7 +305,14 @@ def parse_fireeye_document(
         )
 
     items = envelope.children("alert")
-    alerts = [_parse_alert(item, envelope, received_at, source) for item in items]
+    alerts = []
+    for item in items:
+        try:
+            alerts.append(_parse_alert(item, envelope, received_at, source))
+        except InvalidAlertError as error:
+            if rejected is None or len(items) < 2:
+                raise
+            rejected.append(rejected_event(error, item.path, item.data))
     logger.debug("Parsed FireEye body items=%d alerts=%d", len(items), len(alerts))
     return alerts
 
@@ -301,6 +325,7 @@ def _parse_alert(
 ) -> NormalizedAlert:
     """Build the normalized alert of one FireEye alert, with all its recipients."""
     alert = _base_alert(item, envelope, received_at, source)
+    clean_display_fields(alert)
     alert["alert_id"] = ALERT_ID_PREFIX + _identity(item, envelope)
     alert["source_alert_id"] = item.optional_str("uuid") or item.identifier("id") or ""
     alert["source_guid"] = alert["source_alert_id"]
@@ -396,7 +421,7 @@ def _subject(smtp: FireEyeReader | None) -> str | None:
     subject = smtp.optional_str("subject")
     if subject is None:
         return None
-    return unfold_header(subject, field=smtp.field("subject"))
+    return unfold_header(subject)
 
 
 def _recipients(item: FireEyeReader) -> list[str]:

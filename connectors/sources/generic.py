@@ -30,6 +30,7 @@ from autopull.connectors.sources.common import (
     Threat,
     ThreatStatus,
     checked_message_id,
+    clean_display_fields,
     is_synthetic_message_id,
     load_json,
     map_threat_status,
@@ -82,9 +83,17 @@ def parse_generic(
 
 
 def parse_generic_document(
-    document: object, *, received_at: datetime, source: str = SOURCE
+    document: object,
+    *,
+    received_at: datetime,
+    source: str = SOURCE,
+    rejected: list[InvalidAlertError] | None = None,
 ) -> list[NormalizedAlert]:
-    """Validate and parse a decoded generic alert; see `parse_generic`."""
+    """Validate and parse a decoded generic alert; see `parse_generic`.
+
+    A generic body is one alert, so an invalid one always raises and `rejected`,
+    which the other formats fill with their invalid events, stays unchanged.
+    """
     if received_at.tzinfo is None:
         raise ValueError("received_at must be a timezone-aware datetime.")
 
@@ -92,6 +101,7 @@ def parse_generic_document(
     body = ObjectReader(document, "")
     email = ObjectReader(body.data["email"], "email")
     alert = _base_alert(body, email, received_at, source)
+    clean_display_fields(alert)
 
     # One alert for the message and all its recipients, so that the policy counts
     # every mailbox the message reached. The recipients are part of the identity,
@@ -246,7 +256,7 @@ def _subject(email: ObjectReader) -> str | None:
     subject = email.optional_str("subject")
     if subject is None:
         return None
-    return unfold_header(subject, field=email.field("subject"))
+    return unfold_header(subject)
 
 
 def _recipients(email: ObjectReader) -> list[str]:

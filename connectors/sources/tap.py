@@ -28,6 +28,7 @@ from autopull.connectors.sources.common import (
     Threat,
     ThreatStatus,
     checked_message_id,
+    clean_display_fields,
     combine_statuses,
     is_synthetic_message_id,
     load_json,
@@ -37,6 +38,7 @@ from autopull.connectors.sources.common import (
     normalize_addresses,
     normalize_sender,
     recipients_key,
+    rejected_event,
     unfold_header,
 )
 from autopull.connectors.sources.exceptions import InvalidAlertError
@@ -96,9 +98,18 @@ def parse_tap(
 
 
 def parse_tap_document(
-    document: object, *, received_at: datetime, source: str = SOURCE
+    document: object,
+    *,
+    received_at: datetime,
+    source: str = SOURCE,
+    rejected: list[InvalidAlertError] | None = None,
 ) -> list[NormalizedAlert]:
-    """Parse a decoded TAP envelope or single event; see `parse_tap`."""
+    """Parse a decoded TAP envelope or single event; see `parse_tap`.
+
+    With a `rejected` list, an invalid event of an envelope is appended to it as an
+    `InvalidAlertError` that names the event, and the other events are parsed.
+    Without one, the first invalid event raises.
+    """
     if received_at.tzinfo is None:
         raise ValueError("received_at must be a timezone-aware datetime.")
 
@@ -108,10 +119,14 @@ def parse_tap_document(
     else:
         events = [(classify_single_event(reader), reader)]
 
-    parsed = [
-        _parse_event(event, event_class, received_at, source)
-        for event_class, event in events
-    ]
+    parsed = []
+    for event_class, event in events:
+        try:
+            parsed.append(_parse_event(event, event_class, received_at, source))
+        except InvalidAlertError as error:
+            if rejected is None or not event.path:
+                raise
+            rejected.append(rejected_event(error, event.path, event.data))
     alerts = _merge_by_guid(parsed)
     logger.debug("Parsed TAP body events=%d alerts=%d", len(events), len(alerts))
     return alerts
@@ -165,6 +180,7 @@ def _parse_event(
         alert = _click_alert(event, event_class, received_at, source)
     else:
         alert = _message_alert(event, event_class, received_at, source)
+    clean_display_fields(alert)
 
     event_id = event.optional_str("id")
     if event_id:
@@ -336,7 +352,7 @@ def _base_alert(
     )
     subject = event.optional_str("subject")
     if subject is not None:
-        subject = unfold_header(subject, field=event.field("subject"))
+        subject = unfold_header(subject)
     return {
         "alert_id": "",
         "source": source,
@@ -399,7 +415,7 @@ def _verdict(threats: list[Threat]) -> tuple[Classification, ThreatStatus]:
 def _header_from(event: ObjectReader) -> str | None:
     header = event.optional_str("headerFrom")
     if header is not None:
-        return unfold_header(header, field=event.field("headerFrom"))
+        return unfold_header(header)
 
     field = event.field("fromAddress")
     addresses = [

@@ -210,8 +210,9 @@ def generic_hostile() -> list[bytes]:
         ):
             bodies.append(encoded(replaced(base, path, value)))
 
+    # A line break in the subject is replaced with U+FFFD, so it is no invalid body.
     for value in INJECTIONS:
-        for path in ("email.recipient", "email.sender", "email.subject"):
+        for path in ("email.recipient", "email.sender"):
             bodies.append(encoded(replaced(base, path, value)))
 
     for key in ("json_version", "classification", "email"):
@@ -260,9 +261,15 @@ def fireeye_hostile() -> list[bytes]:
     bodies.append(encoded(replaced(base, "alert.dst", {})))
     bodies.append(encoded(replaced(base, "alert.occurred", "2024-03-10 01:30:00")))
     bodies.append(encoded({"alert": [None]}))
+    # Only the invalid alert of each listing is kept, because the valid alerts of a
+    # listing are processed even when another alert in it is invalid.
     wsapi = example("fireeye-wsapi.json")
-    bodies.append(encoded(replaced(wsapi, "alert.0.uuid", 4.5)))
-    bodies.append(encoded(replaced(wsapi, "alert.1.dst.smtpTo", [1, 2])))
+    bad_uuid = replaced(wsapi, "alert.0.uuid", 4.5)
+    bad_uuid["alert"] = bad_uuid["alert"][:1]
+    bodies.append(encoded(bad_uuid))
+    bad_recipients = replaced(wsapi, "alert.1.dst.smtpTo", [1, 2])
+    bad_recipients["alert"] = bad_recipients["alert"][1:]
+    bodies.append(encoded(bad_recipients))
     return bodies
 
 

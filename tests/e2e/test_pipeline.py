@@ -132,3 +132,48 @@ def test_malformed_alert_becomes_dead_letter(
 
     outcomes = read_topic(pipeline_settings, "pull.outcomes", lambda v: len(v) >= 3)
     assert len(outcomes) == 3
+
+
+def mixed_body() -> bytes:
+    """Return a TAP body with an invalid event before a valid one."""
+    document: dict[str, Any] = json.loads(PHISH_ALERT.read_text())
+    clean = document["messagesDelivered"][0]
+    clean["subject"] = "Invoice 4471\u2028overdue"
+    bad = json.loads(json.dumps(clean))
+    bad["id"] = "bad-event-1"
+    bad["GUID"] = "badGuid1"
+    bad["messageID"] = "<other.message@example.net>"
+    bad["recipient"] = ["alice@example.com\u2028Bcc: eve@example.net"]
+    document["messagesDelivered"] = [bad, clean]
+    return json.dumps(document).encode()
+
+
+def test_tap_invalid_event_rest_pulled(
+    pipeline_settings: Settings, graph_sim: Any, start_worker: Any
+) -> None:
+    ensure_topics(pipeline_settings)
+    start_worker()
+    body = mixed_body()
+    ingest(pipeline_settings, [("mixed.json", body)])
+
+    values = read_topic(pipeline_settings, "pull.outcomes", lambda v: len(v) >= 3)
+    outcomes = [decode_single_object(v, SCHEMAS / "PullOutcome.avsc") for v in values]
+    assert sorted(o["mailbox"] for o in outcomes) == RECIPIENTS
+    assert {o["status"] for o in outcomes} == {"quarantined"}
+    assert {o["message_id"] for o in outcomes} == {PHISH_ID}
+    for mailbox in RECIPIENTS:
+        copies = [
+            m
+            for m in graph_sim.messages(mailbox)
+            if m["internet_message_id"] == PHISH_HEADER
+        ]
+        assert [c["folder"] for c in copies] == [HIDDEN_FOLDER], mailbox
+
+    dead = read_topic(pipeline_settings, "alerts.dead", lambda v: len(v) >= 1)
+    letters = [decode_single_object(v, SCHEMAS / "DeadLetter.avsc") for v in dead]
+    assert len(letters) == 1
+    assert letters[0]["body"] == body
+    assert letters[0]["stage"] == "normalize"
+    reason = str(letters[0]["reason"])
+    assert "The event messagesDelivered[0] (id 'bad-event-1'" in reason
+    assert "messagesDelivered[0].recipient" in reason

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -12,7 +13,9 @@ from autopull.connectors.sources.common import (
     ObjectReader,
     bare_message_id,
     checked_message_id,
+    clean_display_fields,
     combine_statuses,
+    escape_control_characters,
     is_synthetic_message_id,
     load_json,
     map_classification,
@@ -22,6 +25,7 @@ from autopull.connectors.sources.common import (
     normalize_addresses,
     normalize_sender,
     parse_time,
+    subject_was_replaced,
     unfold_header,
 )
 from autopull.connectors.sources.exceptions import InvalidAlertError
@@ -415,12 +419,45 @@ def test_load_json_utf16_body_decodes() -> None:
 
 
 def test_unfold_header_folded_subject_unfolds() -> None:
-    assert unfold_header("Invoice\r\n 4471", field="subject") == "Invoice 4471"
+    assert unfold_header("Invoice\r\n 4471") == "Invoice 4471"
 
 
-def test_unfold_header_bare_line_break_raises() -> None:
-    with pytest.raises(InvalidAlertError):
-        unfold_header("Invoice\r\nBcc: eve@example.net", field="subject")
+def test_unfold_header_bare_line_break_stays() -> None:
+    assert unfold_header("Invoice\r\nBcc: x") == "Invoice\r\nBcc: x"
+
+
+def test_escape_control_characters_escapes_and_keeps_tab() -> None:
+    escaped = escape_control_characters("a\\b\u2028c\x1b\td\x7f")
+
+    assert escaped == "a\\\\b\\u2028c\\u001b\td\\u007f"
+
+
+def test_clean_display_fields_replaces_controls() -> None:
+    alert: Any = {
+        "subject": "Pay\u2028now\x07\tplease",
+        "header_from": '"IT\x1b[2J" <it@example.com>',
+        "custom_fields": {},
+    }
+
+    clean_display_fields(alert)
+
+    assert alert["subject"] == "Pay\ufffdnow\ufffd\tplease"
+    assert alert["header_from"] == '"IT\ufffd[2J" <it@example.com>'
+    assert alert["custom_fields"]["subject_escaped"] == "Pay\\u2028now\\u0007\tplease"
+    assert alert["custom_fields"]["header_from_escaped"] == (
+        '"IT\\u001b[2J" <it@example.com>'
+    )
+    assert subject_was_replaced(alert)
+
+
+def test_clean_display_fields_clean_subject_unchanged() -> None:
+    alert: Any = {"subject": "Invoice\t4471", "header_from": None, "custom_fields": {}}
+
+    clean_display_fields(alert)
+
+    assert alert["subject"] == "Invoice\t4471"
+    assert alert["custom_fields"] == {}
+    assert not subject_was_replaced(alert)
 
 
 def test_object_reader_non_object_raises() -> None:

@@ -611,10 +611,6 @@ def test_parse_fireeye_bad_xml_raises(body: bytes, fragment: str) -> None:
         (notification(severity={"level": 1, "x": {}}), "alert.severity"),
         (notification(**{"smtp-message": {"id": "<a@b>\nX: y"}}), "smtp-message.id"),
         (
-            notification(**{"smtp-message": {"subject": "Hi\r\nBcc: x@example.com"}}),
-            "smtp-message.subject",
-        ),
-        (
             notification(**{"smtp-message": {"subject": "\ud800"}}),
             "smtp-message.subject",
         ),

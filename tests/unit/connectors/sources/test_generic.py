@@ -534,7 +534,6 @@ def test_parse_generic_schema_error_message_is_short() -> None:
         (minimal_alert(recipient="a@example.com\r\nBcc: x@example.com"), "recipient"),
         (minimal_alert(recipient=["a@example.com", "b@@"]), "email.recipient"),
         (minimal_alert(sender="a@example.com\nBcc: x"), "email.sender"),
-        (minimal_alert(subject="Hi\r\nBcc: x@example.com"), "email.subject"),
         (minimal_alert(subject="\ud800"), "email.subject"),
         (minimal_alert(message_id="<a@b>\r\nX: y"), "email.message_id"),
         (minimal_alert(message_id="a\x00b@example.com"), "email.message_id"),
