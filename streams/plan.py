@@ -22,7 +22,7 @@ from rich.text import Text
 
 from autopull.connectors.errors import AutopullError
 from autopull.connectors.sources.detect import get_format, parse_alert
-from autopull.connectors.sources.exceptions import UnknownFormatError
+from autopull.connectors.sources.exceptions import InvalidAlertError, UnknownFormatError
 from autopull.streams.policy import Decision, PolicySettings, decide
 from autopull.streams.scoring import score_single_alert
 
@@ -68,13 +68,20 @@ def plan_files(
     errors: list[FileError] = []
 
     for path in paths:
+        # An invalid event of a file with several is reported on its own, as the
+        # worker sends it alone to the dead letters, and the others are planned.
+        rejected: list[InvalidAlertError] = []
         try:
             body = _read_alert(path, max_bytes, stdin)
-            alerts = parse_alert(body, received_at=received_at, format_name=source)
+            alerts = parse_alert(
+                body, received_at=received_at, format_name=source, rejected=rejected
+            )
         except (_UnusableFileError, AutopullError) as error:
             logger.debug("Cannot plan file path=%s error=%s", path, error)
             errors.append(FileError(_display_path(path), str(error)))
             continue
+        for error in rejected:
+            errors.append(FileError(_display_path(path), str(error)))
 
         for alert in alerts:
             score = score_single_alert(alert)

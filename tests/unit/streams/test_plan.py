@@ -219,6 +219,22 @@ def test_run_plan_invalid_alert_names_field(tmp_path: Path) -> None:
     assert "recipient" in err
 
 
+def test_run_plan_invalid_event_plans_others(tmp_path: Path) -> None:
+    bad = tap_message("e1", ["alice@example.com\u2028Bcc: eve@example.net"])
+    good = tap_message("e2", ["bob@example.com"])
+    document = {"messagesDelivered": [bad, good]}
+    path = write_alert(tmp_path / "two.json", document)
+
+    code, out, err = run([path])
+
+    assert code == 1
+    assert [json.loads(line)["mailbox"] for line in out.splitlines()] == [
+        "bob@example.com"
+    ]
+    assert "two.json" in err
+    assert "messagesDelivered[0] (id 'e1'" in err
+
+
 def test_run_plan_oversized_file_reports(tmp_path: Path) -> None:
     path = tmp_path / "big.json"
     path.write_bytes(b" " * (DEFAULT_MAX_ALERT_BYTES + 1))
