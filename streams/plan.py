@@ -80,8 +80,8 @@ def plan_files(
             logger.debug("Cannot plan file path=%s error=%s", path, error)
             errors.append(FileError(_display_path(path), str(error)))
             continue
-        for error in rejected:
-            errors.append(FileError(_display_path(path), str(error)))
+        for invalid in rejected:
+            errors.append(FileError(_display_path(path), str(invalid)))
 
         for alert in alerts:
             score = score_single_alert(alert)
