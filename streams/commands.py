@@ -15,6 +15,7 @@ from autopull.connectors.sources.common import checked_message_id
 from autopull.connectors.sources.exceptions import InvalidAlertError
 from autopull.schemas import AvroCodec
 from autopull.streams import records
+from autopull.streams.forward_tree import trace_retry_targets
 from autopull.streams.incidents import (
     apply_command,
     approve_targets,
@@ -171,13 +172,17 @@ def check_approve_pick(
 
 
 def check_retry(incident: records.Record, mailbox: str | None) -> None:
-    """Raise CommandError when no pull of `incident` (in `mailbox`) has failed."""
-    if retry_targets(incident, mailbox):
+    """Raise CommandError when no pull or forward search of `incident` has failed.
+
+    With `mailbox`, only the copies in that mailbox count.
+    """
+    if retry_targets(incident, mailbox) or trace_retry_targets(incident, mailbox):
         return
     where = f" in {mailbox}" if mailbox is not None else ""
     raise CommandError(
-        f"No pull{where} of incident {incident['incident_id']} has failed, so there "
-        "is nothing to retry; `autopull incident show` lists each copy's status."
+        f"No pull or forward search{where} of incident {incident['incident_id']} "
+        "has failed, so there is nothing to retry; `autopull incident show` lists "
+        "each copy's status."
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from autopull.streams.forward_tree import restart_failed_traces
 from autopull.streams.policy import search_key
 from autopull.streams.records import (
     FINAL_STATUSES,
@@ -289,6 +290,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     text = command.get("text") or ""
     note = f" {text}" if text else ""
     commands: list[Record] = []
+    restarted: list[Record] = []
     if action == "approve":
         picked = command.get("message_id")
         for entry, chosen in approve_targets(incident, mailbox, picked):
@@ -309,6 +311,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
             entry.update(status=None, rule="retried", error=None, mailbox_missing=False)
             entry["reason"] = f"Retried by {actor}.{note}"
             commands.append(_command_for(incident, entry, "quarantine", now))
+        restarted = restart_failed_traces(incident, mailbox)
     elif action == "release":
         for entry in release_targets(incident, mailbox):
             commands.append(_command_for(incident, entry, "restore", now))
@@ -321,6 +324,9 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
         )
 
     detail = f"{len(commands)} pull commands" if commands else text
+    if restarted:
+        searches = ", ".join(entry["mailbox"] for entry in restarted)
+        detail = f"{detail}; restarted the forward search of {searches}".lstrip("; ")
     if mailbox is not None:
         detail = f"{mailbox}: {detail}"
     incident["history"].append(_history(now, action, detail, actor))
@@ -529,6 +535,10 @@ def _pull_entry(
         "withdrawn": False,
         "traced": False,
         "mailbox_missing": False,
+        "trace_attempts": 0,
+        "trace_error": None,
+        "trace_failed": False,
+        "trace_round": 0,
     }
 
 
