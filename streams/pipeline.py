@@ -363,7 +363,7 @@ def _incident_agent(pipe: Pipeline) -> None:
                     change["traced"]["mailbox"],
                 )
         elif change["kind"] == "trace_retry" and incident:
-            # The trace agent asks for the incident again because a failed
+            # The trace agent requests the incident again because a failed
             # search is due; publishing it unchanged is the whole fold.
             pass
         elif change["kind"] == "outcome" and change["outcome"] and incident:
