@@ -21,6 +21,7 @@ from autopull.streams.incidents import (
     candidate_ids,
     held_entries,
     retry_targets,
+    trace_retry_targets,
 )
 from autopull.streams.settings import Settings
 from autopull.streams.topics import client_config, full_name
@@ -185,13 +186,17 @@ def check_reject(incident: records.Record, mailbox: str | None) -> None:
 
 
 def check_retry(incident: records.Record, mailbox: str | None) -> None:
-    """Raise CommandError when no pull of `incident` (in `mailbox`) has failed."""
-    if retry_targets(incident, mailbox):
+    """Raise CommandError when no pull or forward search of `incident` has failed.
+
+    With `mailbox`, only the copies in that mailbox count.
+    """
+    if retry_targets(incident, mailbox) or trace_retry_targets(incident, mailbox):
         return
     where = f" in {mailbox}" if mailbox is not None else ""
     raise CommandError(
-        f"No pull{where} of incident {incident['incident_id']} has failed, so there "
-        "is nothing to retry; `autopull incident show` lists each copy's status."
+        f"No pull or forward search{where} of incident {incident['incident_id']} "
+        "has failed, so there is nothing to retry; `autopull incident show` lists "
+        "each copy's status."
     )
 
 

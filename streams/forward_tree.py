@@ -121,6 +121,8 @@ def untraced_copies(incident: Record) -> list[tuple[Record, TracedMessage]]:
     for entry in incident["pulls"]:
         if entry["action"] != "pull" or entry.get("traced"):
             continue
+        if entry.get("trace_failed"):
+            continue
         if entry["status"] not in FINAL_STATUSES:
             continue
         message = messages.get(entry["message_id"])
@@ -163,36 +165,74 @@ def known_copies(incident: Record) -> dict[tuple[str, str], int]:
 
 
 def trace_state(incident: Record) -> str:
-    """Return `finished` once every pulled copy's mailbox was searched, else `running`.
+    """Return the forward search state of `incident`.
 
-    An incident with nothing to search is `finished` as well.
+    `running` while a pulled copy's mailbox waits for a search or for a retry of
+    a failed one, `failed` once the only copies left are those whose searches
+    failed their maximum number of attempts, and `finished` when every pulled
+    copy's mailbox was searched. An incident with nothing to search is `finished`.
     """
     pending = [
         entry
         for entry in incident["pulls"]
         if entry["action"] == "pull" and not entry.get("traced")
     ]
-    return "running" if pending else "finished"
+    if any(not entry.get("trace_failed") for entry in pending):
+        return "running"
+    return "failed" if pending else "finished"
 
 
-def apply_traced(incident: Record, progress: Record, now: datetime) -> bool:
-    """Mark a copy's mailbox as searched, or return False when no pull entry matches.
+def apply_traced(
+    incident: Record, progress: Record, now: datetime, max_attempts: int
+) -> bool:
+    """Fold the end of one search into its pull entry; False when no entry matches.
 
-    History records a search that found copies or failed, once. A replayed
-    event, or a search that found nothing, adds no line.
+    A search that succeeded marks the copy searched. A failed search leaves it
+    unsearched and counts the attempt, so the trace agent searches it again, and
+    after `max_attempts` failures marks it failed until a retry command. A copy
+    whose pull found no such mailbox is searched without a search: its error is
+    final. History records a search that found copies or failed, once each.
     """
     entry = _find(incident, progress["mailbox"], progress["message_id"])
     if entry is None:
         return False
-    if entry.get("traced"):
+    if entry.get("traced") or entry.get("trace_failed"):
+        return True
+    error = progress.get("error")
+    if error and not entry.get("mailbox_missing"):
+        _fold_failed_search(incident, entry, error, now, max_attempts)
         return True
     entry["traced"] = True
-    if progress["findings"] or progress.get("error"):
+    entry["trace_error"] = error
+    if progress["findings"] or error:
         detail = f"{progress['mailbox']}: {progress['findings']} findings"
-        if progress.get("error"):
-            detail += f" (search failed: {progress['error']})"
+        if error:
+            detail += f" (search failed: {error})"
         incident["history"].append(_history(now, "traced", detail))
     return True
+
+
+def _fold_failed_search(
+    incident: Record, entry: Record, error: str, now: datetime, max_attempts: int
+) -> None:
+    attempts = entry.get("trace_attempts", 0) + 1
+    entry["trace_attempts"] = attempts
+    entry["trace_error"] = error
+    if attempts >= max_attempts:
+        entry["trace_failed"] = True
+        outcome = (
+            f"the search failed {attempts} times, the maximum, so it waits for "
+            "a retry command"
+        )
+    else:
+        outcome = f"attempt {attempts} of {max_attempts} failed, it will be retried"
+    incident["history"].append(
+        _history(
+            now,
+            "trace failed",
+            f"{entry['mailbox']}: {outcome} (error: {error})",
+        )
+    )
 
 
 def apply_finding(
@@ -396,6 +436,10 @@ def _pull_entry(
         "withdrawn": False,
         "traced": False,
         "mailbox_missing": False,
+        "trace_attempts": 0,
+        "trace_error": None,
+        "trace_failed": False,
+        "trace_round": 0,
     }
 
 

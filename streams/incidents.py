@@ -289,6 +289,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
     text = command.get("text") or ""
     note = f" {text}" if text else ""
     commands: list[Record] = []
+    restarted: list[Record] = []
     if action == "approve":
         picked = command.get("message_id")
         for entry, chosen in approve_targets(incident, mailbox, picked):
@@ -309,6 +310,7 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
             entry.update(status=None, rule="retried", error=None, mailbox_missing=False)
             entry["reason"] = f"Retried by {actor}.{note}"
             commands.append(_command_for(incident, entry, "quarantine", now))
+        restarted = restart_failed_traces(incident, mailbox)
     elif action == "release":
         for entry in release_targets(incident, mailbox):
             commands.append(_command_for(incident, entry, "restore", now))
@@ -321,6 +323,9 @@ def apply_command(incident: Record, command: Record) -> list[Record]:
         )
 
     detail = f"{len(commands)} pull commands" if commands else text
+    if restarted:
+        searches = ", ".join(entry["mailbox"] for entry in restarted)
+        detail = f"{detail}; restarted the forward search of {searches}".lstrip("; ")
     if mailbox is not None:
         detail = f"{mailbox}: {detail}"
     incident["history"].append(_history(now, action, detail, actor))
@@ -529,6 +534,10 @@ def _pull_entry(
         "withdrawn": False,
         "traced": False,
         "mailbox_missing": False,
+        "trace_attempts": 0,
+        "trace_error": None,
+        "trace_failed": False,
+        "trace_round": 0,
     }
 
 
@@ -574,3 +583,30 @@ def _append_new(values: list[str], value: str) -> None:
 
 def _history(at: datetime, what: str, detail: str, actor: str = "autopull") -> Record:
     return {"at": at, "what": what, "detail": detail, "actor": actor}
+
+
+def restart_failed_traces(incident: Record, mailbox: str | None) -> list[Record]:
+    """Restart the searches that failed their maximum attempts and return their entries.
+
+    Each restarted entry gets a new `trace_round`, which the trace agent takes as a
+    fresh copy with no failed attempts.
+    """
+    restarted = []
+    for entry in trace_retry_targets(incident, mailbox):
+        entry["trace_failed"] = False
+        entry["trace_attempts"] = 0
+        entry["trace_round"] = entry.get("trace_round", 0) + 1
+        restarted.append(entry)
+    return restarted
+
+
+def trace_retry_targets(incident: Record, mailbox: str | None) -> list[Record]:
+    """Return the pull entries whose search failed its maximum number of attempts."""
+    return [
+        entry
+        for entry in incident["pulls"]
+        if entry.get("trace_failed")
+        and entry["action"] == "pull"
+        and not entry.get("traced")
+        and mailbox in (None, entry["mailbox"])
+    ]

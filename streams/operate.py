@@ -32,6 +32,7 @@ from autopull.streams.commands import (
     send_command,
 )
 from autopull.streams.follow import FollowedCopy, followed_copies, settled_copies
+from autopull.streams.incidents import trace_retry_targets
 from autopull.streams.progress import progress
 from autopull.streams.records import Record
 from autopull.streams.settings import Settings
@@ -275,6 +276,9 @@ def run_command(
             print(f"error: {error}", file=out)
             return 2
         copies = followed_copies(incident, action, mailbox, message_id)
+        searches = []
+        if action == "retry":
+            searches = [e["mailbox"] for e in trace_retry_targets(incident, mailbox)]
         try:
             send_command(settings, event)
         except CommandError as error:
@@ -282,7 +286,13 @@ def run_command(
             return 1
         target = f" for {mailbox}" if mailbox is not None else ""
         print(f"Sent {action}{target} on {incident_id}.", file=out)
-        if wait and not copies:
+        if searches:
+            print(
+                f"The forward search of {', '.join(searches)} starts again; "
+                f"`autopull incident show {incident_id}` shows its progress.",
+                file=out,
+            )
+        if wait and not copies and not searches:
             wanted = {"approve": "held", "retry": "failed"}.get(action, "quarantined")
             print(
                 f"Nothing to wait for: {incident_id} has no {wanted} copies{target} "

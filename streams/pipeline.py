@@ -367,12 +367,17 @@ def _incident_agent(pipe: Pipeline) -> None:
                 incident, change["finding"], trace_policy, utcnow()
             )
         elif change["kind"] == "traced" and change["traced"] and incident:
-            if not apply_traced(incident, change["traced"], utcnow()):
+            attempts = pipe.settings.trace.search_max_attempts
+            if not apply_traced(incident, change["traced"], utcnow(), attempts):
                 log.warning(
                     "Trace progress matches no pull incident_id=%s mailbox=%s",
                     incident_id,
                     change["traced"]["mailbox"],
                 )
+        elif change["kind"] == "trace_retry" and incident:
+            # The trace agent requests the incident again because a failed
+            # search is due; publishing it unchanged is the whole fold.
+            pass
         elif change["kind"] == "outcome" and change["outcome"] and incident:
             if not apply_outcome(incident, change["outcome"]):
                 log.warning(

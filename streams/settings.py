@@ -143,6 +143,24 @@ class TraceConfig(BaseModel):
         ge=1,
         description="Mailboxes of one incident before further copies wait.",
     )
+    search_max_attempts: int = Field(
+        default=6,
+        ge=1,
+        description="Failed searches of one mailbox before its copy is marked failed "
+        "and waits for a retry command.",
+    )
+    search_retry_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds before the first new search of a mailbox whose search "
+        "failed; the wait doubles after each further failure.",
+    )
+    search_retry_max_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="Maximum seconds between two searches of a mailbox whose "
+        "search failed.",
+    )
 
 
 class Settings(BaseSettings):

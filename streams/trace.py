@@ -2,7 +2,8 @@
 
 The agent reads the `incidents` topic, keyed by incident id, so it alone writes the
 frontier table under the same key: the (mailbox, Message-ID) pairs already searched
-for each incident. For every copy with action `pull` whose pull has an outcome and
+for each incident, and the failed searches with the time of their next attempt. For
+every copy with action `pull` whose pull has an outcome and
 that the frontier lacks, it
 reads the mailbox's sent items since the delivery, its redirect rules and the
 platform's message trace, and matches them (`autopull.streams.forwards`). A copy
@@ -10,7 +11,11 @@ whose pull found that the mailbox does not exist is marked searched without a
 search, with that reason as its error. Each
 finding of a copy that the incident lacks, or has with weaker evidence, goes to
 `trace.findings` and, as a `finding` event, to `incident.events`. A
-`traced` event then marks the copy as searched. The incident agent folds findings
+`traced` event then marks the copy as searched, or counts a failed search. A
+failed search runs again after a wait that doubles with each failure, when an
+incident update arrives after that time. A `trace_retry` event sent after the wait
+makes the incident agent publish the incident again, so an incident without other
+updates is searched too. The incident agent folds findings
 into the forward tree and issues the pulls, whose copies come back here in the next
 incident update, so the search ends when no new copy turns up, cycles included.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -61,9 +67,19 @@ Router = Callable[[str], MailPlatform | None]
 TraceCache = dict[tuple[str, str], list[TraceEvent]]
 
 
-def frontier_key(mailbox: str, message_id: str) -> str:
-    """Return the frontier entry of one searched copy."""
-    return f"{mailbox.lower()}\x1f{message_id}"
+def frontier_key(mailbox: str, message_id: str, trace_round: int = 0) -> str:
+    """Return the frontier entry of one copy's search.
+
+    A retry command that restarts a failed search raises the pull entry's
+    `trace_round`, which makes a new key without the failed attempts.
+    """
+    key = f"{mailbox.lower()}\x1f{message_id}"
+    return f"{key}\x1f{trace_round}" if trace_round else key
+
+
+def retry_delay(attempts: int, first: float, maximum: float) -> float:
+    """Return the seconds before the next search after `attempts` failed ones."""
+    return float(min(first * 2 ** (attempts - 1), maximum))
 
 
 async def search_copy(
@@ -249,7 +265,8 @@ def register_trace_agent(pipe: Pipeline) -> None:
         message: TracedMessage,
         known: dict[tuple[str, str], int],
         traces: TraceCache,
-    ) -> None:
+    ) -> str | None:
+        """Search one copy's mailbox, send its findings and return the error."""
         incident_id = incident["incident_id"]
         mailbox = entry["mailbox"]
         found, error = await search(incident, entry, message, traces)
@@ -276,28 +293,98 @@ def register_trace_agent(pipe: Pipeline) -> None:
             len(matches),
             error,
         )
+        return error
+
+    # Wake-up tasks, kept referenced until they finish.
+    wake_ups: set[asyncio.Task[None]] = set()
+
+    async def wake_up(incident_id: str, delay: float) -> None:
+        await asyncio.sleep(delay)
+        event = records.incident_event(incident_id, "trace_retry")
+        await pipe.send("incident.events", incident_id, event)
+
+    def schedule_wake_up(incident_id: str, delay: float) -> None:
+        # The incident agent republishes the incident on a `trace_retry` event,
+        # so an incident without other updates comes back here once the retry
+        # is due. NOTE: the task lives in this worker's memory, so after a
+        # restart a due retry waits for the incident's next update or a retry
+        # command.
+        task = asyncio.ensure_future(wake_up(incident_id, delay))
+        wake_ups.add(task)
+        task.add_done_callback(wake_ups.discard)
+
+    def record_failure(
+        incident_id: str, entry: Record, failure: Record | None, error: str
+    ) -> Record:
+        """Return the frontier's failure record after one more failed search."""
+        trace = settings.trace
+        attempts = (failure or {}).get("attempts", 0) + 1
+        if attempts >= trace.search_max_attempts:
+            log.warning(
+                "Trace search failed its maximum attempts incident_id=%s mailbox=%s "
+                "message_id=%s attempts=%d error=%s",
+                incident_id,
+                entry["mailbox"],
+                entry["message_id"],
+                attempts,
+                error,
+            )
+            return {"attempts": attempts, "retry_at": None}
+        delay = retry_delay(
+            attempts, trace.search_retry_seconds, trace.search_retry_max_seconds
+        )
+        schedule_wake_up(incident_id, delay)
+        log.info(
+            "Trace search scheduled again incident_id=%s mailbox=%s message_id=%s "
+            "attempts=%d wait=%.1f",
+            incident_id,
+            entry["mailbox"],
+            entry["message_id"],
+            attempts,
+            delay,
+        )
+        return {"attempts": attempts, "retry_at": time.time() + delay}
 
     async def handle(event: EventT, incident: Record) -> None:
         if not settings.trace.enabled:
             return
         incident_id = incident["incident_id"]
-        frontier = pipe.frontier.get(incident_id) or {"searched": []}
-        searched = set(frontier["searched"])
-        work = [
-            (entry, message)
-            for entry, message in untraced_copies(incident)
-            if frontier_key(entry["mailbox"], entry["message_id"]) not in searched
-        ]
+        frontier = pipe.frontier.get(incident_id) or {}
+        searched = set(frontier.get("searched", []))
+        # Copies whose last search failed: attempts, and the epoch seconds after
+        # which the next search may start, or None once the attempts ran out.
+        failures: dict[str, Record] = dict(frontier.get("failed", {}))
+        now = time.time()
+        work = []
+        for entry, message in untraced_copies(incident):
+            key = frontier_key(
+                entry["mailbox"], entry["message_id"], entry.get("trace_round", 0)
+            )
+            failure = failures.get(key)
+            if key in searched:
+                continue
+            if failure is not None and (
+                failure["retry_at"] is None or failure["retry_at"] > now
+            ):
+                continue
+            work.append((key, entry, message))
         if not work:
             return
 
         known = known_copies(incident)
         traces: TraceCache = {}
-        for entry, message in work:
-            await trace_one(incident, entry, message, known, traces)
-            searched.add(frontier_key(entry["mailbox"], entry["message_id"]))
+        for key, entry, message in work:
+            error = await trace_one(incident, entry, message, known, traces)
+            # A mailbox that the pull found missing is final, not a failure.
+            if error is None or entry.get("mailbox_missing"):
+                searched.add(key)
+                failures.pop(key, None)
+            else:
+                failures[key] = record_failure(
+                    incident_id, entry, failures.get(key), error
+                )
         # A new value, assigned back, so the changelog records the change.
-        pipe.frontier[incident_id] = {"searched": sorted(searched)}
+        pipe.frontier[incident_id] = {"searched": sorted(searched), "failed": failures}
 
     @pipe.app.agent(pipe.topics["incidents"], name="trace")
     async def trace(stream: StreamT) -> None:

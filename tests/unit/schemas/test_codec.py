@@ -228,6 +228,10 @@ INCIDENT: dict[str, Any] = {
             "withdrawn": False,
             "traced": True,
             "mailbox_missing": False,
+            "trace_attempts": 1,
+            "trace_error": "Graph was unavailable for the sent items (503).",
+            "trace_failed": False,
+            "trace_round": 0,
         }
     ],
     "history": [

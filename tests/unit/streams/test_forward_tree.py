@@ -17,12 +17,19 @@ from autopull.streams.forward_tree import (
     untraced_copies,
     untraced_header,
 )
-from autopull.streams.incidents import apply_alert, apply_outcome, new_incident
+from autopull.streams.incidents import (
+    apply_alert,
+    apply_outcome,
+    new_incident,
+    restart_failed_traces,
+    trace_retry_targets,
+)
 
 NOW = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 DELIVERED = datetime(2026, 12, 1, 9, 30, tzinfo=UTC)
 ORIGINAL = "m1@example.net"
 POLICY = TracePolicy(excluded=frozenset({"quarantine@example.com"}))
+ATTEMPTS = 3
 
 
 class Decision:
@@ -108,9 +115,11 @@ def test_original_copy_waits_for_search() -> None:
         ("alice@example.com", 0)
     ]
     assert trace_state(incident) == "running"
-    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
     assert trace_state(incident) == "finished"
-    assert not apply_traced(incident, traced("nobody@example.com", ORIGINAL), NOW)
+    assert not apply_traced(
+        incident, traced("nobody@example.com", ORIGINAL), NOW, ATTEMPTS
+    )
 
 
 def test_untraced_header_counts_waiting_copies() -> None:
@@ -118,7 +127,7 @@ def test_untraced_header_counts_waiting_copies() -> None:
     assert untraced_header(incident) == ("autopull-untraced", b"0")
     incident["pulls"][0]["status"] = "quarantined"
     assert untraced_header(incident) == ("autopull-untraced", b"1")
-    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
     assert untraced_header(incident) == ("autopull-untraced", b"0")
 
 
@@ -269,8 +278,8 @@ def test_traced_history_once_and_only_with_news() -> None:
     incident["pulls"][0]["status"] = "quarantined"
     before = len(incident["history"])
     progress = {**traced("alice@example.com", ORIGINAL), "findings": 2}
-    assert apply_traced(incident, progress, NOW)
-    assert apply_traced(incident, progress, NOW)
+    assert apply_traced(incident, progress, NOW, ATTEMPTS)
+    assert apply_traced(incident, progress, NOW, ATTEMPTS)
     assert len(incident["history"]) == before + 1
     assert incident["history"][-1]["detail"] == "alice@example.com: 2 findings"
 
@@ -278,7 +287,7 @@ def test_traced_history_once_and_only_with_news() -> None:
 def test_empty_search_adds_no_history() -> None:
     incident = incident_with_alert()
     before = len(incident["history"])
-    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW)
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
     assert len(incident["history"]) == before
 
 
@@ -382,3 +391,87 @@ def test_known_copies_ranks_evidence() -> None:
         ("bob@example.com", "m2"): 1,
         ("eve@example.net", "m3"): 3,
     }
+
+
+def failed(mailbox: str, message_id: str) -> dict[str, Any]:
+    return {**traced(mailbox, message_id), "error": "Graph was unavailable (503)"}
+
+
+def test_failed_search_stays_untraced() -> None:
+    incident = incident_with_alert()
+    incident["pulls"][0]["status"] = "quarantined"
+    before = len(incident["history"])
+    assert apply_traced(incident, failed("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
+
+    entry = incident["pulls"][0]
+    assert entry["traced"] is False
+    assert entry["trace_attempts"] == 1
+    assert entry["trace_error"] == "Graph was unavailable (503)"
+    assert entry["trace_failed"] is False
+    assert [e["mailbox"] for e, _ in untraced_copies(incident)] == ["alice@example.com"]
+    assert untraced_header(incident) == ("autopull-untraced", b"1")
+    assert trace_state(incident) == "running"
+    assert len(incident["history"]) == before + 1
+    assert incident["history"][-1]["what"] == "trace failed"
+    assert "attempt 1 of 3 failed" in incident["history"][-1]["detail"]
+
+
+def test_search_success_after_failure() -> None:
+    incident = incident_with_alert()
+    incident["pulls"][0]["status"] = "quarantined"
+    apply_traced(incident, failed("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
+    assert apply_traced(incident, traced("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
+
+    entry = incident["pulls"][0]
+    assert entry["traced"] is True
+    assert entry["trace_error"] is None
+    assert trace_state(incident) == "finished"
+
+
+def test_search_fails_after_max_attempts() -> None:
+    incident = incident_with_alert()
+    incident["pulls"][0]["status"] = "quarantined"
+    for _ in range(ATTEMPTS):
+        apply_traced(incident, failed("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
+
+    entry = incident["pulls"][0]
+    assert entry["trace_attempts"] == ATTEMPTS
+    assert entry["trace_failed"] is True
+    assert entry["traced"] is False
+    assert untraced_copies(incident) == []
+    assert untraced_header(incident) == ("autopull-untraced", b"0")
+    assert trace_state(incident) == "failed"
+    assert "waits for a retry command" in incident["history"][-1]["detail"]
+    # A late event for the failed copy changes nothing.
+    apply_traced(incident, failed("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
+    assert entry["trace_attempts"] == ATTEMPTS
+
+
+def test_missing_mailbox_error_is_final() -> None:
+    incident = incident_with_alert()
+    incident["pulls"][0].update(status="not_found", mailbox_missing=True)
+    progress = {**traced("alice@example.com", ORIGINAL), "error": "no such mailbox"}
+    assert apply_traced(incident, progress, NOW, ATTEMPTS)
+
+    assert incident["pulls"][0]["traced"] is True
+    assert incident["pulls"][0]["trace_attempts"] == 0
+    assert trace_state(incident) == "finished"
+
+
+def test_restart_failed_traces() -> None:
+    incident = incident_with_alert()
+    incident["pulls"][0]["status"] = "quarantined"
+    assert trace_retry_targets(incident, None) == []
+    for _ in range(ATTEMPTS):
+        apply_traced(incident, failed("alice@example.com", ORIGINAL), NOW, ATTEMPTS)
+    assert trace_retry_targets(incident, "bob@example.com") == []
+    assert len(trace_retry_targets(incident, "alice@example.com")) == 1
+
+    restarted = restart_failed_traces(incident, None)
+    entry = incident["pulls"][0]
+    assert restarted == [entry]
+    assert entry["trace_failed"] is False
+    assert entry["trace_attempts"] == 0
+    assert entry["trace_round"] == 1
+    assert trace_state(incident) == "running"
+    assert len(untraced_copies(incident)) == 1
