@@ -4,13 +4,16 @@ The agents run on the memory store without a broker. Their sends are recorded
 instead of produced, and each recorded value is fed, as its encoded bytes, to the
 next agent, so the chain runs as it does on Kafka but in one process. Records for
 topics no agent of the chain reads, such as exposures, stay in `Chain.sent`.
+
+A test context's `put` returns once the agent has taken the value and the agent
+first suspends, so the work that the agents run in a thread runs inline here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 
 from autopull.connectors.sources.detect import parse_alert
+from autopull.streams import pipeline
 from autopull.streams.app import Pipeline
 from autopull.streams.enrich import enrich
 from autopull.streams.settings import Settings
@@ -98,8 +102,15 @@ def policy_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
     return path
 
 
+async def run_inline(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)
+
+
 @pytest.fixture
-async def chain(tmp_path: Path, policy_file: Path | None) -> AsyncIterator[Chain]:
+async def chain(
+    tmp_path: Path, policy_file: Path | None, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Chain]:
+    monkeypatch.setattr(pipeline, "to_thread", run_inline)
     settings = Settings(
         kafka_bootstrap="127.0.0.1:9",
         store="memory://",
