@@ -3,7 +3,8 @@
 normalize: alerts.raw -> alerts.normalized (or alerts.dead)
 enrich:    alerts.normalized -> alerts.enriched, keyed by campaign
 group:     alerts.enriched -> alerts.grouped, campaign windows (hopping)
-link:      alerts.grouped -> incident.events and alerts.by_mailbox, message windows
+link:      alerts.grouped -> incident.events and alerts.by_mailbox, message windows,
+           and slices of a large alert's recipients back to alerts.grouped
 exposure:  alerts.by_mailbox -> exposures, recipient windows (tumbling)
 incident:  incident.events -> incidents table and topic, pull.commands
 pull:      pull.commands -> pull.outcomes (batches, no table writes)
@@ -40,10 +41,13 @@ from autopull.streams.forward_tree import (
     untraced_header,
 )
 from autopull.streams.grouping import (
+    RECIPIENTS_PER_EVENT,
     count_exposure,
     exposure_record,
     for_mailbox,
+    grouped_key,
     message_key,
+    recipient_slices,
 )
 from autopull.streams.incidents import (
     DecisionLike,
@@ -235,8 +239,7 @@ def _group_agent(pipe: Pipeline) -> None:
             )
 
         change = records.incident_event(incident_id, "alert_joined", alert=enriched)
-        link_key = message_key(enriched["alert"]) or enriched["alert"]["alert_id"]
-        await pipe.send("alerts.grouped", link_key, change)
+        await pipe.send("alerts.grouped", grouped_key(enriched["alert"]), change)
 
     @pipe.app.agent(pipe.topics["alerts.enriched"], name="group")
     async def group(stream: StreamT) -> None:
@@ -250,7 +253,21 @@ def _link_agent(pipe: Pipeline) -> None:
     # NOTE: the group agent has already opened an incident in the second key's
     # campaign window, so other messages of that campaign join that incident, not
     # the first one: the campaigns themselves are not merged.
+    async def send_copies(change: Record) -> None:
+        joined = {**change, "kind": "alert_joined"}
+        for recipient in change["alert"]["recipients"]:
+            await pipe.send(
+                "alerts.by_mailbox",
+                recipient["mailbox"],
+                for_mailbox(joined, recipient),
+            )
+
     async def handle(event: EventT, change: Record) -> None:
+        if change["kind"] == "exposure":
+            # A slice of the recipients of a large alert, which this agent sent.
+            await send_copies(change)
+            return
+
         enriched = change["alert"]
         key = message_key(enriched["alert"])
         if key is not None:
@@ -259,12 +276,14 @@ def _link_agent(pipe: Pipeline) -> None:
             change["incident_id"] = incident_id
 
         await pipe.send("incident.events", change["incident_id"], change)
-        for recipient in enriched["recipients"]:
-            await pipe.send(
-                "alerts.by_mailbox",
-                recipient["mailbox"],
-                for_mailbox(change, recipient),
-            )
+        if len(enriched["recipients"]) <= RECIPIENTS_PER_EVENT:
+            await send_copies(change)
+            return
+        # A rebalance waits for this event, so the copies of a large alert go out
+        # in slices of their own. A replayed slice changes no exposure count.
+        grouped = grouped_key(enriched["alert"])
+        for part in recipient_slices(change, RECIPIENTS_PER_EVENT):
+            await pipe.send("alerts.grouped", grouped, part)
 
     @pipe.app.agent(pipe.topics["alerts.grouped"], name="link")
     async def link(stream: StreamT) -> None:
