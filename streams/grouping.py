@@ -37,7 +37,8 @@ CLICK_CLASSES = frozenset({"click_permitted", "click_blocked"})
 
 # The maximum of copies per mailbox that one event of the link agent sends. Faust
 # lets a rebalance go on only once the events in progress are done, and sending
-# the 45,000 copies of one alert took 10 to 20 s (bench/huge_alert.py).
+# the 45,000 copies of one alert in one event kept a rebalance waiting for 9 to
+# 14 s (docs/benchmarks.md).
 RECIPIENTS_PER_EVENT = 1000
 
 
