@@ -123,6 +123,16 @@ class AvroTable:
         encoded value is above `max_bytes`. Kafka would reject its changelog
         record later, outside the event, and that would stop the worker.
         """
+        data = self.encode(key, value)
+        self.store(key, value, data)
+        return data
+
+    def encode(self, key: str, value: dict[str, Any]) -> bytes:
+        """Return the bytes that `put` would store for `value` under `key`.
+
+        Raises RecordTooLargeError when they are above `max_bytes`. It touches
+        neither the table nor the kept records, so it may run in another thread.
+        """
         data: bytes = self.codec.dumps(value)
         if self.max_bytes is not None and len(data) > self.max_bytes:
             raise RecordTooLargeError(
@@ -133,13 +143,16 @@ class AvroTable:
                 size=len(data),
                 limit=self.max_bytes,
             )
+        return data
+
+    def store(self, key: str, value: dict[str, Any], data: bytes) -> None:
+        """Store `value` under `key` as `data`, which `encode` returned for it."""
         self.table[key] = data
         if self.kept_records > 0:
             self._kept.pop(key, None)
             self._kept[key] = (data, value)
             while len(self._kept) > self.kept_records:
                 del self._kept[next(iter(self._kept))]
-        return data
 
     def __len__(self) -> int:
         return len(self.table)

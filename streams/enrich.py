@@ -7,6 +7,7 @@ the path by which it was reached. Without one, each recipient stands for itself.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from typing import Protocol
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 # Attribute set on the members of a list too large to pull from without approval.
 LIST_TOO_LARGE = "list_too_large"
+# Directory look-ups between two yields to the event loop. A cached look-up
+# returns without suspending, so an alert to tens of thousands of cached
+# recipients would otherwise hold the loop for all of them.
+LOOKUPS_PER_YIELD = 500
 
 
 class DirectoryLike(Protocol):
@@ -126,7 +131,8 @@ async def resolve_recipients(
         return [_recipient(a, a, "original", [a]) for a in addresses]
 
     recipients: dict[str, Record] = {}
-    for address in (a.strip().lower() for a in addresses):
+    for count, address in enumerate(a.strip().lower() for a in addresses):
+        await _yield_periodically(count)
         person = await directory.resolve(address)
         if person is not None:
             kind = "original" if person.mailbox == address else "alias"
@@ -148,7 +154,8 @@ async def _expand(address: str, directory: DirectoryLike) -> list[Record]:
     if expansion.too_large:
         attributes[LIST_TOO_LARGE] = "true"
     found = []
-    for member in expansion.members:
+    for count, member in enumerate(expansion.members):
+        await _yield_periodically(count)
         person = await directory.resolve(member.mailbox)
         found.append(
             _recipient(
@@ -161,6 +168,11 @@ async def _expand(address: str, directory: DirectoryLike) -> list[Record]:
             )
         )
     return found
+
+
+async def _yield_periodically(count: int) -> None:
+    if count and count % LOOKUPS_PER_YIELD == 0:
+        await asyncio.sleep(0)
 
 
 async def enrich(

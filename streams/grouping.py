@@ -35,6 +35,12 @@ MAX_IDS_PER_WINDOW = 500
 
 CLICK_CLASSES = frozenset({"click_permitted", "click_blocked"})
 
+# The maximum of copies per mailbox that one event of the link agent sends. Faust
+# lets a rebalance go on only once the events in progress are done, and sending
+# the 45,000 copies of one alert in one event kept a rebalance waiting for 9 to
+# 14 s (docs/benchmarks.md).
+RECIPIENTS_PER_EVENT = 1000
+
 
 class WindowLike(Protocol):
     """The part of a Faust window (hopping or tumbling) that grouping reads."""
@@ -114,6 +120,11 @@ def hour_of(at: float) -> datetime:
     return datetime.fromtimestamp(math.floor(at / 3600) * 3600, UTC)
 
 
+def grouped_key(alert: Record) -> str:
+    """Return the key of an alert's event on alerts.grouped: its message key or id."""
+    return message_key(alert) or str(alert["alert_id"])
+
+
 def message_key(alert: Record) -> str | None:
     """Return the key under which alerts about one message meet, or None.
 
@@ -171,6 +182,24 @@ def for_mailbox(change: Record, recipient: Record) -> Record:
     enriched["alert"] = alert
     enriched["recipients"] = [recipient]
     return {**change, "alert": enriched}
+
+
+def recipient_slices(change: Record, size: int) -> list[Record]:
+    """Split an alert_joined event into `exposure` events of `size` recipients at most.
+
+    The link agent sends these to itself and sends the copies per mailbox of each
+    in an event of its own. Each slice names only its own mailboxes as the alert's
+    recipients, so that the slices together are not much larger than the event.
+    """
+    enriched = change["alert"]
+    recipients = enriched["recipients"]
+    slices = []
+    for start in range(0, len(recipients), size):
+        part = recipients[start : start + size]
+        alert = {**enriched["alert"], "recipients": [r["mailbox"] for r in part]}
+        sliced = {**enriched, "alert": alert, "recipients": part}
+        slices.append({**change, "kind": "exposure", "alert": sliced})
+    return slices
 
 
 def _add_bounded(values: list[str], value: str) -> list[str]:

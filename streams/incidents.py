@@ -8,7 +8,7 @@ so replaying an event that changes nothing issues nothing.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -123,14 +123,15 @@ def apply_alert(
 
     decisions = decide(alert, enriched["recipients"])
     recipients = {r["mailbox"]: r for r in enriched["recipients"]}
+    pulls = _PullIndex(incident)
     commands = []
     for decision in decisions:
         recipient = recipients.get(decision.mailbox, {})
         kind = recipient.get("recipient_type", "original")
-        entry = _find_pull(incident, decision.mailbox, decision.message_id)
+        entry = pulls.find(decision.mailbox, decision.message_id)
         if entry is None:
             entry = _pull_entry(decision, alert, kind, search)
-            incident["pulls"].append(entry)
+            pulls.append(entry)
         elif (
             entry["action"] == "skip"
             and decision.action == "pull"
@@ -352,14 +353,15 @@ def _withdraw(
     commands = []
     status = alert["threat_status"]
     message_id = alert["message_id"] or (search_key(search) if search else "")
+    pulls = _PullIndex(incident)
     for mailbox in mailboxes:
-        if _find_pull(incident, mailbox, message_id) is None:
+        if pulls.find(mailbox, message_id) is None:
             reason = (
                 f"The verdict changed to {status} before any alert called for a "
                 "pull, so nothing is pulled."
             )
             withdrawn = _Withdrawn(mailbox, message_id, reason)
-            incident["pulls"].append(_pull_entry(withdrawn, alert, "original", search))
+            pulls.append(_pull_entry(withdrawn, alert, "original", search))
     for entry in incident["pulls"]:
         if entry["message_id"] != message_id:
             continue
@@ -488,14 +490,12 @@ def _command_for(
 
 def _add_alert_facts(incident: Record, alert: Record) -> None:
     incident["alert_ids"].append(alert["alert_id"])
-    _append_new(incident["sources"], alert["source"])
+    _append_new(incident["sources"], [alert["source"]])
     if alert["message_id"]:
-        _append_new(incident["message_ids"], alert["message_id"])
-    for recipient in alert["recipients"]:
-        _append_new(incident["targets"], recipient)
-    for attacker in (alert.get("sender"), alert.get("sender_ip")):
-        if attacker:
-            _append_new(incident["attackers"], attacker)
+        _append_new(incident["message_ids"], [alert["message_id"]])
+    _append_new(incident["targets"], alert["recipients"])
+    attackers = (alert.get("sender"), alert.get("sender_ip"))
+    _append_new(incident["attackers"], [attacker for attacker in attackers if attacker])
     if not incident["title"] and alert.get("subject"):
         incident["title"] = alert["subject"]
     if SEVERITY[alert["classification"]] > SEVERITY[incident["classification"]]:
@@ -548,6 +548,29 @@ def _find_pull(incident: Record, mailbox: str, message_id: str) -> Record | None
     return None
 
 
+class _PullIndex:
+    """The pull entries of an incident by (mailbox, Message-ID), for many look-ups.
+
+    An alert to tens of thousands of mailboxes looks up each of them, so a scan of
+    `incident["pulls"]` per mailbox (`_find_pull`) would take quadratic time. Like
+    `_find_pull`, `find` returns the first entry of a copy.
+    """
+
+    def __init__(self, incident: Record) -> None:
+        self.pulls: list[Record] = incident["pulls"]
+        self.entries: dict[tuple[str, str], Record] = {}
+        for entry in self.pulls:
+            self.entries.setdefault((entry["mailbox"], entry["message_id"]), entry)
+
+    def find(self, mailbox: str, message_id: str) -> Record | None:
+        return self.entries.get((mailbox, message_id))
+
+    def append(self, entry: Record) -> None:
+        """Add `entry` to the incident's pull entries."""
+        self.pulls.append(entry)
+        self.entries.setdefault((entry["mailbox"], entry["message_id"]), entry)
+
+
 def update_state(incident: Record, now: datetime) -> None:
     """Set the incident's state from its pull entries, and its update time.
 
@@ -576,9 +599,13 @@ def update_state(incident: Record, now: datetime) -> None:
         incident["state"] = "open"
 
 
-def _append_new(values: list[str], value: str) -> None:
-    if value not in values:
-        values.append(value)
+def _append_new(values: list[str], new: Iterable[str]) -> None:
+    """Append each of `new` that `values` lacks, in order, in linear time."""
+    present = set(values)
+    for value in new:
+        if value not in present:
+            present.add(value)
+            values.append(value)
 
 
 def _history(at: datetime, what: str, detail: str, actor: str = "autopull") -> Record:

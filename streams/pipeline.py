@@ -3,7 +3,8 @@
 normalize: alerts.raw -> alerts.normalized (or alerts.dead)
 enrich:    alerts.normalized -> alerts.enriched, keyed by campaign
 group:     alerts.enriched -> alerts.grouped, campaign windows (hopping)
-link:      alerts.grouped -> incident.events and alerts.by_mailbox, message windows
+link:      alerts.grouped -> incident.events and alerts.by_mailbox, message windows,
+           and slices of a large alert's recipients back to alerts.grouped
 exposure:  alerts.by_mailbox -> exposures, recipient windows (tumbling)
 incident:  incident.events -> incidents table and topic, pull.commands
 pull:      pull.commands -> pull.outcomes (batches, no table writes)
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from asyncio import to_thread
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,10 +41,13 @@ from autopull.streams.forward_tree import (
     untraced_header,
 )
 from autopull.streams.grouping import (
+    RECIPIENTS_PER_EVENT,
     count_exposure,
     exposure_record,
     for_mailbox,
+    grouped_key,
     message_key,
+    recipient_slices,
 )
 from autopull.streams.incidents import (
     DecisionLike,
@@ -172,7 +177,10 @@ def _normalize_agent(pipe: Pipeline) -> None:
         # events of the same body are still pulled.
         rejected: list[InvalidAlertError] = []
         try:
-            alerts = parse_alert(
+            # Checking the addresses of an alert to 45,000 recipients took about
+            # 2 s (bench/huge_alert.py), so parsing runs off the event loop.
+            alerts = await to_thread(
+                parse_alert,
                 raw["body"],
                 received_at=raw["received_at"],
                 format_name=known_format(raw["source"]),
@@ -243,8 +251,7 @@ def _group_agent(pipe: Pipeline) -> None:
             )
 
         change = records.incident_event(incident_id, "alert_joined", alert=enriched)
-        link_key = message_key(enriched["alert"]) or enriched["alert"]["alert_id"]
-        await pipe.send("alerts.grouped", link_key, change)
+        await pipe.send("alerts.grouped", grouped_key(enriched["alert"]), change)
 
     @pipe.app.agent(pipe.topics["alerts.enriched"], name="group")
     async def group(stream: StreamT) -> None:
@@ -258,7 +265,21 @@ def _link_agent(pipe: Pipeline) -> None:
     # NOTE: the group agent has already opened an incident in the second key's
     # campaign window, so other messages of that campaign join that incident, not
     # the first one: the campaigns themselves are not merged.
+    async def send_copies(change: Record) -> None:
+        joined = {**change, "kind": "alert_joined"}
+        for recipient in change["alert"]["recipients"]:
+            await pipe.send(
+                "alerts.by_mailbox",
+                recipient["mailbox"],
+                for_mailbox(joined, recipient),
+            )
+
     async def handle(event: EventT, change: Record) -> None:
+        if change["kind"] == "exposure":
+            # A slice of the recipients of a large alert, which this agent sent.
+            await send_copies(change)
+            return
+
         enriched = change["alert"]
         key = message_key(enriched["alert"])
         if key is not None:
@@ -267,12 +288,14 @@ def _link_agent(pipe: Pipeline) -> None:
             change["incident_id"] = incident_id
 
         await pipe.send("incident.events", change["incident_id"], change)
-        for recipient in enriched["recipients"]:
-            await pipe.send(
-                "alerts.by_mailbox",
-                recipient["mailbox"],
-                for_mailbox(change, recipient),
-            )
+        if len(enriched["recipients"]) <= RECIPIENTS_PER_EVENT:
+            await send_copies(change)
+            return
+        # A rebalance waits for this event, so the copies of a large alert go out
+        # in slices of their own. A replayed slice changes no exposure count.
+        grouped = grouped_key(enriched["alert"])
+        for part in recipient_slices(change, RECIPIENTS_PER_EVENT):
+            await pipe.send("alerts.grouped", grouped, part)
 
     @pipe.app.agent(pipe.topics["alerts.grouped"], name="link")
     async def link(stream: StreamT) -> None:
@@ -346,6 +369,16 @@ def _incident_agent(pipe: Pipeline) -> None:
             decisions.append(decision)
         return decisions
 
+    def join_alert(incident: Record, enriched: Record) -> list[Record]:
+        commands = apply_alert(
+            incident,
+            enriched,
+            lambda alert, recipients: decide_for(incident, alert, recipients),
+            lambda alert: message_search(alert, policy),
+        )
+        record_alert_payload(incident, enriched["alert"])
+        return commands
+
     async def handle(event: EventT, change: Record) -> None:
         incident_id = change["incident_id"]
         incident = pipe.incidents.take(incident_id)
@@ -354,14 +387,10 @@ def _incident_agent(pipe: Pipeline) -> None:
             if incident is None:
                 campaign = change["alert"]["campaign_key"]
                 incident = new_incident(incident_id, campaign, utcnow())
-            joined = incident
-            commands = apply_alert(
-                joined,
-                change["alert"],
-                lambda alert, recipients: decide_for(joined, alert, recipients),
-                lambda alert: message_search(alert, policy),
-            )
-            record_alert_payload(incident, change["alert"]["alert"])
+            # Deciding for an alert to 45,000 mailboxes took about a second, so it
+            # runs off the event loop. No other task reads or changes the incident
+            # meanwhile, because only this agent refers to it.
+            commands = await to_thread(join_alert, incident, change["alert"])
         elif change["kind"] == "finding" and change["finding"] and incident:
             commands = apply_finding(
                 incident, change["finding"], trace_policy, utcnow()
@@ -405,8 +434,10 @@ def _incident_agent(pipe: Pipeline) -> None:
             )
             return
 
-        # The table and the topic get the same Avro body, encoded once.
-        data = pipe.incidents.put(incident_id, incident)
+        # The table and the topic get the same Avro body, encoded once, off the
+        # event loop, because an incident of 45,000 mailboxes is about 14 MB.
+        data = await to_thread(pipe.incidents.encode, incident_id, incident)
+        pipe.incidents.store(incident_id, incident, data)
         topic_data = pipe.codecs["incidents"].reframe(data)
         await pipe.send_encoded(
             "incidents", incident_id, topic_data, headers=[untraced_header(incident)]

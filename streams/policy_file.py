@@ -420,21 +420,24 @@ def _compile(model: PolicyModel) -> tuple[Rule, ...]:
 
 
 def matches(when: Conditions, context: RuleContext) -> bool:
-    """Return whether every condition given in `when` holds for `context`."""
+    """Return whether every condition given in `when` holds for `context`.
+
+    The checks stop at the first that fails, because `decide` runs every rule for
+    each of possibly tens of thousands of mailboxes.
+    """
     alert = context.alert
-    checks = (
-        _in(when.source, alert.get("source")),
-        _in(when.event_class, alert.get("event_class")),
-        _in(when.classification, alert.get("classification") or "unknown"),
-        _in(when.threat_status, alert.get("threat_status")),
-        _message_id(when.message_id, alert),
-        when.searchable is None or searchable(alert) == when.searchable,
-        _score(when.score, context.score),
-        _sender(when.sender, alert.get("sender") or ""),
-        _recipient(when.recipient, context),
-        _mailbox_count(when.mailboxes, context),
+    return (
+        _in(when.source, alert.get("source"))
+        and _in(when.event_class, alert.get("event_class"))
+        and _in(when.classification, alert.get("classification") or "unknown")
+        and _in(when.threat_status, alert.get("threat_status"))
+        and _message_id(when.message_id, alert)
+        and (when.searchable is None or searchable(alert) == when.searchable)
+        and _score(when.score, context.score)
+        and _sender(when.sender, alert.get("sender") or "")
+        and _recipient(when.recipient, context)
+        and _mailbox_count(when.mailboxes, context)
     )
-    return all(checks)
 
 
 def _in(condition: list[Any] | Not[Any] | None, value: Any) -> bool:

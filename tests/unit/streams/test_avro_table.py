@@ -47,6 +47,26 @@ def test_put_over_limit_leaves_table_unchanged():
     assert again is not large
 
 
+def test_encode_then_store_keeps_record():
+    codec = AvroCodec("Incident")
+    incident = new_incident("INC-1", "campaign-1", OPENED)
+    table: dict[str, bytes] = {}
+    limit = len(codec.dumps(incident)) + 100
+    avro = AvroTable(table, codec, kept_records=4, max_bytes=limit)  # type: ignore[arg-type]
+
+    data = avro.encode("INC-1", incident)
+    assert table == {}
+    avro.store("INC-1", incident, data)
+
+    assert table == {"INC-1": data}
+    assert data == codec.dumps(incident)
+    assert avro.take("INC-1") is incident
+    incident["title"] = "x" * 200
+    with pytest.raises(RecordTooLargeError):
+        avro.encode("INC-1", incident)
+    assert table == {"INC-1": data}
+
+
 def test_every_topic_takes_largest_record():
     settings = Settings(incident_max_bytes=32 * MIB)
     assert settings.max_record_bytes == 33 * MIB

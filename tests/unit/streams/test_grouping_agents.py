@@ -4,13 +4,16 @@ The agents run on the memory store without a broker. Their sends are recorded
 instead of produced, and each recorded value is fed, as its encoded bytes, to the
 next agent, so the chain runs as it does on Kafka but in one process. Records for
 topics no agent of the chain reads, such as exposures, stay in `Chain.sent`.
+
+A test context's `put` returns once the agent has taken the value and the agent
+first suspends, so the work that the agents run in a thread runs inline here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 
 from autopull.connectors.sources.detect import parse_alert
+from autopull.streams import pipeline
 from autopull.streams.app import Pipeline
 from autopull.streams.enrich import enrich
 from autopull.streams.settings import Settings
@@ -41,11 +45,14 @@ class Chain:
         self.pipe = pipe
         self.contexts = contexts
         self.sent: list[tuple[str, str, dict[str, Any]]] = []
+        # Every record the agents sent, in order, also those fed to the next agent.
+        self.history: list[tuple[str, str, dict[str, Any]]] = []
         # Headers of the latest record an agent encoded itself, by topic and key.
         self.headers: dict[tuple[str, str], dict[str, bytes]] = {}
 
     async def record(self, topic: str, key: str, value: dict[str, Any]) -> None:
         self.sent.append((topic, key, value))
+        self.history.append((topic, key, value))
 
     async def record_encoded(
         self,
@@ -98,8 +105,15 @@ def policy_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path | None:
     return path
 
 
+async def run_inline(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    return function(*args, **kwargs)
+
+
 @pytest.fixture
-async def chain(tmp_path: Path, policy_file: Path | None) -> AsyncIterator[Chain]:
+async def chain(
+    tmp_path: Path, policy_file: Path | None, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Chain]:
+    monkeypatch.setattr(pipeline, "to_thread", run_inline)
     settings = Settings(
         kafka_bootstrap="127.0.0.1:9",
         store="memory://",
@@ -542,3 +556,53 @@ async def test_changed_table_bytes_decode_again(chain: Chain) -> None:
 
     assert taken is not None
     assert taken["title"] == "Changed elsewhere"
+
+
+def sent_to(chain: Chain, topic: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(key, value) for name, key, value in chain.history if name == topic]
+
+
+async def test_large_alert_copies_go_in_slices(
+    chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "RECIPIENTS_PER_EVENT", 2)
+    mailboxes = [f"user{index}@example.com" for index in range(5)]
+    await chain.feed(await tap(OPENED, 1, recipients=mailboxes))
+
+    (incident_id,) = chain.incidents()
+    grouped = sent_to(chain, "alerts.grouped")
+    kinds = [value["kind"] for _, value in grouped]
+    assert kinds == ["alert_joined", "exposure", "exposure", "exposure"]
+    assert {key for key, _ in grouped} == {"message:message-1@billing-example.net"}
+    slices = [value["alert"] for _, value in grouped[1:]]
+    slice_mailboxes = [[r["mailbox"] for r in part["recipients"]] for part in slices]
+    assert slice_mailboxes == [mailboxes[0:2], mailboxes[2:4], mailboxes[4:]]
+    assert [part["alert"]["recipients"] for part in slices] == slice_mailboxes
+    assert {value["incident_id"] for _, value in grouped[1:]} == {incident_id}
+
+    events = sent_to(chain, "incident.events")
+    assert len(events) == 1
+    assert len(events[0][1]["alert"]["recipients"]) == 5
+
+    copies = sent_to(chain, "alerts.by_mailbox")
+    assert [key for key, _ in copies] == mailboxes
+    for key, copy in copies:
+        assert copy["kind"] == "alert_joined"
+        assert copy["incident_id"] == incident_id
+        assert copy["alert"]["alert"]["recipients"] == [key]
+        assert [r["mailbox"] for r in copy["alert"]["recipients"]] == [key]
+    for mailbox in mailboxes:
+        assert [e["messages"] for e in exposures(chain, mailbox)] == [1]
+    incident = chain.incidents()[incident_id]
+    assert [pull["mailbox"] for pull in incident["pulls"]] == mailboxes
+
+
+async def test_alert_at_slice_size_not_sliced(
+    chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "RECIPIENTS_PER_EVENT", 3)
+    await chain.feed(await tap(OPENED, 1))
+
+    kinds = [value["kind"] for _, value in sent_to(chain, "alerts.grouped")]
+    assert kinds == ["alert_joined"]
+    assert len(sent_to(chain, "alerts.by_mailbox")) == 3

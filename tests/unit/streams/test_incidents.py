@@ -513,3 +513,61 @@ def test_approve_skips_copy_without_message_id():
     commands = apply_command(incident, command("approve"))
     assert [c["mailbox"] for c in commands] == ["bob@example.com"]
     assert incident["pulls"][0]["status"] == "held"
+
+
+class Comparisons:
+    """Mailboxes that count the equality tests they take part in.
+
+    A scan of a list per mailbox makes these grow with the square of the number
+    of mailboxes.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        comparisons = self
+
+        class Mailbox(str):
+            __hash__ = str.__hash__
+
+            def __eq__(self, other: object) -> bool:
+                comparisons.count += 1
+                return str.__eq__(self, other)
+
+        self.mailbox = Mailbox
+
+    def mailboxes(self, count: int) -> list[str]:
+        """Return `count` new mailbox objects, equal to those of earlier calls."""
+        return [self.mailbox(f"user{n:05d}@example.com") for n in range(count)]
+
+
+def test_large_alert_compares_linearly():
+    count = 3000
+    comparisons = Comparisons()
+    mailboxes = comparisons.mailboxes(count)
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+
+    first = apply_alert(incident, enriched("tap:1", mailboxes), pull_all)
+    assert len(first) == count
+    assert comparisons.count <= 2 * count
+
+    # Another source reports the same copies: each is found, none is added. Each
+    # mailbox is compared once in the pull look-up, the targets and the count.
+    comparisons.count = 0
+    again = comparisons.mailboxes(count)
+    assert apply_alert(incident, enriched("tap:2", again), pull_all) == []
+    assert len(incident["pulls"]) == count
+    assert incident["targets"] == mailboxes
+    assert comparisons.count <= 3 * count
+
+
+def test_large_withdrawal_compares_linearly():
+    count = 3000
+    comparisons = Comparisons()
+    incident = new_incident("INC-1", "campaign:c1", RECEIVED)
+    withdrawn = enriched("tap:cleared", comparisons.mailboxes(count))
+    withdrawn["alert"]["threat_status"] = "cleared"
+
+    assert apply_alert(incident, withdrawn, pull_all) == []
+    assert len(incident["pulls"]) == count
+    assert {entry["rule"] for entry in incident["pulls"]} == {"verdict-withdrawn"}
+    assert comparisons.count <= 2 * count
