@@ -55,6 +55,7 @@ PULL_OUTCOME: dict[str, Any] = {
     "retry_at": STARTED + timedelta(seconds=30),
     "resolved_message_id": None,
     "candidates": [],
+    "mailbox_missing": False,
 }
 
 
